@@ -1,0 +1,157 @@
+"""The SDK's sans-IO core, shared by :class:`AsyncClient` and the blocking :class:`Client`.
+
+It builds request frames, assigns correlation ids, decodes reply bytes and turns replies into values or
+exceptions. The two clients add only the I/O, so they cannot disagree on the protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from replika._message import MessageData
+from replika.errors import BadRequest, ReplikaError, StaleLease, error_from_reply
+from replika_protocol import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_PAYLOAD,
+    SUPPORTED_VERSIONS,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+    is_valid_queue_name,
+)
+
+DEFAULT_URL = "replika://127.0.0.1:8777"
+DEFAULT_PORT = 8777
+# Bytes a publish frame needs beyond its payloads: map keys, queue name, and per-payload bin headers.
+_FRAME_OVERHEAD = 512
+_PER_PAYLOAD_OVERHEAD = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_url(url: str) -> Endpoint:
+    """``replika://host:port`` (port defaults to 8777)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("replika", "replikas"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use replika://host:port")
+    if parts.scheme == "replikas":
+        raise ValueError("replikas:// (TLS) is not supported by this version")
+    return Endpoint(parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, tls=False)
+
+
+def check_queue(name: str) -> None:
+    if not is_valid_queue_name(name):
+        raise BadRequest(f"invalid queue name {name!r}: 1-255 characters of [A-Za-z0-9._:-]", "BAD_REQUEST")
+
+
+class ClientCore:
+    """Request ids, framing and server limits of one connection."""
+
+    def __init__(self, client_name: str, token: str | None) -> None:
+        self._ids = itertools.count(1)
+        self.client_name = client_name
+        self.token = token
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.max_batch = DEFAULT_MAX_BATCH
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.server = ""
+
+    def reset(self) -> None:
+        """A new connection: forget buffered bytes (request ids keep counting; they never repeat)."""
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+
+    def request(self, op: str, **fields: Any) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        fields["op"] = op
+        fields["id"] = rid
+        return rid, encode_frame(fields)
+
+    def hello(self) -> tuple[int, bytes]:
+        fields: dict[str, Any] = {"versions": list(SUPPORTED_VERSIONS), "client": self.client_name}
+        if self.token is not None:
+            fields["token"] = self.token
+        return self.request("hello", **fields)
+
+    def on_hello(self, reply: Frame) -> None:
+        check(reply)
+        self.max_frame = int(reply.get("max_frame", DEFAULT_MAX_FRAME))
+        self.max_batch = int(reply.get("max_batch", DEFAULT_MAX_BATCH))
+        self.max_payload = int(reply.get("max_payload", DEFAULT_MAX_PAYLOAD))
+        self.server = str(reply.get("server", ""))
+        self.decoder.max_frame = self.max_frame
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def publish_chunks(
+        self, queue: str, payloads: list[bytes], headers: list[dict[str, str] | None] | None
+    ) -> Iterator[tuple[int, bytes]]:
+        """Publish requests for ``payloads``, split to respect the server's batch and frame limits."""
+        check_queue(queue)
+        budget = self.max_frame - _FRAME_OVERHEAD
+        start = 0
+        n = len(payloads)
+        while start < n:
+            size = 0
+            stop = start
+            while stop < n and stop - start < self.max_batch:
+                item = len(payloads[stop]) + _PER_PAYLOAD_OVERHEAD
+                if headers is not None and headers[stop]:
+                    item += sum(len(k) + len(v) + 10 for k, v in headers[stop].items())  # type: ignore[union-attr]
+                if stop > start and size + item > budget:
+                    break
+                size += item
+                stop += 1
+            fields: dict[str, Any] = {"queue": queue, "payloads": payloads[start:stop]}
+            if headers is not None:
+                fields["headers"] = headers[start:stop]
+            yield self.request("publish", **fields)
+            start = stop
+
+    def settle_chunks(self, op: str, msgs: Iterable[MessageData], **extra: Any) -> Iterator[tuple[int, bytes]]:
+        """Ack/nack/reject/touch requests for ``msgs``, one per queue and batch limit."""
+        by_queue: dict[str, list[list[int]]] = {}
+        for m in msgs:
+            by_queue.setdefault(m.queue, []).append([m.id, m.token])
+        for queue, leases in by_queue.items():
+            for i in range(0, len(leases), self.max_batch):
+                yield self.request(op, queue=queue, leases=leases[i : i + self.max_batch], **extra)
+
+
+def check(reply: Frame) -> Frame:
+    """``reply`` if it is a success, else raise its error."""
+    if reply.get("ok") is not True:
+        raise error_from_reply(reply)
+    return reply
+
+
+def publish_ids(reply: Frame) -> list[int]:
+    check(reply)
+    first = int(reply["first_id"])
+    return list(range(first, first + int(reply["count"])))
+
+
+def settle_failures(replies: Iterable[Frame]) -> None:
+    """Raise :class:`StaleLease` naming every refused lease, after all replies were checked."""
+    failed: dict[int, str] = {}
+    first_error: ReplikaError | None = None
+    for reply in replies:
+        try:
+            check(reply)
+        except ReplikaError as exc:
+            first_error = first_error or exc
+            continue
+        failed.update(reply.get("failed") or {})
+    if first_error is not None:
+        raise first_error
+    if failed:
+        raise StaleLease(f"{len(failed)} lease(s) no longer current: {sorted(failed)}", "STALE_LEASE", failed)

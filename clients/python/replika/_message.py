@@ -1,0 +1,85 @@
+"""Delivered messages. :class:`Message` (from :class:`AsyncClient`) settles with coroutines, :class:`SyncMessage`
+(from the blocking :class:`Client`) with plain calls; both carry the same fields."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replika.aio import AsyncClient
+    from replika.sync import Client
+
+__all__ = ["Message", "MessageData", "SyncMessage"]
+
+
+class MessageData:
+    """A delivered message's fields.
+
+    ``id``: per-queue id; ``token``: this delivery's lease token; ``attempts``: deliveries so far (1 on the
+    first); ``published_at``: unix seconds; ``headers``: str->str (dead-lettered messages carry
+    ``replika-dead-letter-queue``, ``-reason``, ``-id`` and ``-attempts``).
+    """
+
+    __slots__ = ("queue", "id", "token", "attempts", "published_at", "payload", "headers", "_client")
+
+    def __init__(self, queue: str, wire: list[Any], client: Any) -> None:
+        self.queue = queue
+        self.id: int = wire[0]
+        self.token: int = wire[1]
+        self.attempts: int = wire[2]
+        self.published_at: float = wire[3]
+        self.payload: bytes = wire[4]
+        self.headers: dict[str, str] = wire[5] or {}
+        self._client = client
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} queue={self.queue!r} id={self.id} attempts={self.attempts} "
+            f"payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''}>"
+        )
+
+
+class Message(MessageData):
+    """A message delivered to an :class:`AsyncClient`."""
+
+    __slots__ = ()
+    _client: AsyncClient
+
+    async def ack(self) -> None:
+        """Delete the message: it was processed."""
+        await self._client.ack(self)
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Make the message ready again, after ``delay`` seconds if given."""
+        await self._client.nack(self, delay=delay)
+
+    async def reject(self) -> None:
+        """Move the message to its queue's dead-letter queue now."""
+        await self._client.reject(self)
+
+    async def touch(self, lease: float = 30.0) -> None:
+        """Extend the lease to ``lease`` seconds from now."""
+        await self._client.touch(self, lease=lease)
+
+
+class SyncMessage(MessageData):
+    """A message delivered to a blocking :class:`Client`."""
+
+    __slots__ = ()
+    _client: Client
+
+    def ack(self) -> None:
+        """Delete the message: it was processed."""
+        self._client.ack(self)
+
+    def nack(self, delay: float | None = None) -> None:
+        """Make the message ready again, after ``delay`` seconds if given."""
+        self._client.nack(self, delay=delay)
+
+    def reject(self) -> None:
+        """Move the message to its queue's dead-letter queue now."""
+        self._client.reject(self)
+
+    def touch(self, lease: float = 30.0) -> None:
+        """Extend the lease to ``lease`` seconds from now."""
+        self._client.touch(self, lease=lease)

@@ -1,0 +1,354 @@
+"""The asyncio client: one persistent connection, pipelined requests, batched writes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from replika._core import DEFAULT_URL, ClientCore, check, check_queue, parse_url, publish_ids, settle_failures
+from replika._message import Message
+from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
+from replika_protocol import Frame, ProtocolError
+
+__all__ = ["AsyncClient"]
+
+Payload = bytes | bytearray | memoryview | str
+#: How long each fetch of consume() waits on the server for a message, in seconds. Short enough to notice a
+#: dead connection, long enough that an idle consumer costs next to nothing.
+CONSUME_POLL = 5.0
+#: Reconnect backoff of consume(), in seconds: first delay and ceiling.
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 5.0
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    def data_received(self, data: bytes) -> None:
+        self._client._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._client._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._client._writable.set()
+
+
+class AsyncClient:
+    """A connection to a Replika broker for asyncio code.
+
+    Use as ``async with AsyncClient("replika://127.0.0.1:8777") as client:``. Every method may be called
+    concurrently: requests are pipelined on the one connection and matched to replies by correlation id.
+    If the connection drops, calls in flight raise :class:`~replika.ConnectionLost` and the next call reconnects.
+    Durations are float seconds.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        client_name: str = "replika-py",
+    ) -> None:
+        self._endpoint = parse_url(url)
+        self._core = ClientCore(client_name, token)
+        self._connect_timeout = connect_timeout
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Frame], str | None]] = {}
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._connect_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open and the handshake is done."""
+        return self._transport is not None
+
+    @property
+    def max_batch(self) -> int:
+        """The server's limit on messages per request (known after connecting)."""
+        return self._core.max_batch
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------------------------------------- connection
+    async def connect(self) -> None:
+        """Open the connection and do the handshake (done for you by ``async with`` and on first use)."""
+        async with self._connect_lock:
+            if self._transport is not None:
+                return
+            self._closed = False
+            loop = asyncio.get_running_loop()
+            ep = self._endpoint
+            try:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Protocol(self), ep.host, ep.port), self._connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
+            self._core.reset()
+            self._transport = transport  # type: ignore[assignment]
+            rid, data = self._core.hello()
+            try:
+                reply = await asyncio.wait_for(self._send(rid, data, None), self._connect_timeout)
+                self._core.on_hello(reply)
+            except BaseException:
+                self._abort()
+                raise
+
+    async def close(self) -> None:
+        """Close the connection. Unacked messages it leased become ready again at the broker."""
+        self._closed = True
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+            self._transport = None
+        self._fail_pending(ConnectionLost("the client was closed"))
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._writable.set()
+        reason = f": {exc}" if exc else ""
+        self._fail_pending(ConnectionLost(f"connection to the broker lost{reason}"))
+
+    def _fail_pending(self, error: ReplikaError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _on_data(self, data: bytes) -> None:
+        try:
+            frames = self._core.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail_pending(ProtocolViolation(f"bad reply stream: {exc}", exc.code.value))
+            self._abort()
+            return
+        for frame in frames:
+            entry = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
+            if entry is None:
+                if frame.get("id") is None and frame.get("ok") is False:
+                    # A connection-level error: the server closes after sending it.
+                    self._fail_pending(error_from_reply(frame))
+                continue
+            fut, fetch_queue = entry
+            if not fut.done():
+                fut.set_result(frame)
+            elif fetch_queue is not None and frame.get("msgs"):
+                self._return_abandoned(fetch_queue, frame["msgs"])
+
+    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
+        """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
+        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs])
+        self._pending[rid] = (asyncio.get_running_loop().create_future(), None)
+        self._write(data)
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Coalesce every request made in this loop turn into one write (one syscall).
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None:
+            out, self._out = self._out, []
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    async def _send(self, rid: int, data: bytes, fetch_queue: str | None) -> Frame:
+        if self._transport is None:
+            raise ConnectionLost("not connected")
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, fetch_queue)
+        self._write(data)
+        if not self._writable.is_set():
+            await self._writable.wait()
+        return await fut
+
+    async def _ensure(self) -> None:
+        if self._transport is None:
+            await self.connect()
+
+    async def _call(self, op: str, **fields: Any) -> Frame:
+        await self._ensure()
+        rid, data = self._core.request(op, **fields)
+        return check(await self._send(rid, data, None))
+
+    # ----------------------------------------------------------------------------------------------- queues
+    async def ping(self) -> None:
+        """Round trip to the broker."""
+        await self._call("ping")
+
+    async def declare(
+        self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None
+    ) -> None:
+        """Create ``queue`` or change its options (idempotent).
+
+        ``max_attempts``: deliveries after which a nacked or expired message goes to the dead-letter queue
+        (None: unlimited). ``dead_letter``: that queue's name (None: ``<queue>.dlq``).
+        """
+        check_queue(queue)
+        await self._call("declare", queue=queue, max_attempts=max_attempts, dead_letter=dead_letter)
+
+    async def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` and every message in it. Later acks of its messages fail with NOT_FOUND."""
+        check_queue(queue)
+        await self._call("delete_queue", queue=queue)
+
+    async def purge(self, queue: str) -> int:
+        """Delete every message of ``queue`` that is not leased; return how many."""
+        check_queue(queue)
+        return int((await self._call("purge", queue=queue))["purged"])
+
+    async def queues(self) -> list[dict[str, Any]]:
+        """Every queue with its counts (see :meth:`stats`)."""
+        return list((await self._call("queues"))["queues"])
+
+    async def stats(self, queue: str) -> dict[str, Any]:
+        """Counts of ``queue``: ``ready``, ``in_flight``, ``delayed``, ``total``, and its options."""
+        check_queue(queue)
+        return dict((await self._call("stats", queue=queue))["stats"])
+
+    # ----------------------------------------------------------------------------------------------- messages
+    async def publish(self, queue: str, payload: Payload, *, headers: dict[str, str] | None = None) -> int:
+        """Store one message durably; return its id once the broker confirms the commit."""
+        ids = await self.publish_many(queue, [payload], headers=None if headers is None else [headers])
+        return ids[0]
+
+    async def publish_many(
+        self,
+        queue: str,
+        payloads: Sequence[Payload],
+        *,
+        headers: Sequence[dict[str, str] | None] | None = None,
+    ) -> list[int]:
+        """Store many messages; return their ids in order. Split into requests as the server's limits need,
+        all pipelined."""
+        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        if headers is not None and len(headers) != len(items):
+            raise ValueError("headers needs one entry per payload")
+        if not items:
+            return []
+        await self._ensure()
+        chunks = list(self._core.publish_chunks(queue, items, list(headers) if headers is not None else None))
+        replies = await asyncio.gather(*(self._send(rid, data, None) for rid, data in chunks))
+        ids: list[int] = []
+        for reply in replies:
+            ids.extend(publish_ids(reply))
+        return ids
+
+    async def fetch(self, queue: str, *, max: int = 1, wait: float = 0.0, lease: float = 30.0) -> list[Message]:
+        """Lease up to ``max`` ready messages (lowered to the server's batch limit), waiting up to ``wait``
+        seconds for the first; each lease lasts ``lease`` seconds unless acked, nacked or touched."""
+        check_queue(queue)
+        await self._ensure()
+        rid, data = self._core.request(
+            "fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease
+        )
+        reply = check(await self._send(rid, data, queue))
+        return [Message(queue, m, self) for m in reply["msgs"]]
+
+    async def _settle(self, op: str, msgs: Message | Iterable[Message], **extra: Any) -> None:
+        batch = [msgs] if isinstance(msgs, Message) else list(msgs)
+        if not batch:
+            return
+        await self._ensure()
+        chunks = list(self._core.settle_chunks(op, batch, **extra))
+        replies = await asyncio.gather(*(self._send(rid, data, None) for rid, data in chunks))
+        settle_failures(replies)
+
+    async def ack(self, msgs: Message | Iterable[Message]) -> None:
+        """Delete processed messages. Raises :class:`~replika.StaleLease` (after applying the rest) for any
+        whose lease token is no longer current."""
+        await self._settle("ack", msgs)
+
+    async def nack(self, msgs: Message | Iterable[Message], delay: float | None = None) -> None:
+        """Make messages ready again, after ``delay`` seconds if given."""
+        await self._settle("nack", msgs, delay=delay or 0.0)
+
+    async def reject(self, msgs: Message | Iterable[Message]) -> None:
+        """Move messages to their queue's dead-letter queue now."""
+        await self._settle("reject", msgs)
+
+    async def touch(self, msgs: Message | Iterable[Message], lease: float = 30.0) -> None:
+        """Extend leases to ``lease`` seconds from now."""
+        await self._settle("touch", msgs, lease=lease)
+
+    async def consume(
+        self, queue: str, *, prefetch: int = 100, lease: float = 30.0
+    ) -> AsyncIterator[Message]:
+        """Yield messages of ``queue`` for ever, keeping a fetch in flight so the next ones are already here.
+
+        Up to ``prefetch`` messages are leased ahead of the caller. On a lost connection it reconnects with
+        backoff and goes on; leases of messages not yet acked end with the old connection (at-least-once).
+        Messages prefetched but not yet yielded when the loop is left are nacked back.
+        """
+        check_queue(queue)
+        prefetch = max(1, prefetch)
+        buffer: deque[Message] = deque()
+        inflight: asyncio.Task[list[Message]] | None = None
+        backoff = BACKOFF_FIRST
+        try:
+            while True:
+                if inflight is None and len(buffer) <= prefetch // 2:
+                    inflight = asyncio.ensure_future(
+                        self.fetch(queue, max=prefetch - len(buffer), wait=CONSUME_POLL, lease=lease)
+                    )
+                if not buffer:
+                    assert inflight is not None
+                    try:
+                        got = await inflight
+                        backoff = BACKOFF_FIRST
+                    except ConnectionLost:
+                        if self._closed:
+                            raise
+                        await asyncio.sleep(backoff * (1 + random.random()))
+                        backoff = min(backoff * 2, BACKOFF_MAX)
+                        got = []
+                    finally:
+                        inflight = None
+                    buffer.extend(got)
+                    continue
+                yield buffer.popleft()
+        finally:
+            if inflight is not None:
+                inflight.cancel()
+            if buffer and self._transport is not None:
+                rest = list(buffer)
+                buffer.clear()
+                try:
+                    await self.nack(rest)
+                except ReplikaError:
+                    pass  # their leases end with the connection or expire
+
+
+def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:
+    data = payload.encode() if isinstance(payload, str) else payload
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"payload must be bytes-like or str, not {type(payload).__name__}")
+    if len(data) > limit:
+        raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the server's limit of {limit}")
+    return data

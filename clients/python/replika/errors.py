@@ -1,0 +1,131 @@
+"""Errors raised by the SDK. Every one is a :class:`ReplikaError` carrying the wire ``code``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadRequest",
+    "ConnectionLost",
+    "Forbidden",
+    "InternalError",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProtocolViolation",
+    "QueueFull",
+    "RateLimited",
+    "ReplikaError",
+    "ShuttingDown",
+    "StaleLease",
+    "StoreFull",
+    "Unauthorized",
+    "UnsupportedVersion",
+    "error_from_reply",
+]
+
+
+class ReplikaError(Exception):
+    """Base of every SDK error. ``code`` is the stable wire error code; ``retriable`` says whether trying the
+    same call again later can succeed."""
+
+    code: str = "INTERNAL"
+    retriable: ClassVar[bool] = False
+    _registry: ClassVar[dict[str, type[ReplikaError]]] = {}
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __init_subclass__(cls, codes: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for code in codes:
+            ReplikaError._registry[code] = cls
+        if codes:
+            cls.code = codes[0]
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ConnectionLost(ReplikaError, codes=("CONNECTION_LOST",)):
+    """The connection to the broker failed or closed. Requests in flight may or may not have been applied."""
+
+    retriable = True
+
+
+class ProtocolViolation(ReplikaError, codes=("BAD_FRAME", "FRAME_TOO_LARGE", "UNKNOWN_OP")):
+    """One side broke the wire protocol (a bug, or a server of another version)."""
+
+
+class UnsupportedVersion(ReplikaError, codes=("UNSUPPORTED_VERSION",)):
+    """The server speaks no protocol version this SDK speaks."""
+
+
+class BadRequest(ReplikaError, codes=("BAD_REQUEST",)):
+    """A field was missing, of the wrong type or out of range (e.g. a bad queue name)."""
+
+
+class PayloadTooLarge(ReplikaError, codes=("PAYLOAD_TOO_LARGE",)):
+    """A payload exceeds the server's ``max_payload``."""
+
+
+class NotFound(ReplikaError, codes=("NOT_FOUND",)):
+    """The queue does not exist."""
+
+
+class Unauthorized(ReplikaError, codes=("UNAUTHORIZED",)):
+    """The token is missing or wrong."""
+
+
+class Forbidden(ReplikaError, codes=("FORBIDDEN",)):
+    """The token may not do this to this queue."""
+
+
+class StaleLease(ReplikaError, codes=("STALE_LEASE",)):
+    """A lease token is no longer current: the message was delivered again since, or already settled.
+
+    ``failed`` maps each refused message id to its code; the other messages of the same call were applied.
+    """
+
+    def __init__(self, message: str, code: str | None = None, failed: dict[int, str] | None = None) -> None:
+        super().__init__(message, code)
+        self.failed: dict[int, str] = failed or {}
+
+
+class QueueFull(ReplikaError, codes=("QUEUE_FULL",)):
+    """The queue is at its length or byte limit."""
+
+    retriable = True
+
+
+class StoreFull(ReplikaError, codes=("STORE_FULL",)):
+    """The broker's store cannot take more data until consumers drain it."""
+
+    retriable = True
+
+
+class RateLimited(ReplikaError, codes=("RATE_LIMITED",)):
+    """Too many requests for this token; retry later."""
+
+    retriable = True
+
+
+class ShuttingDown(ReplikaError, codes=("SHUTTING_DOWN",)):
+    """The broker is stopping; retry against it once it is back."""
+
+    retriable = True
+
+
+class InternalError(ReplikaError, codes=("INTERNAL",)):
+    """The broker failed in a way that is not the client's fault."""
+
+    retriable = True
+
+
+def error_from_reply(reply: dict[str, Any]) -> ReplikaError:
+    """The exception for an error reply ``{"ok": false, "code": ..., "message": ...}``."""
+    code = str(reply.get("code", "INTERNAL"))
+    cls = ReplikaError._registry.get(code, ReplikaError)
+    return cls(str(reply.get("message", "")), code)

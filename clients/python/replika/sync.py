@@ -1,0 +1,297 @@
+"""The blocking client: the same protocol core as :class:`AsyncClient` over a plain socket."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from replika._core import DEFAULT_URL, ClientCore, check, check_queue, parse_url, publish_ids, settle_failures
+from replika._message import SyncMessage
+from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
+from replika.errors import ConnectionLost, ProtocolViolation, ReplikaError, error_from_reply
+from replika_protocol import Frame, ProtocolError
+
+__all__ = ["Client"]
+
+_RECV = 256 * 1024
+
+
+class Client:
+    """A blocking connection to a Replika broker, with the same methods as :class:`AsyncClient`.
+
+    Use as ``with Client("replika://127.0.0.1:8777") as client:``. One client is not safe to share between
+    threads; give each thread its own. Multi-request calls (``publish_many``, ``ack`` of many) are pipelined.
+    Durations are float seconds.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        timeout: float | None = 60.0,
+        client_name: str = "replika-py-sync",
+    ) -> None:
+        self._endpoint = parse_url(url)
+        self._core = ClientCore(client_name, token)
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._replies: dict[int, Frame] = {}
+        self._fetch_queues: dict[int, str] = {}  # in-flight prefetches, by request id
+        self._abandoned: dict[int, str] = {}  # fetches whose caller left: their messages go back (nack)
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def max_batch(self) -> int:
+        return self._core.max_batch
+
+    # ----------------------------------------------------------------------------------------------- connection
+    def connect(self) -> None:
+        """Open the connection and do the handshake (done by ``with`` and on first use)."""
+        if self._sock is not None:
+            return
+        ep = self._endpoint
+        try:
+            sock = socket.create_connection((ep.host, ep.port), timeout=self._connect_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._core.reset()
+        self._replies.clear()
+        rid, data = self._core.hello()
+        try:
+            self._sendall(data)
+            self._core.on_hello(self._wait(rid, self._connect_timeout))
+        except BaseException:
+            self._drop()
+            raise
+
+    def close(self) -> None:
+        """Close the connection. Unacked messages it leased become ready again at the broker."""
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._fetch_queues.clear()
+                self._abandoned.clear()
+
+    def _sendall(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.settimeout(self._timeout)
+            self._sock.sendall(data)
+        except OSError as exc:
+            self._drop()
+            raise ConnectionLost(f"connection to the broker lost: {exc}") from None
+
+    def _wait(self, rid: int, timeout: float | None = None) -> Frame:
+        """Read until the reply to ``rid`` arrives, keeping other replies for their callers."""
+        while rid not in self._replies:
+            sock = self._sock
+            if sock is None:
+                raise ConnectionLost("not connected")
+            try:
+                sock.settimeout(timeout if timeout is not None else self._timeout)
+                data = sock.recv(_RECV)
+            except OSError as exc:
+                self._drop()
+                raise ConnectionLost(f"connection to the broker lost: {exc}") from None
+            if not data:
+                self._drop()
+                raise ConnectionLost("the broker closed the connection")
+            try:
+                frames = self._core.decoder.feed(data)
+            except ProtocolError as exc:
+                self._drop()
+                raise ProtocolViolation(f"bad reply stream: {exc}", exc.code.value) from None
+            for frame in frames:
+                frid = frame.get("id")
+                if frid is None and frame.get("ok") is False:
+                    self._drop()
+                    raise error_from_reply(frame)
+                if isinstance(frid, int):
+                    abandoned = self._abandoned.pop(frid, None)
+                    if abandoned is None:
+                        self._replies[frid] = frame
+                    elif frame.get("msgs"):
+                        self._return_abandoned(abandoned, frame["msgs"])
+        return self._replies.pop(rid)
+
+    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
+        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs])
+        self._abandoned[rid] = queue  # its reply is of no interest either
+        self._sendall(data)
+
+    def _ensure(self) -> None:
+        if self._sock is None:
+            self.connect()
+
+    def _call(self, op: str, **fields: Any) -> Frame:
+        self._ensure()
+        rid, data = self._core.request(op, **fields)
+        self._sendall(data)
+        return check(self._wait(rid))
+
+    def _pipeline(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
+        self._sendall(b"".join(data for _, data in requests))
+        return [self._wait(rid) for rid, _ in requests]
+
+    # ----------------------------------------------------------------------------------------------- queues
+    def ping(self) -> None:
+        """Round trip to the broker."""
+        self._call("ping")
+
+    def declare(self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None) -> None:
+        """Create ``queue`` or change its options (idempotent). See :meth:`AsyncClient.declare`."""
+        check_queue(queue)
+        self._call("declare", queue=queue, max_attempts=max_attempts, dead_letter=dead_letter)
+
+    def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` and every message in it."""
+        check_queue(queue)
+        self._call("delete_queue", queue=queue)
+
+    def purge(self, queue: str) -> int:
+        """Delete every message of ``queue`` that is not leased; return how many."""
+        check_queue(queue)
+        return int(self._call("purge", queue=queue)["purged"])
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every queue with its counts."""
+        return list(self._call("queues")["queues"])
+
+    def stats(self, queue: str) -> dict[str, Any]:
+        """Counts of ``queue``: ``ready``, ``in_flight``, ``delayed``, ``total``, and its options."""
+        check_queue(queue)
+        return dict(self._call("stats", queue=queue)["stats"])
+
+    # ----------------------------------------------------------------------------------------------- messages
+    def publish(self, queue: str, payload: Payload, *, headers: dict[str, str] | None = None) -> int:
+        """Store one message durably; return its id once the broker confirms the commit."""
+        return self.publish_many(queue, [payload], headers=None if headers is None else [headers])[0]
+
+    def publish_many(
+        self,
+        queue: str,
+        payloads: Sequence[Payload],
+        *,
+        headers: Sequence[dict[str, str] | None] | None = None,
+    ) -> list[int]:
+        """Store many messages; return their ids in order."""
+        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        if headers is not None and len(headers) != len(items):
+            raise ValueError("headers needs one entry per payload")
+        if not items:
+            return []
+        self._ensure()
+        chunks = list(self._core.publish_chunks(queue, items, list(headers) if headers is not None else None))
+        ids: list[int] = []
+        for reply in self._pipeline(chunks):
+            ids.extend(publish_ids(reply))
+        return ids
+
+    def fetch(self, queue: str, *, max: int = 1, wait: float = 0.0, lease: float = 30.0) -> list[SyncMessage]:
+        """Lease up to ``max`` ready messages, waiting up to ``wait`` seconds for the first."""
+        check_queue(queue)
+        self._ensure()
+        rid = self._start_fetch(queue, max, wait, lease)
+        return self._finish_fetch(rid, queue, wait)
+
+    def _start_fetch(self, queue: str, max: int, wait: float, lease: float) -> int:
+        rid, data = self._core.request(
+            "fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease
+        )
+        self._sendall(data)
+        self._fetch_queues[rid] = queue
+        return rid
+
+    def _finish_fetch(self, rid: int, queue: str, wait: float) -> list[SyncMessage]:
+        timeout = None if self._timeout is None else self._timeout + wait
+        try:
+            reply = check(self._wait(rid, timeout))
+        finally:
+            self._fetch_queues.pop(rid, None)
+        return [SyncMessage(queue, m, self) for m in reply["msgs"]]
+
+    def _settle(self, op: str, msgs: SyncMessage | Iterable[SyncMessage], **extra: Any) -> None:
+        batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
+        if not batch:
+            return
+        self._ensure()
+        settle_failures(self._pipeline(list(self._core.settle_chunks(op, batch, **extra))))
+
+    def ack(self, msgs: SyncMessage | Iterable[SyncMessage]) -> None:
+        """Delete processed messages; :class:`~replika.StaleLease` for tokens no longer current."""
+        self._settle("ack", msgs)
+
+    def nack(self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None) -> None:
+        """Make messages ready again, after ``delay`` seconds if given."""
+        self._settle("nack", msgs, delay=delay or 0.0)
+
+    def reject(self, msgs: SyncMessage | Iterable[SyncMessage]) -> None:
+        """Move messages to their queue's dead-letter queue now."""
+        self._settle("reject", msgs)
+
+    def touch(self, msgs: SyncMessage | Iterable[SyncMessage], lease: float = 30.0) -> None:
+        """Extend leases to ``lease`` seconds from now."""
+        self._settle("touch", msgs, lease=lease)
+
+    def consume(self, queue: str, *, prefetch: int = 100, lease: float = 30.0) -> Iterator[SyncMessage]:
+        """Yield messages of ``queue`` for ever. The next fetch is sent before the current batch is handed
+        out, so it is usually answered by the time it is needed. Reconnects with backoff on a lost connection.
+        Messages fetched but not yet yielded when the loop is left are nacked back."""
+        check_queue(queue)
+        prefetch = max(1, prefetch)
+        buffer: deque[SyncMessage] = deque()
+        pending: int | None = None
+        backoff = BACKOFF_FIRST
+        try:
+            while True:
+                try:
+                    self._ensure()
+                    if pending is None and len(buffer) <= prefetch // 2:
+                        pending = self._start_fetch(queue, prefetch - len(buffer), CONSUME_POLL, lease)
+                    if not buffer:
+                        assert pending is not None
+                        rid, pending = pending, None
+                        buffer.extend(self._finish_fetch(rid, queue, CONSUME_POLL))
+                        backoff = BACKOFF_FIRST
+                        continue
+                except ConnectionLost:
+                    pending = None
+                    buffer.clear()  # their leases ended with the connection
+                    time.sleep(backoff * (1 + random.random()))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                yield buffer.popleft()
+        finally:
+            if pending is not None:
+                # Don't block for the long poll: hand its messages back whenever its reply turns up.
+                self._abandoned[pending] = queue
+            if self._sock is not None:
+                try:
+                    if buffer:
+                        self.nack(list(buffer))
+                except ReplikaError:
+                    pass  # their leases end with the connection or expire

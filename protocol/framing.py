@@ -1,0 +1,132 @@
+"""Length-prefixed msgpack framing, with no I/O.
+
+A frame is a 4-byte unsigned big-endian body length followed by that many bytes holding exactly one msgpack map
+with string keys. :class:`FrameDecoder` is fed whatever bytes arrive and returns every complete frame; it refuses a
+declared length above its limit before allocating anything for the body. :func:`encode_frame` is the inverse.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from replika_protocol.errors import BadFrame, FrameTooLarge, ProtocolError
+from replika_protocol.limits import DEFAULT_MAX_FRAME
+
+__all__ = ["HEADER_SIZE", "Frame", "FrameDecoder", "decode_body", "encode_body", "encode_frame"]
+
+Frame = dict[str, Any]
+
+HEADER_SIZE = 4
+_HEADER = struct.Struct(">I")
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise BadFrame(f"msgpack extension type {code} is not part of the protocol")
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed(bytes) -> list of frames``.
+
+    After a :class:`ProtocolError` the stream has lost its framing; the decoder stays broken and raises again on
+    every later call, so a caller cannot accidentally resynchronise on garbage.
+    """
+
+    __slots__ = ("_buf", "_pos", "_max_frame", "_error")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max_frame = max_frame
+        self._error: ProtocolError | None = None
+
+    @property
+    def max_frame(self) -> int:
+        """Largest accepted body length, in bytes."""
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._max_frame = value
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add ``data`` to the stream and return every frame it completes, in order."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if buf:
+            buf += data
+            view = memoryview(buf)
+        else:
+            # Fast path: nothing pending, so parse straight out of ``data`` and keep only its tail.
+            view = memoryview(data).cast("B")
+        frames: list[Frame] = []
+        pos = self._pos if buf else 0
+        end = len(view)
+        try:
+            while end - pos >= HEADER_SIZE:
+                (length,) = _unpack_header(view, pos)
+                if length > self._max_frame:
+                    raise FrameTooLarge(f"declared frame length {length} exceeds the limit of {self._max_frame} bytes")
+                stop = pos + HEADER_SIZE + length
+                if stop > end:
+                    break
+                frames.append(decode_body(view[pos + HEADER_SIZE : stop]))
+                pos = stop
+        except ProtocolError as exc:
+            self._error = exc
+            view.release()
+            raise
+        # Compact once per feed, not once per frame.
+        if buf:
+            view.release()
+            if pos == end:
+                buf.clear()
+                self._pos = 0
+            elif pos > 65536 or pos > len(buf) // 2:
+                del buf[:pos]
+                self._pos = 0
+            else:
+                self._pos = pos
+        else:
+            if pos < end:
+                buf += view[pos:]
+            self._pos = 0
+            view.release()
+        return frames
+
+
+def decode_body(body: bytes | memoryview) -> Frame:
+    """Decode one frame body, which must be a single msgpack map with string keys."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises a wide, version-dependent set of types for bad input
+        raise BadFrame(f"frame body is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadFrame(f"frame body must be a msgpack map, got {type(obj).__name__}")
+    for key in obj:
+        if not isinstance(key, str):
+            raise BadFrame("frame map keys must be strings")
+    return obj
+
+
+def encode_body(obj: Frame) -> bytes:
+    """The msgpack body of ``obj`` (bytes become msgpack ``bin``, str become ``str``)."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_frame(obj: Frame) -> bytes:
+    """``obj`` as one complete frame: length prefix then msgpack body."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _pack_header(len(body)) + body  # type: ignore[no-any-return]

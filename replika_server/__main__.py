@@ -1,0 +1,3 @@
+from replika_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Queue semantics over a :class:`~replika_server.store.Store`, with no sockets: group commit, long polls, timers.
+
+Requests from every connection are queued with :meth:`Broker.submit` and executed together: one loop turn's worth
+of requests becomes one store batch, i.e. one write transaction and one fsync. While a batch commits, new requests
+pile up and become the next batch, so under load batches grow by themselves and the fsync cost per message falls.
+Each request's callback runs only after its batch is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from replika_protocol import ErrorCode
+from replika_server.store import Expire, Fetch, Op, Release, Store, StoreError
+
+__all__ = ["Broker", "Done"]
+
+log = structlog.get_logger("replika.broker")
+
+#: Called with the op's result, or with a StoreError.
+Done = Callable[[Any], None]
+
+# Coalesce lease-expiry timers: one wake-up serves every lease ending within this many seconds.
+_TIMER_SLACK = 0.005
+
+
+class _Waiter:
+    """A fetch that found nothing and waits, until ``deadline``, for its queue to gain ready messages."""
+
+    __slots__ = ("op", "done", "deadline", "handle", "state")
+
+    PARKED, PENDING, FINISHED = 0, 1, 2
+
+    def __init__(self, op: Fetch, done: Done, deadline: float) -> None:
+        self.op = op
+        self.done = done
+        self.deadline = deadline
+        self.handle: asyncio.TimerHandle | None = None
+        self.state = self.PENDING
+
+
+class Broker:
+    """Serialises batches onto the store and parks long-polling fetches. One per server, on one event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[tuple[Op, Done]] = []
+        self._scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._owner_waiters: dict[int, set[_Waiter]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._closing = False
+        self.started_at = time.time()
+        self.batches = 0
+        self.batched_ops = 0
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def consumers(self, queue: str) -> int:
+        """Fetches currently long-polling ``queue``."""
+        return len(self._waiters.get(queue, ()))
+
+    # ----------------------------------------------------------------------------------------------- submit
+    def submit(self, op: Op, done: Done) -> None:
+        """Queue ``op`` for the next batch; ``done`` gets its result once the batch is durable."""
+        if self._closing:
+            done(StoreError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
+            return
+        self._pending.append((op, done))
+        if not self._scheduled and self._task is None:
+            self._scheduled = True
+            # call_soon, not an immediate flush: every request parsed in this loop turn joins the batch.
+            self._loop.call_soon(self._start)
+
+    def fetch(self, op: Fetch, wait: float, done: Done) -> None:
+        """Fetch, waiting up to ``wait`` seconds for the first message when none is ready."""
+        if wait <= 0:
+            self.submit(op, done)
+            return
+        waiter = _Waiter(op, done, self._loop.time() + wait)
+        waiter.handle = self._loop.call_at(waiter.deadline, self._waiter_timeout, waiter)
+        self._owner_waiters.setdefault(op.owner, set()).add(waiter)
+        self.submit(op, lambda result: self._waiter_result(waiter, result))
+
+    def release(self, owner: int) -> None:
+        """``owner`` (a connection) is gone: drop its long polls and end its leases."""
+        for waiter in self._owner_waiters.pop(owner, ()):
+            self._finish_waiter(waiter)
+        self.submit(Release(owner), _ignore)
+
+    # ----------------------------------------------------------------------------------------------- batches
+    def _start(self) -> None:
+        self._scheduled = False
+        if self._task is None and self._pending:
+            self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    result = await self._store.execute([op for op, _ in batch])
+                except Exception:
+                    log.exception("batch_failed", ops=len(batch))
+                    error = StoreError(ErrorCode.INTERNAL, "internal error")
+                    for _, done in batch:
+                        done(error)
+                    continue
+                self.batches += 1
+                self.batched_ops += len(batch)
+                for (_, done), value in zip(batch, result.results, strict=True):
+                    done(value)
+                for queue in result.readied:
+                    self._wake(queue)
+                self._arm_timer()
+        finally:
+            self._task = None
+
+    # ----------------------------------------------------------------------------------------------- long polls
+    def _waiter_result(self, waiter: _Waiter, result: Any) -> None:
+        if waiter.state == _Waiter.FINISHED:
+            return  # its connection closed meanwhile; Release ends any lease it just got
+        if result == [] and not self._closing and self._loop.time() < waiter.deadline:
+            waiter.state = _Waiter.PARKED
+            self._waiters.setdefault(waiter.op.queue, []).append(waiter)
+            return
+        self._finish_waiter(waiter)
+        waiter.done(result)
+
+    def _finish_waiter(self, waiter: _Waiter) -> None:
+        if waiter.state == _Waiter.PARKED:
+            parked = self._waiters.get(waiter.op.queue)
+            if parked is not None:
+                parked.remove(waiter)
+                if not parked:
+                    del self._waiters[waiter.op.queue]
+        waiter.state = _Waiter.FINISHED
+        if waiter.handle is not None:
+            waiter.handle.cancel()
+        owned = self._owner_waiters.get(waiter.op.owner)
+        if owned is not None:
+            owned.discard(waiter)
+
+    def _waiter_timeout(self, waiter: _Waiter) -> None:
+        waiter.handle = None
+        if waiter.state == _Waiter.PARKED:
+            self._finish_waiter(waiter)
+            waiter.done([])
+        # PENDING: its fetch is in a batch and will see the deadline has passed when it returns.
+
+    def _wake(self, queue: str) -> None:
+        parked = self._waiters.pop(queue, None)
+        if not parked:
+            return
+        for waiter in parked:
+            waiter.state = _Waiter.PENDING
+            self.submit(waiter.op, lambda result, w=waiter: self._waiter_result(w, result))
+
+    # ----------------------------------------------------------------------------------------------- timers
+    def _arm_timer(self) -> None:
+        when = self._store.next_timer()
+        if when is None or self._closing:
+            return
+        when += _TIMER_SLACK
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        # The store speaks time.monotonic(); the loop's clock may differ in base, so hand it a delay.
+        self._timer = self._loop.call_later(max(0.0, when - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.submit(Expire(), lambda _: self._arm_timer())
+
+    # ----------------------------------------------------------------------------------------------- shutdown
+    async def close(self) -> None:
+        """Refuse new requests, finish the batch in progress and what was queued before, end long polls."""
+        while self._pending or self._task is not None:
+            if self._task is None:
+                self._start()
+            if self._task is not None:
+                await self._task
+        self._closing = True
+        for parked in list(self._waiters.values()):
+            for waiter in list(parked):
+                self._finish_waiter(waiter)
+                waiter.done([])
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._store.close()
+
+
+def _ignore(_: Any) -> None:
+    pass

@@ -1,0 +1,88 @@
+"""The ``replika`` command line. ``replika serve`` runs the broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from replika_server import __version__
+from replika_server.config import DEFAULT_PORT, Config, ConfigError
+from replika_server.logs import configure_logging
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replika", description="Replika: a durable message broker.")
+    parser.add_argument("--version", action="version", version=f"replika {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker. Every flag may also come from the REPLIKA_<FLAG> environment variable "
+        "(e.g. REPLIKA_PORT, REPLIKA_DATA_DIR); a flag given on the command line wins.",
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    serve.add_argument("--data-dir", help="directory of the LMDB store (default ./replika-data)")
+    serve.add_argument(
+        "--durability",
+        choices=("sync", "relaxed"),
+        help="sync (default): fsync every group commit before confirming; relaxed: confirm once written to "
+        "the OS, fsync every --sync-interval seconds",
+    )
+    serve.add_argument("--sync-interval", type=float, help="seconds between fsyncs in relaxed mode (default 1)")
+    serve.add_argument("--max-frame", help="largest frame accepted, e.g. 16M (default 16 MiB)")
+    serve.add_argument("--max-payload", help="largest message payload, e.g. 8M (default 8 MiB)")
+    serve.add_argument("--max-batch", type=int, help="messages per publish/fetch/ack request (default 10000)")
+    serve.add_argument("--max-store-size", help="largest the store may grow, e.g. 64G (default 64 GiB)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", choices=("auto", "json", "console"), help="auto: JSON unless on a TTY")
+    serve.add_argument(
+        "--port-file", help="write the bound port to this file once listening (for scripts using --port 0)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "port_file")}
+    try:
+        config = Config.build(flags)
+    except (ConfigError, TypeError) as exc:
+        print(f"replika: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running on plain asyncio regardless
+        uvloop = None
+    from replika_server.server import Server, run_server
+
+    def report_port(server: Server) -> None:
+        if args.port_file:
+            with open(args.port_file, "w") as f:
+                f.write(str(server.port))
+
+    async def serve() -> None:
+        await run_server(config, on_ready=report_port)
+
+    try:
+        if uvloop is not None:
+            uvloop.run(serve())
+        else:
+            asyncio.run(serve())
+    except OSError as exc:
+        structlog.get_logger("replika").error("cannot_start", error=str(exc))
+        return 1
+    return 0

@@ -1,0 +1,211 @@
+"""Validation of request frames into store operations: every field's presence, type and range.
+
+Nothing here touches a socket or the store: a frame goes in, an op (or a :class:`RequestError` with a stable code)
+comes out. Field names and limits are those of SPEC.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from replika_protocol import ErrorCode, Frame, is_valid_queue_name
+from replika_server.store import (
+    Ack,
+    Declare,
+    DeleteQueue,
+    Fetch,
+    Nack,
+    Publish,
+    Purge,
+    QueueOptions,
+    Reject,
+    Settle,
+    Stats,
+    Touch,
+)
+
+__all__ = ["Limits", "RequestError", "parse_op"]
+
+#: Longest long-poll a fetch may ask for, in seconds: long enough to idle cheaply, short enough to notice a
+#: half-open connection within minutes.
+MAX_WAIT = 300.0
+#: Longest lease, in seconds (12 h): a consumer needing more should touch() as it goes.
+MAX_LEASE = 12 * 3600.0
+#: Longest nack delay, in seconds (30 days).
+MAX_DELAY = 30 * 86400.0
+MAX_ATTEMPTS = 1_000_000
+_U64 = 2**64
+
+
+class RequestError(Exception):
+    """A request the server refuses; the connection stays usable."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits a request is checked against. Sizes in bytes."""
+
+    max_batch: int
+    max_payload: int
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(ErrorCode.BAD_REQUEST, message)
+
+
+def queue_field(frame: Frame, key: str = "queue") -> str:
+    name = frame.get(key)
+    if not is_valid_queue_name(name):
+        if name is None:
+            raise _bad(f"missing field {key!r}")
+        raise _bad(f"field {key!r} must be a queue name: 1-255 characters of [A-Za-z0-9._:-]")
+    assert isinstance(name, str)
+    return name
+
+
+def _number(frame: Frame, key: str, default: float, lo: float, hi: float) -> float:
+    value = frame.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(f"field {key!r} must be a number")
+    if not lo <= value <= hi:
+        raise _bad(f"field {key!r} must be between {lo:g} and {hi:g}")
+    return float(value)
+
+
+def _int(frame: Frame, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = frame.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"field {key!r} must be an integer")
+    if not lo <= value <= hi:
+        raise _bad(f"field {key!r} must be between {lo} and {hi}")
+    return value
+
+
+def _headers(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _bad("headers must be a map of str to str")
+    return value or None
+
+
+def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
+    queue = queue_field(frame)
+    payloads = frame.get("payloads")
+    if not isinstance(payloads, list) or not payloads:
+        raise _bad("field 'payloads' must be a non-empty array of bin")
+    if len(payloads) > limits.max_batch:
+        raise _bad(f"at most {limits.max_batch} payloads per publish")
+    for i, payload in enumerate(payloads):
+        if isinstance(payload, str):
+            payloads[i] = payload = payload.encode()
+        elif not isinstance(payload, bytes):
+            raise _bad("field 'payloads' must be an array of bin (or str, stored as UTF-8)")
+        if len(payload) > limits.max_payload:
+            raise RequestError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"payload {i} is {len(payload)} bytes; the limit is {limits.max_payload}",
+            )
+    headers = frame.get("headers")
+    if headers is not None:
+        if not isinstance(headers, list) or len(headers) != len(payloads):
+            raise _bad("field 'headers' must be an array with one entry (map or nil) per payload")
+        headers = [_headers(h) for h in headers]
+        if not any(headers):
+            headers = None
+    return Publish(queue, payloads, headers)
+
+
+def fetch_op(frame: Frame, owner: int, limits: Limits) -> tuple[Fetch, float]:
+    """The fetch op and its long-poll wait in seconds. ``max`` above the batch limit is lowered to it."""
+    queue = queue_field(frame)
+    count = _int(frame, "max", 1, 1, _U64 - 1)
+    assert count is not None
+    wait = _number(frame, "wait", 0.0, 0.0, MAX_WAIT)
+    lease = _number(frame, "lease", 30.0, 0.001, MAX_LEASE)
+    return Fetch(queue, min(count, limits.max_batch), lease, owner), wait
+
+
+def _leases(frame: Frame, limits: Limits) -> list[tuple[int, int]]:
+    leases = frame.get("leases")
+    if not isinstance(leases, list) or not leases:
+        raise _bad("field 'leases' must be a non-empty array of [id, token] pairs")
+    if len(leases) > limits.max_batch:
+        raise _bad(f"at most {limits.max_batch} leases per request")
+    out: list[tuple[int, int]] = []
+    for pair in leases:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(type(x) is int and 0 <= x < _U64 for x in pair)
+        ):
+            raise _bad("each lease must be an array [id, token] of two unsigned integers")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _settle(cls: type[Settle]) -> Any:
+    def parse(frame: Frame, owner: int, limits: Limits) -> Settle:
+        return cls(queue_field(frame), _leases(frame, limits), owner)
+
+    return parse
+
+
+def _nack(frame: Frame, owner: int, limits: Limits) -> Nack:
+    delay = _number(frame, "delay", 0.0, 0.0, MAX_DELAY)
+    return Nack(queue_field(frame), _leases(frame, limits), owner, delay)
+
+
+def _touch(frame: Frame, owner: int, limits: Limits) -> Touch:
+    lease = _number(frame, "lease", 30.0, 0.001, MAX_LEASE)
+    return Touch(queue_field(frame), _leases(frame, limits), owner, lease)
+
+
+def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
+    queue = queue_field(frame)
+    max_attempts = _int(frame, "max_attempts", None, 1, MAX_ATTEMPTS)
+    dead_letter = queue_field(frame, "dead_letter") if frame.get("dead_letter") is not None else None
+    if dead_letter == queue:
+        raise _bad("a queue cannot be its own dead-letter queue")
+    return Declare(queue, QueueOptions(max_attempts, dead_letter))
+
+
+def _stats(frame: Frame, owner: int, limits: Limits) -> Stats:
+    return Stats(queue_field(frame))
+
+
+def _queues(frame: Frame, owner: int, limits: Limits) -> Stats:
+    return Stats(None)
+
+
+_PARSERS: dict[str, Any] = {
+    "publish": _publish,
+    "ack": _settle(Ack),
+    "nack": _nack,
+    "reject": _settle(Reject),
+    "touch": _touch,
+    "declare": _declare,
+    "delete_queue": lambda frame, owner, limits: DeleteQueue(queue_field(frame)),
+    "purge": lambda frame, owner, limits: Purge(queue_field(frame)),
+    "stats": _stats,
+    "queues": _queues,
+}
+
+
+def parse_op(name: str, frame: Frame, owner: int, limits: Limits) -> Any:
+    """The store op for request ``frame`` (any op but hello, ping and fetch), or :class:`RequestError`."""
+    parser = _PARSERS.get(name)
+    if parser is None:
+        raise RequestError(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}")
+    return parser(frame, owner, limits)

@@ -1,0 +1,148 @@
+"""The LMDB engine's in-memory index of one queue.
+
+Only messages that have been delivered or delayed are *tracked* (an object each); a never-delivered backlog costs
+no memory at all: it is the run of ids from ``cursor`` up to ``visible_hi`` in LMDB, read with a cursor when
+fetched. Ready tracked messages (nacked, expired, recovered) wait in a min-heap of ids so that delivery stays FIFO
+by id across both kinds.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+
+from replika_server.store.base import QueueOptions, QueueStats
+
+
+class Status(enum.IntEnum):
+    READY = 0
+    LEASED = 1
+    DELAYED = 2
+
+
+class Tracked:
+    """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
+
+    __slots__ = ("attempts", "token", "due", "deadline", "owner", "status")
+
+    def __init__(self, attempts: int, token: int, due: float, status: Status) -> None:
+        self.attempts = attempts
+        self.token = token
+        self.due = due  # unix seconds, 0.0 when not delayed
+        self.deadline = 0.0  # monotonic seconds, meaningful while LEASED
+        self.owner = 0
+        self.status = status
+
+
+class QueueState:
+    """One queue: durable counters mirrored from its meta record, and the delivery index."""
+
+    __slots__ = (
+        "name",
+        "qnum",
+        "next_id",
+        "count",
+        "options",
+        "visible_hi",
+        "cursor",
+        "tracked",
+        "ready_heap",
+        "n_ready",
+        "n_leased",
+        "n_delayed",
+    )
+
+    def __init__(self, name: str, qnum: int, next_id: int, count: int, options: QueueOptions) -> None:
+        self.name = name
+        self.qnum = qnum
+        self.next_id = next_id  # next id to assign; ids start at 1
+        self.count = count  # messages stored, whatever their status
+        self.options = options
+        # Ids below visible_hi are committed; a fetch never reads past it, so it never sees an uncommitted publish.
+        self.visible_hi = next_id
+        self.cursor = 1  # every never-delivered message has an id >= cursor
+        self.tracked: dict[int, Tracked] = {}
+        self.ready_heap: list[int] = []  # ids of READY tracked messages; entries may be stale, checked on pop
+        self.n_ready = 0
+        self.n_leased = 0
+        self.n_delayed = 0
+
+    @property
+    def dead_letter(self) -> str:
+        return self.options.dead_letter or f"{self.name}.dlq"
+
+    def set_status(self, t: Tracked, status: Status) -> None:
+        old = t.status
+        if old == status:
+            return
+        if old == Status.READY:
+            self.n_ready -= 1
+        elif old == Status.LEASED:
+            self.n_leased -= 1
+        else:
+            self.n_delayed -= 1
+        if status == Status.READY:
+            self.n_ready += 1
+        elif status == Status.LEASED:
+            self.n_leased += 1
+        else:
+            self.n_delayed += 1
+        t.status = status
+
+    def track(self, mid: int, t: Tracked) -> None:
+        self.tracked[mid] = t
+        if t.status == Status.READY:
+            self.n_ready += 1
+            heapq.heappush(self.ready_heap, mid)
+        elif t.status == Status.LEASED:
+            self.n_leased += 1
+        else:
+            self.n_delayed += 1
+
+    def untrack(self, mid: int) -> Tracked | None:
+        t = self.tracked.pop(mid, None)
+        if t is not None:
+            if t.status == Status.READY:
+                self.n_ready -= 1
+            elif t.status == Status.LEASED:
+                self.n_leased -= 1
+            else:
+                self.n_delayed -= 1
+        return t
+
+    def make_ready(self, mid: int, t: Tracked) -> None:
+        self.set_status(t, Status.READY)
+        heapq.heappush(self.ready_heap, mid)
+
+    def peek_ready(self) -> int | None:
+        """The lowest id of a READY tracked message, dropping stale heap entries."""
+        heap = self.ready_heap
+        tracked = self.tracked
+        while heap:
+            mid = heap[0]
+            t = tracked.get(mid)
+            if t is not None and t.status == Status.READY:
+                return mid
+            heapq.heappop(heap)
+        return None
+
+    def stats(self) -> QueueStats:
+        fresh = self.count - len(self.tracked)
+        return QueueStats(
+            name=self.name,
+            ready=fresh + self.n_ready,
+            in_flight=self.n_leased,
+            delayed=self.n_delayed,
+            total=self.count,
+            max_attempts=self.options.max_attempts,
+            dead_letter=self.dead_letter,
+        )
+
+    def meta(self) -> dict[str, object]:
+        return {
+            "qnum": self.qnum,
+            "next_id": self.next_id,
+            "count": self.count,
+            "max_attempts": self.options.max_attempts,
+            "dead_letter": self.options.dead_letter,
+        }

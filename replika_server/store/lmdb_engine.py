@@ -1,0 +1,586 @@
+"""The embedded LMDB engine: durable messages in LMDB, delivery indexes in memory.
+
+One batch of ops is applied to the in-memory index on the event loop, which also logs the LMDB writes it implies
+and reads committed payloads through a read transaction. The write log is then replayed and committed (with its
+fsync) on a single commit thread, so the loop keeps parsing the next batch's requests meanwhile: that overlap is
+the group commit. Only one batch is ever in flight. If a commit fails, the in-memory index is rebuilt from LMDB,
+which the failed transaction never touched, and every op of the batch gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import structlog
+
+from replika_protocol import ErrorCode
+from replika_server.store._queue import QueueState, Status, Tracked
+from replika_server.store._records import (
+    decode_message,
+    decode_meta,
+    encode_message,
+    encode_meta,
+    pack_key,
+    pack_state,
+    unpack_key,
+    unpack_state,
+)
+from replika_server.store._writes import Writes, replay
+from replika_server.store.base import (
+    Ack,
+    BatchResult,
+    DeadLetterReason,
+    Declare,
+    DeleteQueue,
+    Delivery,
+    Expire,
+    Fetch,
+    Nack,
+    Op,
+    Publish,
+    Purge,
+    QueueOptions,
+    Reject,
+    Release,
+    Settle,
+    Stats,
+    Store,
+    StoreError,
+    Touch,
+)
+
+__all__ = ["LmdbConfig", "LmdbStore"]
+
+log = structlog.get_logger("replika.store")
+
+_QUEUE_PREFIX = b"q:"
+_TOKEN_SEQ = b"token_seq"
+_QNUM_SEQ = b"qnum_seq"
+_SCHEMA = b"schema"
+_SCHEMA_VERSION = b"1"
+
+DEAD_LETTER_HEADERS = (
+    "replika-dead-letter-queue",
+    "replika-dead-letter-reason",
+    "replika-dead-letter-id",
+    "replika-dead-letter-attempts",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LmdbConfig:
+    """Settings of the LMDB engine. Sizes in bytes, durations in seconds."""
+
+    path: Path
+    durable: bool = True  # fsync every commit; False: the OS flushes, and we sync every sync_interval
+    map_size: int = 256 * 1024 * 1024  # first map size; doubled on demand up to max_size
+    max_size: int = 64 * 1024**3
+    sync_interval: float = 1.0
+
+
+class LmdbStore(Store):
+    """See the module docstring. Create with :meth:`open`."""
+
+    def __init__(self, config: LmdbConfig) -> None:
+        self._config = config
+        config.path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(config.path),
+            map_size=config.map_size,
+            max_dbs=4,
+            sync=config.durable,
+            metasync=config.durable,
+            readahead=False,
+            max_readers=64,
+        )
+        self._meta_db = self._env.open_db(b"meta")
+        self._msgs_db = self._env.open_db(b"msgs")
+        self._state_db = self._env.open_db(b"state")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replika-commit")
+        self._busy = False
+        self._closed = False
+        self._full = False  # the map cannot grow: refuse publishes until something is deleted
+        self._sync_task: asyncio.Task[None] | None = None
+        self._queues: dict[str, QueueState] = {}
+        self._by_qnum: dict[int, QueueState] = {}
+        self._owners: dict[int, set[tuple[int, int]]] = {}
+        self._lease_heap: list[tuple[float, int, int, int]] = []  # (deadline, qnum, id, token)
+        self._delay_heap: list[tuple[float, int, int]] = []  # (due unix s, qnum, id)
+        self._token_seq = 0
+        self._qnum_seq = 0
+        # Per batch:
+        self._writes = Writes()
+        self._touched: dict[int, QueueState] = {}
+        self._readied: set[str] = set()
+        self._rtxn: lmdb.Transaction | None = None
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            Declare: self._declare,
+            Publish: self._publish,
+            Fetch: self._fetch,
+            Ack: self._settle,
+            Nack: self._settle,
+            Reject: self._settle,
+            Touch: self._settle,
+            Purge: self._purge,
+            DeleteQueue: self._delete_queue,
+            Release: self._release,
+            Expire: self._expire,
+            Stats: self._stats,
+        }
+
+    @classmethod
+    async def open(cls, config: LmdbConfig) -> LmdbStore:
+        """Open (creating if needed) the store at ``config.path`` and recover its state."""
+        store = cls(config)
+        started = time.perf_counter()
+        store._load()
+        log.info(
+            "store_recovered",
+            path=str(config.path),
+            queues=len(store._queues),
+            messages=sum(q.count for q in store._queues.values()),
+            seconds=round(time.perf_counter() - started, 4),
+            durable=config.durable,
+        )
+        if not config.durable:
+            store._sync_task = asyncio.get_running_loop().create_task(store._sync_loop())
+        return store
+
+    # ----------------------------------------------------------------------------------------------- reading
+    def queue_names(self) -> list[str]:
+        return sorted(self._queues)
+
+    def next_timer(self) -> float | None:
+        t: float | None = self._lease_heap[0][0] if self._lease_heap else None
+        if self._delay_heap:
+            due = self._delay_heap[0][0] - time.time() + time.monotonic()
+            t = due if t is None else min(t, due)
+        return t
+
+    # ----------------------------------------------------------------------------------------------- batches
+    async def execute(self, ops: Sequence[Op]) -> BatchResult:
+        if self._closed:
+            raise RuntimeError("store is closed")
+        if self._busy:
+            raise RuntimeError("one batch at a time: the broker serialises execute()")
+        self._busy = True
+        try:
+            return await self._execute(ops)
+        finally:
+            self._busy = False
+
+    async def _execute(self, ops: Sequence[Op]) -> BatchResult:
+        results: list[Any] = []
+        try:
+            for op in ops:
+                try:
+                    results.append(self._handlers[type(op)](op))
+                except StoreError as exc:
+                    results.append(exc)
+        except Exception:
+            # A bug left the index half-changed; LMDB was not touched yet, so rebuild from it.
+            log.exception("batch_apply_failed")
+            self._recover_after_failure()
+            err = StoreError(ErrorCode.INTERNAL, "internal error while applying the batch")
+            return BatchResult([err] * len(ops))
+        finally:
+            if self._rtxn is not None:
+                self._rtxn.abort()
+                self._rtxn = None
+        writes, self._writes = self._writes, Writes()
+        touched, self._touched = self._touched, {}
+        readied, self._readied = self._readied, set()
+        for q in touched.values():
+            if self._queues.get(q.name) is q:
+                writes.meta[_QUEUE_PREFIX + q.name.encode()] = encode_meta(q.meta())
+        if writes:
+            writes.meta[_TOKEN_SEQ] = str(self._token_seq).encode()
+            error = await self._commit(writes)
+            if error is not None:
+                self._recover_after_failure()
+                return BatchResult([error] * len(ops))
+            if writes.deletes:
+                self._full = False
+        for q in touched.values():
+            q.visible_hi = q.next_id
+        return BatchResult(results, readied)
+
+    async def _commit(self, writes: Writes) -> StoreError | None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self._commit_sync, writes)
+                return None
+            except lmdb.MapFullError:
+                size = self._env.info()["map_size"]
+                if size >= self._config.max_size:
+                    log.warning("store_full", map_size=size)
+                    self._full = True
+                    return StoreError(ErrorCode.STORE_FULL, "the store has reached its maximum size")
+                new_size = min(size * 2, self._config.max_size)
+                self._env.set_mapsize(new_size)  # no transaction is open in this process here
+                log.info("store_map_grown", map_size=new_size)
+            except lmdb.Error as exc:
+                if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+                    log.warning("store_disk_full", error=str(exc))
+                    self._full = True
+                    return StoreError(ErrorCode.STORE_FULL, "the disk holding the store is full")
+                log.error("store_commit_failed", error=str(exc))
+                return StoreError(ErrorCode.INTERNAL, f"commit failed: {exc}")
+
+    def _commit_sync(self, writes: Writes) -> None:
+        with self._env.begin(write=True) as txn:
+            replay(txn, writes, self._meta_db)
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._config.sync_interval)
+            await loop.run_in_executor(self._executor, self._env.sync, True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._env.sync, True)
+        self._executor.shutdown(wait=True)
+        self._env.close()
+
+    # ----------------------------------------------------------------------------------------------- recovery
+    def _load(self) -> None:
+        """Rebuild every in-memory structure from LMDB."""
+        self._queues.clear()
+        self._by_qnum.clear()
+        self._owners.clear()
+        self._lease_heap.clear()
+        self._delay_heap.clear()
+        now = time.time()
+        with self._env.begin() as txn:
+            schema = txn.get(_SCHEMA, db=self._meta_db)
+            if schema not in (None, _SCHEMA_VERSION):
+                raise RuntimeError(f"store schema {schema!r} is not supported by this version")
+            self._token_seq = max(self._token_seq, int(txn.get(_TOKEN_SEQ, b"0", db=self._meta_db)))
+            self._qnum_seq = max(self._qnum_seq, int(txn.get(_QNUM_SEQ, b"0", db=self._meta_db)))
+            cur = txn.cursor(db=self._meta_db)
+            if cur.set_range(_QUEUE_PREFIX):
+                for key, value in cur:
+                    if not key.startswith(_QUEUE_PREFIX):
+                        break
+                    meta = decode_meta(value)
+                    options = QueueOptions(meta["max_attempts"], meta["dead_letter"])
+                    q = QueueState(key[2:].decode(), meta["qnum"], meta["next_id"], meta["count"], options)
+                    self._queues[q.name] = q
+                    self._by_qnum[q.qnum] = q
+            for key, value in txn.cursor(db=self._state_db):
+                qnum, mid = unpack_key(key)
+                q = self._by_qnum.get(qnum)
+                if q is None:
+                    continue
+                attempts, token, due = unpack_state(value)
+                if due > now:
+                    q.track(mid, Tracked(attempts, token, due, Status.DELAYED))
+                    self._delay_heap.append((due, qnum, mid))
+                else:
+                    q.track(mid, Tracked(attempts, token, 0.0, Status.READY))
+        heapq.heapify(self._delay_heap)
+        if schema is None:
+            with self._env.begin(write=True) as wtxn:
+                wtxn.put(_SCHEMA, _SCHEMA_VERSION, db=self._meta_db)
+
+    def _recover_after_failure(self) -> None:
+        """Reload from LMDB, keeping the leases whose delivery was committed (their token is in LMDB)."""
+        leases = [
+            (q.qnum, mid, t.token, t.deadline, t.owner)
+            for q in self._queues.values()
+            for mid, t in q.tracked.items()
+            if t.status == Status.LEASED
+        ]
+        self._writes = Writes()
+        self._touched = {}
+        self._readied = set()
+        self._load()
+        for qnum, mid, token, deadline, owner in leases:
+            q = self._by_qnum.get(qnum)
+            t = q.tracked.get(mid) if q is not None else None
+            if q is not None and t is not None and t.token == token and t.status == Status.READY:
+                self._lease(q, mid, t, deadline, owner)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _read_txn(self) -> lmdb.Transaction:
+        if self._rtxn is None:
+            self._rtxn = self._env.begin(db=self._msgs_db)
+        return self._rtxn
+
+    def _queue(self, name: str) -> QueueState:
+        q = self._queues.get(name)
+        if q is None:
+            raise StoreError(ErrorCode.NOT_FOUND, f"queue {name!r} does not exist")
+        return q
+
+    def _get_or_create(self, name: str, options: QueueOptions | None = None) -> QueueState:
+        q = self._queues.get(name)
+        if q is None:
+            self._qnum_seq += 1
+            q = QueueState(name, self._qnum_seq, 1, 0, options or QueueOptions())
+            self._queues[name] = q
+            self._by_qnum[q.qnum] = q
+            self._writes.meta[_QNUM_SEQ] = str(self._qnum_seq).encode()
+            self._touched[q.qnum] = q
+        return q
+
+    def _lease(self, q: QueueState, mid: int, t: Tracked, deadline: float, owner: int) -> None:
+        q.set_status(t, Status.LEASED)
+        t.deadline = deadline
+        t.owner = owner
+        heapq.heappush(self._lease_heap, (deadline, q.qnum, mid, t.token))
+        self._owners.setdefault(owner, set()).add((q.qnum, mid))
+
+    def _unlease(self, q: QueueState, mid: int, t: Tracked) -> None:
+        if t.status == Status.LEASED:
+            owned = self._owners.get(t.owner)
+            if owned is not None:
+                owned.discard((q.qnum, mid))
+            t.owner = 0
+
+    def _lease_ended(self, q: QueueState, mid: int, t: Tracked) -> None:
+        """A lease ended without an ack (expiry, closed connection, nack without delay)."""
+        self._unlease(q, mid, t)
+        limit = q.options.max_attempts
+        if limit is not None and t.attempts >= limit:
+            self._dead_letter(q, mid, DeadLetterReason.MAX_ATTEMPTS)
+        else:
+            q.make_ready(mid, t)
+            self._readied.add(q.name)
+
+    def _remove(self, q: QueueState, mid: int) -> None:
+        t = q.tracked.get(mid)
+        if t is not None:
+            self._unlease(q, mid, t)
+            q.untrack(mid)
+            self._writes.delete(self._state_db, pack_key(q.qnum, mid))
+        self._writes.delete(self._msgs_db, pack_key(q.qnum, mid))
+        self._writes.deletes += 1
+        q.count -= 1
+        self._touched[q.qnum] = q
+
+    def _dead_letter(self, q: QueueState, mid: int, reason: DeadLetterReason) -> None:
+        value = self._read_txn().get(pack_key(q.qnum, mid))
+        t = q.tracked.get(mid)
+        attempts = t.attempts if t is not None else 0
+        self._remove(q, mid)
+        if value is None:  # cannot happen while the index mirrors LMDB; never invent a payload
+            log.error("dead_letter_missing_message", queue=q.name, id=mid)
+            return
+        published_at, payload, headers = decode_message(value)
+        headers = dict(headers or {})
+        headers.update(
+            zip(DEAD_LETTER_HEADERS, (q.name, reason.value, str(mid), str(attempts)), strict=True)
+        )
+        dq = self._get_or_create(q.dead_letter)
+        dq_id = dq.next_id
+        dq.next_id += 1
+        dq.count += 1
+        self._writes.put(self._msgs_db, pack_key(dq.qnum, dq_id), encode_message(published_at, payload, headers))
+        self._touched[dq.qnum] = dq
+        self._readied.add(dq.name)
+
+    def _fresh(self, q: QueueState) -> Iterator[tuple[int, bytes]]:
+        """Never-delivered committed messages of ``q`` in id order, from its cursor."""
+        cur = self._read_txn().cursor()
+        if not cur.set_range(pack_key(q.qnum, q.cursor)):
+            return
+        qnum, hi, tracked = q.qnum, q.visible_hi, q.tracked
+        for key, value in cur:
+            kq, mid = unpack_key(key)
+            if kq != qnum or mid >= hi:
+                return
+            if mid not in tracked:
+                yield mid, value
+
+    # ----------------------------------------------------------------------------------------------- ops
+    def _declare(self, op: Declare) -> None:
+        q = self._queues.get(op.queue)
+        if q is None:
+            self._get_or_create(op.queue, op.options)
+        elif q.options != op.options:
+            q.options = op.options
+            self._touched[q.qnum] = q
+
+    def _publish(self, op: Publish) -> tuple[int, int]:
+        if self._full:
+            raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
+        q = self._get_or_create(op.queue)
+        first = q.next_id
+        qnum = q.qnum
+        now = time.time()
+        n = len(op.payloads)
+        headers = op.headers
+        if headers is None:
+            items = [
+                (pack_key(qnum, mid), encode_message(now, payload, None))
+                for mid, payload in enumerate(op.payloads, first)
+            ]
+        else:
+            items = [
+                (pack_key(qnum, first + i), encode_message(now, payload, headers[i]))
+                for i, payload in enumerate(op.payloads)
+            ]
+        self._writes.put_many(self._msgs_db, items)
+        q.next_id = first + n
+        q.count += n
+        self._touched[qnum] = q
+        self._readied.add(q.name)
+        return first, n
+
+    def _fetch(self, op: Fetch) -> list[Delivery]:
+        q = self._get_or_create(op.queue)
+        out: list[Delivery] = []
+        if q.count == len(q.tracked) and not q.n_ready:
+            return out  # nothing ready: skip the read transaction entirely
+        deadline = time.monotonic() + op.lease
+        limit = q.options.max_attempts
+        fresh = self._fresh(q) if q.count > len(q.tracked) else iter(())
+        nxt = next(fresh, None)
+        txn = self._read_txn()
+        state_db = self._state_db
+        writes = self._writes
+        while len(out) < op.max:
+            rid = q.peek_ready()
+            if rid is not None and (nxt is None or rid < nxt[0]):
+                heapq.heappop(q.ready_heap)
+                t = q.tracked[rid]
+                if limit is not None and t.attempts >= limit:
+                    self._dead_letter(q, rid, DeadLetterReason.MAX_ATTEMPTS)
+                    continue
+                mid = rid
+                value = txn.get(pack_key(q.qnum, mid))
+                t.attempts += 1
+            elif nxt is not None:
+                mid, value = nxt
+                nxt = next(fresh, None)
+                q.cursor = mid + 1
+                t = Tracked(1, 0, 0.0, Status.LEASED)
+                q.track(mid, t)
+            else:
+                break
+            self._token_seq += 1
+            t.token = self._token_seq
+            t.due = 0.0
+            self._lease(q, mid, t, deadline, op.owner)
+            writes.put(state_db, pack_key(q.qnum, mid), pack_state(t.attempts, t.token, 0.0))
+            published_at, payload, headers = decode_message(value)
+            out.append((mid, t.token, t.attempts, published_at, payload, headers))
+        return out
+
+    def _settle(self, op: Settle) -> dict[int, str]:
+        q = self._queue(op.queue)
+        failed: dict[int, str] = {}
+        tracked = q.tracked
+        now = time.monotonic()
+        for mid, token in op.leases:
+            t = tracked.get(mid)
+            if t is None or t.token != token:
+                failed[mid] = ErrorCode.STALE_LEASE.value
+                continue
+            if isinstance(op, Ack):
+                self._remove(q, mid)
+            elif isinstance(op, Nack):
+                self._nack(q, mid, t, op.delay)
+            elif isinstance(op, Reject):
+                self._dead_letter(q, mid, DeadLetterReason.REJECTED)
+            elif isinstance(op, Touch):
+                self._unlease(q, mid, t)
+                self._lease(q, mid, t, now + op.lease, op.owner)
+        return failed
+
+    def _nack(self, q: QueueState, mid: int, t: Tracked, delay: float) -> None:
+        limit = q.options.max_attempts
+        if delay <= 0 or (limit is not None and t.attempts >= limit):
+            self._lease_ended(q, mid, t)
+            return
+        self._unlease(q, mid, t)
+        t.due = time.time() + delay
+        q.set_status(t, Status.DELAYED)
+        heapq.heappush(self._delay_heap, (t.due, q.qnum, mid))
+        self._writes.put(self._state_db, pack_key(q.qnum, mid), pack_state(t.attempts, t.token, t.due))
+
+    def _purge(self, op: Purge) -> int:
+        q = self._queue(op.queue)
+        keep = frozenset(mid for mid, t in q.tracked.items() if t.status == Status.LEASED)
+        removed = q.count - len(keep)
+        for mid in [mid for mid in q.tracked if mid not in keep]:
+            q.untrack(mid)
+        q.ready_heap.clear()
+        q.count = len(keep)
+        q.cursor = q.next_id
+        self._writes.range_delete((self._msgs_db, self._state_db), q.qnum, keep, q.next_id)
+        self._writes.deletes += removed
+        self._touched[q.qnum] = q
+        return removed
+
+    def _delete_queue(self, op: DeleteQueue) -> None:
+        q = self._queue(op.queue)
+        for mid in list(q.tracked):
+            t = q.tracked[mid]
+            self._unlease(q, mid, t)
+        del self._queues[q.name]
+        del self._by_qnum[q.qnum]
+        self._touched.pop(q.qnum, None)
+        self._writes.range_delete((self._msgs_db, self._state_db), q.qnum, frozenset())
+        self._writes.meta[_QUEUE_PREFIX + q.name.encode()] = None
+        self._writes.deletes += q.count
+
+    def _release(self, op: Release) -> None:
+        for qnum, mid in self._owners.pop(op.owner, ()):
+            q = self._by_qnum.get(qnum)
+            t = q.tracked.get(mid) if q is not None else None
+            if q is not None and t is not None and t.status == Status.LEASED and t.owner == op.owner:
+                t.owner = 0  # its owner set is already gone
+                self._lease_ended(q, mid, t)
+
+    def _expire(self, op: Expire) -> None:
+        now = time.monotonic()
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            deadline, qnum, mid, token = heapq.heappop(heap)
+            q = self._by_qnum.get(qnum)
+            t = q.tracked.get(mid) if q is not None else None
+            if q is None or t is None or t.status != Status.LEASED or t.token != token or t.deadline != deadline:
+                continue  # acked, touched or re-leased since
+            self._lease_ended(q, mid, t)
+        wall = time.time()
+        delays = self._delay_heap
+        while delays and delays[0][0] <= wall:
+            due, qnum, mid = heapq.heappop(delays)
+            q = self._by_qnum.get(qnum)
+            t = q.tracked.get(mid) if q is not None else None
+            if q is None or t is None or t.status != Status.DELAYED or t.due != due:
+                continue
+            q.make_ready(mid, t)
+            self._readied.add(q.name)
+
+    def _stats(self, op: Stats) -> list[Any]:
+        if op.queue is None:
+            return [self._queues[name].stats() for name in sorted(self._queues)]
+        return [self._queue(op.queue).stats()]
+
+
+def store_size(path: Path) -> int:
+    """Bytes the store's data file takes on disk."""
+    try:
+        return os.stat(path / "data.mdb").st_size
+    except FileNotFoundError:
+        return 0
