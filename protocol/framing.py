@@ -36,7 +36,7 @@ class FrameDecoder:
     every later call, so a caller cannot accidentally resynchronise on garbage.
     """
 
-    __slots__ = ("_buf", "_pos", "_max_frame", "_error")
+    __slots__ = ("_buf", "_error", "_max_frame", "_pos")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
@@ -123,10 +123,10 @@ def decode_body(body: bytes | memoryview) -> Frame:
 
 def encode_body(obj: Frame) -> bytes:
     """The msgpack body of ``obj`` (bytes become msgpack ``bin``, str become ``str``)."""
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def encode_frame(obj: Frame) -> bytes:
     """``obj`` as one complete frame: length prefix then msgpack body."""
     body = msgpack.packb(obj, use_bin_type=True)
-    return _pack_header(len(body)) + body  # type: ignore[no-any-return]
+    return _pack_header(len(body)) + body

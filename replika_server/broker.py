@@ -9,6 +9,7 @@ Each request's callback runs only after its batch is durable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ _TIMER_SLACK = 0.005
 class _Waiter:
     """A fetch that found nothing and waits, until ``deadline``, for its queue to gain ready messages."""
 
-    __slots__ = ("op", "done", "deadline", "handle", "state")
+    __slots__ = ("deadline", "done", "handle", "op", "state")
 
     PARKED, PENDING, FINISHED = 0, 1, 2
 
@@ -90,7 +91,7 @@ class Broker:
         waiter = _Waiter(op, done, self._loop.time() + wait)
         waiter.handle = self._loop.call_at(waiter.deadline, self._waiter_timeout, waiter)
         self._owner_waiters.setdefault(op.owner, set()).add(waiter)
-        self.submit(op, lambda result: self._waiter_result(waiter, result))
+        self.submit(op, functools.partial(self._waiter_result, waiter))
 
     def release(self, owner: int) -> None:
         """``owner`` (a connection) is gone: drop its long polls and end its leases."""
@@ -164,7 +165,7 @@ class Broker:
             return
         for waiter in parked:
             waiter.state = _Waiter.PENDING
-            self.submit(waiter.op, lambda result, w=waiter: self._waiter_result(w, result))
+            self.submit(waiter.op, functools.partial(self._waiter_result, waiter))
 
     # ----------------------------------------------------------------------------------------------- timers
     def _arm_timer(self) -> None:

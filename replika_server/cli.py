@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -63,10 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"replika: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running on plain asyncio regardless
-        uvloop = None
+    import uvloop
+
     from replika_server.server import Server, run_server
 
     def report_port(server: Server) -> None:
@@ -78,10 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         await run_server(config, on_ready=report_port)
 
     try:
-        if uvloop is not None:
-            uvloop.run(serve())
-        else:
-            asyncio.run(serve())
+        uvloop.run(serve())
     except OSError as exc:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
         return 1

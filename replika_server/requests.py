@@ -145,11 +145,7 @@ def _leases(frame: Frame, limits: Limits) -> list[tuple[int, int]]:
         raise _bad(f"at most {limits.max_batch} leases per request")
     out: list[tuple[int, int]] = []
     for pair in leases:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not all(type(x) is int and 0 <= x < _U64 for x in pair)
-        ):
+        if not isinstance(pair, list) or len(pair) != 2 or not all(type(x) is int and 0 <= x < _U64 for x in pair):
             raise _bad("each lease must be an array [id, token] of two unsigned integers")
         out.append((pair[0], pair[1]))
     return out

@@ -23,7 +23,7 @@ class Status(enum.IntEnum):
 class Tracked:
     """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
 
-    __slots__ = ("attempts", "token", "due", "deadline", "owner", "status")
+    __slots__ = ("attempts", "deadline", "due", "owner", "status", "token")
 
     def __init__(self, attempts: int, token: int, due: float, status: Status) -> None:
         self.attempts = attempts
@@ -38,18 +38,18 @@ class QueueState:
     """One queue: durable counters mirrored from its meta record, and the delivery index."""
 
     __slots__ = (
-        "name",
-        "qnum",
-        "next_id",
         "count",
-        "options",
-        "visible_hi",
         "cursor",
-        "tracked",
-        "ready_heap",
-        "n_ready",
-        "n_leased",
         "n_delayed",
+        "n_leased",
+        "n_ready",
+        "name",
+        "next_id",
+        "options",
+        "qnum",
+        "ready_heap",
+        "tracked",
+        "visible_hi",
     )
 
     def __init__(self, name: str, qnum: int, next_id: int, count: int, options: QueueOptions) -> None:

@@ -30,21 +30,20 @@ unpack_state = STATE.unpack
 def encode_message(published_at: float, payload: bytes, headers: dict[str, str] | None) -> bytes:
     if headers:
         packed = msgpack.packb(headers, use_bin_type=True)
-        return _pack_head(published_at, len(packed)) + packed + payload  # type: ignore[no-any-return]
+        return _pack_head(published_at, len(packed)) + packed + payload
     return _pack_head(published_at, 0) + payload
 
 
-def decode_message(value: bytes) -> tuple[float, bytes, dict[str, str] | None]:
+def decode_message(value: bytes | memoryview) -> tuple[float, bytes, dict[str, str] | None]:
     published_at, hlen = _unpack_head(value)
-    if hlen:
-        start = VALUE_HEAD_SIZE + hlen
-        headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False)
-        return published_at, value[start:], headers
-    return published_at, value[VALUE_HEAD_SIZE:], None
+    start = VALUE_HEAD_SIZE + hlen
+    headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False) if hlen else None
+    payload = value[start:]
+    return published_at, payload if isinstance(payload, bytes) else bytes(payload), headers
 
 
 def encode_meta(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def decode_meta(value: bytes) -> Any:

@@ -21,7 +21,7 @@ _MAX_ID = 2**64 - 1
 
 
 class Writes:
-    __slots__ = ("segments", "meta", "_last", "_last_items", "deletes")
+    __slots__ = ("_last", "_last_items", "deletes", "meta", "segments")
 
     def __init__(self) -> None:
         self.segments: list[tuple[int, Any, Any]] = []

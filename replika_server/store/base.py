@@ -18,6 +18,8 @@ from replika_protocol import ErrorCode
 
 __all__ = [
     "Ack",
+    "BatchResult",
+    "DeadLetterReason",
     "Declare",
     "DeleteQueue",
     "Delivery",
@@ -36,8 +38,6 @@ __all__ = [
     "Store",
     "StoreError",
     "Touch",
-    "BatchResult",
-    "DeadLetterReason",
 ]
 
 #: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).

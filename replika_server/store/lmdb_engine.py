@@ -286,15 +286,15 @@ class LmdbStore(Store):
                     self._by_qnum[q.qnum] = q
             for key, value in txn.cursor(db=self._state_db):
                 qnum, mid = unpack_key(key)
-                q = self._by_qnum.get(qnum)
-                if q is None:
+                owner_q = self._by_qnum.get(qnum)
+                if owner_q is None:
                     continue
                 attempts, token, due = unpack_state(value)
                 if due > now:
-                    q.track(mid, Tracked(attempts, token, due, Status.DELAYED))
+                    owner_q.track(mid, Tracked(attempts, token, due, Status.DELAYED))
                     self._delay_heap.append((due, qnum, mid))
                 else:
-                    q.track(mid, Tracked(attempts, token, 0.0, Status.READY))
+                    owner_q.track(mid, Tracked(attempts, token, 0.0, Status.READY))
         heapq.heapify(self._delay_heap)
         if schema is None:
             with self._env.begin(write=True) as wtxn:
@@ -386,9 +386,7 @@ class LmdbStore(Store):
             return
         published_at, payload, headers = decode_message(value)
         headers = dict(headers or {})
-        headers.update(
-            zip(DEAD_LETTER_HEADERS, (q.name, reason.value, str(mid), str(attempts)), strict=True)
-        )
+        headers.update(zip(DEAD_LETTER_HEADERS, (q.name, reason.value, str(mid), str(attempts)), strict=True))
         dq = self._get_or_create(q.dead_letter)
         dq_id = dq.next_id
         dq.next_id += 1
@@ -397,7 +395,7 @@ class LmdbStore(Store):
         self._touched[dq.qnum] = dq
         self._readied.add(dq.name)
 
-    def _fresh(self, q: QueueState) -> Iterator[tuple[int, bytes]]:
+    def _fresh(self, q: QueueState) -> Iterator[tuple[int, bytes | memoryview]]:
         """Never-delivered committed messages of ``q`` in id order, from its cursor."""
         cur = self._read_txn().cursor()
         if not cur.set_range(pack_key(q.qnum, q.cursor)):
@@ -466,7 +464,12 @@ class LmdbStore(Store):
                     self._dead_letter(q, rid, DeadLetterReason.MAX_ATTEMPTS)
                     continue
                 mid = rid
-                value = txn.get(pack_key(q.qnum, mid))
+                stored = txn.get(pack_key(q.qnum, mid))
+                if stored is None:  # cannot happen while the index mirrors LMDB; drop the phantom, loudly
+                    log.error("tracked_message_missing", queue=q.name, id=mid)
+                    q.untrack(mid)
+                    continue
+                value = stored
                 t.attempts += 1
             elif nxt is not None:
                 mid, value = nxt

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,10 @@ class ClientCore:
 
     # ----------------------------------------------------------------------------------------------- requests
     def publish_chunks(
-        self, queue: str, payloads: list[bytes], headers: list[dict[str, str] | None] | None
+        self,
+        queue: str,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        headers: list[dict[str, str] | None] | None,
     ) -> Iterator[tuple[int, bytes]]:
         """Publish requests for ``payloads``, split to respect the server's batch and frame limits."""
         check_queue(queue)
@@ -105,8 +108,9 @@ class ClientCore:
             stop = start
             while stop < n and stop - start < self.max_batch:
                 item = len(payloads[stop]) + _PER_PAYLOAD_OVERHEAD
-                if headers is not None and headers[stop]:
-                    item += sum(len(k) + len(v) + 10 for k, v in headers[stop].items())  # type: ignore[union-attr]
+                hdrs = headers[stop] if headers is not None else None
+                if hdrs:
+                    item += sum(len(k) + len(v) + 10 for k, v in hdrs.items())
                 if stop > start and size + item > budget:
                     break
                 size += item

@@ -20,7 +20,7 @@ class MessageData:
     ``replika-dead-letter-queue``, ``-reason``, ``-id`` and ``-attempts``).
     """
 
-    __slots__ = ("queue", "id", "token", "attempts", "published_at", "payload", "headers", "_client")
+    __slots__ = ("_client", "attempts", "headers", "id", "payload", "published_at", "queue", "token")
 
     def __init__(self, queue: str, wire: list[Any], client: Any) -> None:
         self.queue = queue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -103,7 +104,7 @@ class AsyncClient:
             except (OSError, TimeoutError) as exc:
                 raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
             self._core.reset()
-            self._transport = transport  # type: ignore[assignment]
+            self._transport = transport
             rid, data = self._core.hello()
             try:
                 reply = await asyncio.wait_for(self._send(rid, data, None), self._connect_timeout)
@@ -202,9 +203,7 @@ class AsyncClient:
         """Round trip to the broker."""
         await self._call("ping")
 
-    async def declare(
-        self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None
-    ) -> None:
+    async def declare(self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None) -> None:
         """Create ``queue`` or change its options (idempotent).
 
         ``max_attempts``: deliveries after which a nacked or expired message goes to the dead-letter queue
@@ -265,9 +264,7 @@ class AsyncClient:
         seconds for the first; each lease lasts ``lease`` seconds unless acked, nacked or touched."""
         check_queue(queue)
         await self._ensure()
-        rid, data = self._core.request(
-            "fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease
-        )
+        rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
         reply = check(await self._send(rid, data, queue))
         return [Message(queue, m, self) for m in reply["msgs"]]
 
@@ -297,9 +294,7 @@ class AsyncClient:
         """Extend leases to ``lease`` seconds from now."""
         await self._settle("touch", msgs, lease=lease)
 
-    async def consume(
-        self, queue: str, *, prefetch: int = 100, lease: float = 30.0
-    ) -> AsyncIterator[Message]:
+    async def consume(self, queue: str, *, prefetch: int = 100, lease: float = 30.0) -> AsyncIterator[Message]:
         """Yield messages of ``queue`` for ever, keeping a fetch in flight so the next ones are already here.
 
         Up to ``prefetch`` messages are leased ahead of the caller. On a lost connection it reconnects with
@@ -339,10 +334,8 @@ class AsyncClient:
             if buffer and self._transport is not None:
                 rest = list(buffer)
                 buffer.clear()
-                try:
+                with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
                     await self.nack(rest)
-                except ReplikaError:
-                    pass  # their leases end with the connection or expire
 
 
 def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:

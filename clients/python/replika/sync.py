@@ -219,9 +219,7 @@ class Client:
         return self._finish_fetch(rid, queue, wait)
 
     def _start_fetch(self, queue: str, max: int, wait: float, lease: float) -> int:
-        rid, data = self._core.request(
-            "fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease
-        )
+        rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
         self._sendall(data)
         self._fetch_queues[rid] = queue
         return rid

@@ -1,0 +1,122 @@
+"""Shared fixtures: real servers on ephemeral ports, in-process (same loop) or as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from replika_server.config import Config
+from replika_server.server import Server
+
+# Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
+WAIT = 30.0
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, as the server does in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"replika://127.0.0.1:{self.server.port}"
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A broker in this test's event loop on 127.0.0.1, port 0, with its own store."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    data = tmp_path / "data"
+    srv = await Server.start(Config(host="127.0.0.1", port=0, data_dir=data))
+    try:
+        yield RunningServer(srv, data)
+    finally:
+        await srv.stop()
+    assert not errors, f"unhandled event loop errors: {errors}"
+
+
+async def restart(running: RunningServer, **config: Any) -> RunningServer:
+    """Stop ``running`` and start a new broker on the same store."""
+    await running.server.stop()
+    running.server = await Server.start(Config(host="127.0.0.1", port=0, data_dir=running.data_dir, **config))
+    return running
+
+
+class ServerProcess:
+    """``replika serve`` as a child process, for tests that kill it or use the blocking client."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log = data_dir.parent / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"replika://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        port_file = self.data_dir.parent / "port"
+        port_file.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(self.data_dir)]
+        cmd += ["--port-file", str(port_file), "--log-format", "json", *self.args]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + WAIT
+        while not (port_file.exists() and port_file.read_text()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            time.sleep(0.01)  # polling a file another process writes: there is nothing to await
+        self.port = int(port_file.read_text())
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(WAIT)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A started ``replika serve`` child process on port 0; killed at teardown."""
+    proc = ServerProcess(tmp_path / "data").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
