@@ -285,8 +285,13 @@ class Client:
                 yield buffer.popleft()
         finally:
             if pending is not None:
-                # Don't block for the long poll: hand its messages back whenever its reply turns up.
-                self._abandoned[pending] = queue
+                self._fetch_queues.pop(pending, None)
+                landed = self._replies.pop(pending, None)
+                if landed is None:
+                    # Don't block for the long poll: hand its messages back whenever its reply turns up.
+                    self._abandoned[pending] = queue
+                elif landed.get("msgs"):
+                    buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
             if self._sock is not None:
                 try:
                     if buffer:
