@@ -47,7 +47,7 @@ class Config:
     durability: str = "sync"
     max_frame: int = DEFAULT_MAX_FRAME
     max_batch: int = DEFAULT_MAX_BATCH
-    max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_payload: int = 0  # 0: DEFAULT_MAX_PAYLOAD, or less when max_frame is too small to carry it
     max_store_size: int = 64 * 1024**3
     sync_interval: float = 1.0
     log_level: str = "info"
@@ -62,6 +62,8 @@ class Config:
             raise ConfigError("max_frame must be between 1 KiB and 1 GiB")
         if not 1 <= self.max_batch <= 1_000_000:
             raise ConfigError("max_batch must be between 1 and 1000000")
+        if self.max_payload == 0:
+            object.__setattr__(self, "max_payload", min(DEFAULT_MAX_PAYLOAD, self.max_frame - 1024))
         if not 1 <= self.max_payload <= self.max_frame - 1024:
             raise ConfigError("max_payload must be positive and at least 1 KiB below max_frame")
         if self.max_store_size < 1024 * 1024:
