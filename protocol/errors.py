@@ -7,6 +7,7 @@ classes. The codec raises only :class:`ProtocolError` subclasses, whatever bytes
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 __all__ = ["BadFrame", "ErrorCode", "FrameTooLarge", "ProtocolError"]
 
@@ -32,9 +33,17 @@ class ErrorCode(enum.StrEnum):
 
 
 class ProtocolError(Exception):
-    """The peer sent bytes that are not a valid frame stream. The connection cannot continue."""
+    """The peer sent bytes that are not a valid frame stream. The connection cannot continue.
+
+    ``frames`` holds the valid frames that came before the corruption in the same ``feed`` call: the peer sent
+    them, so they deserve their answers before the connection is closed.
+    """
 
     code: ErrorCode = ErrorCode.BAD_FRAME
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.frames: list[dict[str, Any]] = []
 
 
 class BadFrame(ProtocolError):

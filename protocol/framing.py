@@ -61,6 +61,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add ``data`` to the stream and return every frame it completes, in order."""
         if self._error is not None:
+            self._error.frames = []
             raise self._error
         buf = self._buf
         if buf:
@@ -83,6 +84,7 @@ class FrameDecoder:
                 frames.append(decode_body(view[pos + HEADER_SIZE : stop]))
                 pos = stop
         except ProtocolError as exc:
+            exc.frames = frames
             self._error = exc
             view.release()
             raise
@@ -112,7 +114,8 @@ def decode_body(body: bytes | memoryview) -> Frame:
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises a wide, version-dependent set of types for bad input
-        raise BadFrame(f"frame body is not valid msgpack: {exc}") from None
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise BadFrame(f"frame body is not valid msgpack ({detail})") from None
     if not isinstance(obj, dict):
         raise BadFrame(f"frame body must be a msgpack map, got {type(obj).__name__}")
     for key in obj:

@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self._inflight = 0
         self._paused_by_inflight = False
         self._paused_by_writes = False
+        self._broken: ProtocolError | None = None  # the stream broke; close once in-flight requests are answered
         self.owner = next(_owner_ids)
         self.peer: Any = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -80,15 +81,22 @@ class Connection(asyncio.Protocol):
             self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        error: ProtocolError | None = None
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            self._fatal(exc.code, str(exc))
-            return
+            frames, error = exc.frames, exc
         for frame in frames:
             self._dispatch(frame)
             if self._closed:
                 return
+        if error is not None:
+            # Answer the requests that came before the corruption, then say why and close.
+            self._broken = error
+            if self._transport is not None:
+                self._transport.pause_reading()
+            if self._inflight == 0:
+                self._fatal(error.code, str(error))
 
     def close(self) -> None:
         """Send what is buffered, then close."""
@@ -127,10 +135,10 @@ class Connection(asyncio.Protocol):
     def _error(self, rid: int | None, code: ErrorCode, message: str) -> None:
         self._send({"id": rid, "ok": False, "code": code.value, "message": message})
 
-    def _fatal(self, code: ErrorCode, message: str) -> None:
+    def _fatal(self, code: ErrorCode, message: str, rid: int | None = None) -> None:
         """The byte stream is unusable: say why, then close."""
         log.info("connection_protocol_error", peer=self.peer, code=code.value, message=message)
-        self._error(None, code, message)
+        self._error(rid, code, message)
         self._flush()
         self._closed = True
         if self._transport is not None:
@@ -139,7 +147,7 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._closed:
             return
-        if self._paused_by_writes or self._paused_by_inflight:
+        if self._paused_by_writes or self._paused_by_inflight or self._broken is not None:
             self._transport.pause_reading()
         else:
             self._transport.resume_reading()
@@ -175,17 +183,18 @@ class Connection(asyncio.Protocol):
 
     def _handshake(self, rid: int, frame: Frame) -> None:
         if frame.get("op") != "hello":
-            self._fatal(ErrorCode.BAD_REQUEST, "the first request must be 'hello'")
+            self._fatal(ErrorCode.BAD_REQUEST, "the first request must be 'hello'", rid)
             return
         versions = frame.get("versions")
         if not isinstance(versions, list) or not all(type(v) is int for v in versions):
-            self._fatal(ErrorCode.BAD_REQUEST, "hello needs 'versions': an array of integers")
+            self._fatal(ErrorCode.BAD_REQUEST, "hello needs 'versions': an array of integers", rid)
             return
         common = set(versions) & set(SUPPORTED_VERSIONS)
         if not common:
             self._fatal(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"no common protocol version: client speaks {versions}, server {list(SUPPORTED_VERSIONS)}",
+                rid,
             )
             return
         self._ready = True
@@ -221,6 +230,8 @@ class Connection(asyncio.Protocol):
             reply["id"] = rid
             reply["ok"] = True
             self._send(reply)
+        if self._broken is not None and self._inflight == 0 and not self._closed:
+            self._fatal(self._broken.code, str(self._broken))
 
 
 def _fetch_reply(result: Any) -> Frame:
