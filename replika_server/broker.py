@@ -188,12 +188,12 @@ class Broker:
     # ----------------------------------------------------------------------------------------------- shutdown
     async def close(self) -> None:
         """Refuse new requests, finish the batch in progress and what was queued before, end long polls."""
+        self._closing = True  # first, so that a steady stream of requests cannot keep the drain going
         while self._pending or self._task is not None:
             if self._task is None:
                 self._start()
             if self._task is not None:
                 await self._task
-        self._closing = True
         for parked in list(self._waiters.values()):
             for waiter in list(parked):
                 self._finish_waiter(waiter)

@@ -54,6 +54,7 @@ class Limits:
 
     max_batch: int
     max_payload: int
+    max_reply_bytes: int  # what one fetch reply may carry: the frame limit less room for the envelope
 
 
 def _bad(message: str) -> RequestError:
@@ -134,7 +135,7 @@ def fetch_op(frame: Frame, owner: int, limits: Limits) -> tuple[Fetch, float]:
     assert count is not None
     wait = _number(frame, "wait", 0.0, 0.0, MAX_WAIT)
     lease = _number(frame, "lease", 30.0, 0.001, MAX_LEASE)
-    return Fetch(queue, min(count, limits.max_batch), lease, owner), wait
+    return Fetch(queue, min(count, limits.max_batch), lease, owner, limits.max_reply_bytes), wait
 
 
 def _leases(frame: Frame, limits: Limits) -> list[tuple[int, int]]:

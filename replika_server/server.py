@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self._inflight = 0
         self._paused_by_inflight = False
         self._paused_by_writes = False
+        self._eof = False  # the client half-closed; close once in-flight requests are answered
         self._broken: ProtocolError | None = None  # the stream broke; close once in-flight requests are answered
         self.owner = next(_owner_ids)
         self.peer: Any = None
@@ -107,6 +108,13 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it sent, then close (True keeps the transport open meanwhile)."""
+        self._eof = True
+        if self._inflight == 0:
+            self.close()
+        return True
 
     def pause_writing(self) -> None:
         self._paused_by_writes = True
@@ -230,8 +238,11 @@ class Connection(asyncio.Protocol):
             reply["id"] = rid
             reply["ok"] = True
             self._send(reply)
-        if self._broken is not None and self._inflight == 0 and not self._closed:
-            self._fatal(self._broken.code, str(self._broken))
+        if self._inflight == 0 and not self._closed:
+            if self._broken is not None:
+                self._fatal(self._broken.code, str(self._broken))
+            elif self._eof:
+                self.close()
 
 
 def _fetch_reply(result: Any) -> Frame:
@@ -278,7 +289,7 @@ class Server:
     def __init__(self, config: Config, broker: Broker) -> None:
         self.config = config
         self.broker = broker
-        self.limits = Limits(config.max_batch, config.max_payload)
+        self.limits = Limits(config.max_batch, config.max_payload, config.max_frame - 1024)
         self.connections: set[Connection] = set()
         self._listener: asyncio.Server | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import heapq
 
+from replika_protocol import MAX_QUEUE_NAME
 from replika_server.store.base import QueueOptions, QueueStats
 
 
@@ -69,7 +70,8 @@ class QueueState:
 
     @property
     def dead_letter(self) -> str:
-        return self.options.dead_letter or f"{self.name}.dlq"
+        # Truncated so that the default stays a valid queue name a client can address.
+        return self.options.dead_letter or f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
 
     def set_status(self, t: Tracked, status: Status) -> None:
         old = t.status

@@ -88,6 +88,7 @@ class Fetch:
     max: int
     lease: float  # seconds
     owner: int  # who holds the leases (a connection); released together by Release(owner)
+    max_bytes: int = 2**62  # stop before the deliveries' size passes this (one reply frame); at least one
 
 
 @dataclass(slots=True)

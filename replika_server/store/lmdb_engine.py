@@ -69,6 +69,9 @@ _QNUM_SEQ = b"qnum_seq"
 _SCHEMA = b"schema"
 _SCHEMA_VERSION = b"1"
 
+#: Bytes a delivery takes on the wire beyond its stored value (array header, id, token, attempts, timestamp).
+DELIVERY_OVERHEAD = 64
+
 DEAD_LETTER_HEADERS = (
     "replika-dead-letter-queue",
     "replika-dead-letter-reason",
@@ -109,7 +112,10 @@ class LmdbStore(Store):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replika-commit")
         self._busy = False
         self._closed = False
-        self._full = False  # the map cannot grow: refuse publishes until something is deleted
+        self._full = False  # at max_size: refuse publishes until deletes bring it back under
+        # Room beyond max_size that only the batch which reached it, and later deletes, may use.
+        self._reserve = max(4 * 1024 * 1024, config.max_size // 8)
+        self._unleased: list[tuple[int, int, int, float, int]] = []  # this batch's ended leases, for undo
         self._sync_task: asyncio.Task[None] | None = None
         self._queues: dict[str, QueueState] = {}
         self._by_qnum: dict[int, QueueState] = {}
@@ -181,6 +187,7 @@ class LmdbStore(Store):
 
     async def _execute(self, ops: Sequence[Op]) -> BatchResult:
         results: list[Any] = []
+        self._unleased.clear()
         try:
             for op in ops:
                 try:
@@ -209,8 +216,10 @@ class LmdbStore(Store):
             if error is not None:
                 self._recover_after_failure()
                 return BatchResult([error] * len(ops))
-            if writes.deletes:
-                self._full = False
+            if writes.deletes and self._full:
+                self._full = self._used_bytes() > self._config.max_size * 0.9
+                if not self._full:
+                    log.info("store_has_room_again", used=self._used_bytes())
         for q in touched.values():
             q.visible_hi = q.next_id
         return BatchResult(results, readied)
@@ -223,11 +232,18 @@ class LmdbStore(Store):
                 return None
             except lmdb.MapFullError:
                 size = self._env.info()["map_size"]
-                if size >= self._config.max_size:
-                    log.warning("store_full", map_size=size)
+                soft = self._config.max_size
+                if size < soft:
+                    new_size = min(size * 2, soft)
+                elif size < soft + self._reserve:
+                    # At the configured size: refuse publishes from now on, but let this batch and the acks
+                    # that will free space use the reserve (LMDB copies pages on write, so deletes need room).
+                    log.warning("store_full", map_size=size, max_size=soft)
+                    self._full = True
+                    new_size = soft + self._reserve
+                else:
                     self._full = True
                     return StoreError(ErrorCode.STORE_FULL, "the store has reached its maximum size")
-                new_size = min(size * 2, self._config.max_size)
                 self._env.set_mapsize(new_size)  # no transaction is open in this process here
                 log.info("store_map_grown", map_size=new_size)
             except lmdb.Error as exc:
@@ -237,6 +253,13 @@ class LmdbStore(Store):
                     return StoreError(ErrorCode.STORE_FULL, "the disk holding the store is full")
                 log.error("store_commit_failed", error=str(exc))
                 return StoreError(ErrorCode.INTERNAL, f"commit failed: {exc}")
+
+    def _used_bytes(self) -> int:
+        """Bytes of live pages (free pages excluded), i.e. what the data needs, not the file's high-water mark."""
+        with self._env.begin() as txn:
+            stats = [txn.stat(db) for db in (self._meta_db, self._msgs_db, self._state_db)]
+        stats.append(self._env.stat())
+        return sum((s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * s["psize"] for s in stats)
 
     def _commit_sync(self, writes: Writes) -> None:
         with self._env.begin(write=True) as txn:
@@ -308,6 +331,8 @@ class LmdbStore(Store):
             for mid, t in q.tracked.items()
             if t.status == Status.LEASED
         ]
+        leases += self._unleased  # ended by the failed batch: they were never ended durably
+        self._unleased = []
         self._writes = Writes()
         self._touched = {}
         self._readied = set()
@@ -350,6 +375,7 @@ class LmdbStore(Store):
 
     def _unlease(self, q: QueueState, mid: int, t: Tracked) -> None:
         if t.status == Status.LEASED:
+            self._unleased.append((q.qnum, mid, t.token, t.deadline, t.owner))
             owned = self._owners.get(t.owner)
             if owned is not None:
                 owned.discard((q.qnum, mid))
@@ -455,24 +481,33 @@ class LmdbStore(Store):
         txn = self._read_txn()
         state_db = self._state_db
         writes = self._writes
+        budget = op.max_bytes
         while len(out) < op.max:
             rid = q.peek_ready()
             if rid is not None and (nxt is None or rid < nxt[0]):
-                heapq.heappop(q.ready_heap)
                 t = q.tracked[rid]
                 if limit is not None and t.attempts >= limit:
+                    heapq.heappop(q.ready_heap)
                     self._dead_letter(q, rid, DeadLetterReason.MAX_ATTEMPTS)
                     continue
                 mid = rid
                 stored = txn.get(pack_key(q.qnum, mid))
                 if stored is None:  # cannot happen while the index mirrors LMDB; drop the phantom, loudly
+                    heapq.heappop(q.ready_heap)
                     log.error("tracked_message_missing", queue=q.name, id=mid)
                     q.untrack(mid)
                     continue
+                budget -= len(stored) + DELIVERY_OVERHEAD
+                if budget < 0 and out:
+                    break  # the reply must fit in one frame; the rest waits for the next fetch
+                heapq.heappop(q.ready_heap)
                 value = stored
                 t.attempts += 1
             elif nxt is not None:
                 mid, value = nxt
+                budget -= len(value) + DELIVERY_OVERHEAD
+                if budget < 0 and out:
+                    break
                 nxt = next(fresh, None)
                 q.cursor = mid + 1
                 t = Tracked(1, 0, 0.0, Status.LEASED)
@@ -513,8 +548,10 @@ class LmdbStore(Store):
         limit = q.options.max_attempts
         if delay <= 0 or (limit is not None and t.attempts >= limit):
             self._lease_ended(q, mid, t)
+            t.token = 0  # settled: this delivery's token may not ack, nack or touch any more
             return
         self._unlease(q, mid, t)
+        t.token = 0
         t.due = time.time() + delay
         q.set_status(t, Status.DELAYED)
         heapq.heappush(self._delay_heap, (t.due, q.qnum, mid))
