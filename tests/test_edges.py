@@ -1,0 +1,98 @@
+"""Edge cases found in review: reply size, settled tokens, half-close, long names, a full store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import replika
+from replika_protocol import FrameDecoder, encode_frame
+from replika_server.config import Config
+from replika_server.server import Server
+from tests.conftest import WAIT, RunningServer
+
+
+async def test_fetch_reply_never_exceeds_the_frame_limit(tmp_path: Path) -> None:
+    srv = await Server.start(
+        Config(host="127.0.0.1", port=0, data_dir=tmp_path / "d", max_frame=64 * 1024, max_payload=40 * 1024)
+    )
+    try:
+        async with replika.AsyncClient(f"replika://127.0.0.1:{srv.port}") as client:
+            await client.publish_many("big", [bytes([i]) * 40 * 1024 for i in range(3)])
+            first = await client.fetch("big", max=10)
+            assert len(first) == 1  # two would not fit in one 64 KiB reply
+            rest = await client.fetch("big", max=10)
+            rest += await client.fetch("big", max=10)
+            assert [m.payload[0] for m in first + rest] == [0, 1, 2]
+            assert all(m.attempts == 1 for m in first + rest)
+    finally:
+        await srv.stop()
+
+
+async def test_a_nacked_delivery_can_no_longer_be_acked_or_touched(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish("n", b"x")
+        [msg] = await client.fetch("n")
+        await msg.nack()
+        with pytest.raises(replika.StaleLease):
+            await msg.ack()
+        with pytest.raises(replika.StaleLease):
+            await msg.touch()
+        [again] = await client.fetch("n")
+        assert again.attempts == 2
+        await again.ack()
+
+
+async def test_half_closed_client_still_gets_its_replies(server: RunningServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(encode_frame({"op": "hello", "id": 1, "versions": [1]}))
+    writer.write(encode_frame({"op": "publish", "id": 2, "queue": "eof", "payloads": [b"a"]}))
+    writer.write_eof()
+    decoder = FrameDecoder()
+    replies = []
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), WAIT)
+        if not data:
+            break
+        replies += decoder.feed(data)
+    writer.close()
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, True)]
+    assert replies[1]["first_id"] == 1
+
+
+async def test_longest_queue_name_has_an_addressable_dead_letter_queue(server: RunningServer) -> None:
+    name = "q" * 255
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish(name, b"x")
+        [msg] = await client.fetch(name)
+        await msg.reject()
+        dlq = "q" * 251 + ".dlq"
+        assert (await client.stats(name))["dead_letter"] == dlq
+        [dead] = await client.fetch(dlq)
+        assert dead.headers["replika-dead-letter-queue"] == name
+
+
+async def test_a_full_store_refuses_publishes_keeps_serving_and_recovers(tmp_path: Path) -> None:
+    srv = await Server.start(Config(host="127.0.0.1", port=0, data_dir=tmp_path / "d", max_store_size=2 * 1024**2))
+    try:
+        async with replika.AsyncClient(f"replika://127.0.0.1:{srv.port}") as client:
+            stored = 0
+            with pytest.raises(replika.StoreFull):
+                for _ in range(200):  # 200 x 64 KiB = 12.5 MiB: far past the 2 MiB limit
+                    await client.publish_many("fill", [b"x" * 16384] * 4)
+                    stored += 4
+            assert stored > 0
+            assert (await client.stats("fill"))["total"] == stored  # nothing half-written
+            with pytest.raises(replika.StoreFull):
+                await client.publish("fill", b"still full")
+            drained = 0
+            while drained < stored:
+                msgs = await client.fetch("fill", max=50)
+                await client.ack(msgs)
+                drained += len(msgs)
+            assert (await client.stats("fill"))["total"] == 0
+            assert await client.publish("fill", b"room again") > 0  # recovered by itself
+    finally:
+        await srv.stop()
