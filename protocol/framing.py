@@ -64,14 +64,12 @@ class FrameDecoder:
             self._error.frames = []
             raise self._error
         buf = self._buf
-        source: bytes | bytearray
         if buf:
             buf += data
-            source = buf
+            view = memoryview(buf)
         else:
             # Fast path: nothing pending, so parse straight out of ``data`` and keep only its tail.
-            source = data if isinstance(data, bytes | bytearray) else bytes(data)
-        view = memoryview(source)
+            view = memoryview(data).cast("B")
         frames: list[Frame] = []
         pos = self._pos if buf else 0
         end = len(view)
@@ -83,7 +81,7 @@ class FrameDecoder:
                 stop = pos + HEADER_SIZE + length
                 if stop > end:
                     break
-                frames.append(_decode(view, source, pos + HEADER_SIZE, stop))
+                frames.append(decode_body(view[pos + HEADER_SIZE : stop]))
                 pos = stop
         except ProtocolError as exc:
             exc.frames = frames
@@ -109,40 +107,12 @@ class FrameDecoder:
         return frames
 
 
-# msgpack decodes its timestamp extension (type -1) itself, without calling ext_hook. Rather than walk every
-# decoded frame, look for the byte patterns that can encode one (fixext4, fixext8, ext8 of length 12, each with
-# type 0xff) and walk only the rare frames holding one of them, e.g. inside a binary payload.
-_TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
-
-
-def _may_hold_timestamp(source: bytes | bytearray, start: int, stop: int) -> bool:
-    return any(source.find(marker, start, stop) >= 0 for marker in _TIMESTAMP_MARKERS)
-
-
-def _holds_timestamp(obj: Any) -> bool:
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, msgpack.Timestamp):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
 def decode_body(body: bytes | bytearray | memoryview) -> Frame:
     """Decode one frame body, which must be a single msgpack map with string keys and no extension types."""
-    data = body if isinstance(body, bytes | bytearray) else bytes(body)
-    with memoryview(data) as view:
-        return _decode(view, data, 0, len(data))
-
-
-def _decode(view: memoryview, source: bytes | bytearray, start: int, stop: int) -> Frame:
     try:
-        obj = msgpack.unpackb(view[start:stop], raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True)
+        # max_ext_len=0 refuses every extension with data inside the unpacker, including the timestamp (type
+        # -1), which msgpack would otherwise decode by itself without calling ext_hook.
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_refuse_ext, use_list=True, max_ext_len=0)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises a wide, version-dependent set of types for bad input
@@ -153,8 +123,6 @@ def _decode(view: memoryview, source: bytes | bytearray, start: int, stop: int) 
     for key in obj:
         if not isinstance(key, str):
             raise BadFrame("frame map keys must be strings")
-    if _may_hold_timestamp(source, start, stop) and _holds_timestamp(obj):
-        raise BadFrame("msgpack extension type -1 (timestamp) is not part of the protocol")
     return obj
 
 

@@ -130,10 +130,48 @@ def test_length_equal_to_max_frame_is_accepted() -> None:
     assert dec.feed(raw_frame(body)) == [{"k": b"v" * 50}]
 
 
-def test_too_large_after_a_good_frame_in_the_same_feed() -> None:
+GARBAGE = [
+    pytest.param(struct.pack(">I", 1000) + b"rest", FrameTooLarge, id="too-large"),
+    pytest.param(raw_frame(msgpack.packb([1])) + b"rest", BadFrame, id="array-body"),
+    pytest.param(raw_frame(b"\xc1"), BadFrame, id="bad-msgpack"),
+]
+
+
+def feed_until_error(dec: FrameDecoder, chunks: list[bytes]) -> tuple[list[dict[str, object]], Exception | None]:
+    """Every frame handed over before the stream broke (returned, or carried by the error), and that error."""
+    out: list[dict[str, object]] = []
+    for chunk in chunks:
+        try:
+            out += dec.feed(chunk)
+        except ProtocolError as exc:
+            return out + exc.frames, exc
+    return out, None
+
+
+@pytest.mark.parametrize(("garbage", "error"), GARBAGE)
+def test_trailing_garbage_fed_byte_by_byte(garbage: bytes, error: type[ProtocolError]) -> None:
+    good = [{"id": 1}, FRAME]
+    data = b"".join(encode_frame(f) for f in good) + garbage
+    out, exc = feed_until_error(FrameDecoder(max_frame=100), [data[i : i + 1] for i in range(len(data))])
+    assert out == good
+    assert isinstance(exc, error)
+
+
+@pytest.mark.parametrize(("garbage", "error"), GARBAGE)
+def test_trailing_garbage_in_the_same_feed_still_delivers_the_frames_before_it(
+    garbage: bytes, error: type[ProtocolError]
+) -> None:
+    # How TCP segments a stream must not decide whether the requests ahead of the corruption are processed.
+    good = [{"id": 1}, FRAME]
+    data = b"".join(encode_frame(f) for f in good) + garbage
     dec = FrameDecoder(max_frame=100)
-    with pytest.raises(FrameTooLarge):
-        dec.feed(encode_frame({"id": 1}) + struct.pack(">I", 1000))
+    out, exc = feed_until_error(dec, [data])
+    assert out == good
+    assert isinstance(exc, error)
+    # A broken decoder raises again, but never hands the same frames over twice.
+    with pytest.raises(error) as again:
+        dec.feed(encode_frame({"id": 3}))
+    assert again.value.frames == []
 
 
 def test_decoder_stays_broken_after_frame_too_large() -> None:
@@ -144,6 +182,19 @@ def test_decoder_stays_broken_after_frame_too_large() -> None:
         dec.feed(encode_frame({"id": 1}))
     with pytest.raises(FrameTooLarge):
         dec.feed(b"")
+
+
+def test_non_str_keys_are_allowed_in_nested_maps() -> None:
+    # SPEC §2: only the top-level keys must be str (a settle reply's ``failed`` map has uint keys).
+    frame = {"id": 1, "ok": True, "failed": {7: "STALE_LEASE", 8: "STALE_LEASE"}}
+    assert FrameDecoder().feed(encode_frame(frame)) == [frame]
+
+
+def test_error_raised_from_the_header_alone_carries_no_frames() -> None:
+    dec = FrameDecoder(max_frame=100)
+    with pytest.raises(FrameTooLarge) as info:
+        dec.feed(struct.pack(">I", 101))
+    assert info.value.frames == []
 
 
 def test_decoder_stays_broken_after_bad_frame() -> None:
@@ -213,15 +264,49 @@ def test_non_str_map_key_is_bad_frame(obj: dict[object, object]) -> None:
         decode_body(body)
 
 
+@pytest.mark.parametrize("code", [0, 5, 127, -2, -128])
+def test_ext_type_is_bad_frame(code: int) -> None:
+    # {"v": [fixext4 of type ``code``]}, written by hand: msgpack.ExtType refuses the reserved negative types.
+    body = b"\x81\xa1v\x91\xd6" + struct.pack(">b", code) + b"data"
+    with pytest.raises(BadFrame):
+        FrameDecoder().feed(raw_frame(body))
+    with pytest.raises(BadFrame):
+        decode_body(body)
+
+
 @pytest.mark.parametrize(
     "value",
     [
-        pytest.param(msgpack.ExtType(5, b"data"), id="ext"),
-        pytest.param(msgpack.Timestamp(1, 0), id="timestamp"),
+        pytest.param(msgpack.Timestamp(1, 0), id="timestamp32"),
+        pytest.param(msgpack.Timestamp(2**33, 5), id="timestamp96"),
     ],
 )
-def test_ext_type_is_bad_frame(value: object) -> None:
-    body = msgpack.packb({"v": value})
+def test_msgpack_timestamp_is_bad_frame(value: msgpack.Timestamp) -> None:
+    # SPEC §1 and §2: extension types are refused anywhere in a frame. The timestamp (ext -1) is the one msgpack
+    # decodes by itself, without calling ext_hook, so it needs refusing separately.
+    body = msgpack.packb({"id": 1, "v": value})
+    with pytest.raises(BadFrame):
+        FrameDecoder().feed(raw_frame(body))
+    with pytest.raises(BadFrame):
+        decode_body(body)
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [
+        pytest.param(b"\xd6\xff" + b"\x00\x00\x00\x01", id="fixext4"),
+        pytest.param(b"\xd7\xff" + b"\x00" * 7 + b"\x01", id="fixext8"),
+        pytest.param(b"\xc7\x0c\xff" + b"\x00" * 11 + b"\x01", id="ext8-len12"),
+        pytest.param(b"\xc7\x04\xff" + b"\x00\x00\x00\x01", id="ext8-len4"),
+        pytest.param(b"\xc7\x08\xff" + b"\x00" * 7 + b"\x01", id="ext8-len8"),
+        pytest.param(b"\xc8\x00\x04\xff" + b"\x00\x00\x00\x01", id="ext16-len4"),
+        pytest.param(b"\xc9\x00\x00\x00\x0c\xff" + b"\x00" * 11 + b"\x01", id="ext32-len12"),
+    ],
+)
+def test_msgpack_timestamp_in_any_ext_format_is_bad_frame(ext: bytes) -> None:
+    # msgpack accepts a timestamp in any ext format whose length is 4, 8 or 12, not only the canonical ones.
+    body = b"\x82\xa2id\x01\xa1v\x91" + ext  # {"id": 1, "v": [ext]}
+    assert isinstance(msgpack.unpackb(body)["v"][0], msgpack.Timestamp)
     with pytest.raises(BadFrame):
         FrameDecoder().feed(raw_frame(body))
     with pytest.raises(BadFrame):
@@ -255,7 +340,7 @@ def test_bytes_stay_bytes_and_str_stays_str() -> None:
 
 
 def test_nested_values_round_trip() -> None:
-    frame = {
+    frame: dict[str, object] = {
         "n": None,
         "t": True,
         "f": False,

@@ -548,7 +548,10 @@ class LmdbStore(Store):
         limit = q.options.max_attempts
         if delay <= 0 or (limit is not None and t.attempts >= limit):
             self._lease_ended(q, mid, t)
-            t.token = 0  # settled: this delivery's token may not ack, nack or touch any more
+            if q.tracked.get(mid) is t:  # not dead-lettered
+                # Settled: this delivery's token may not ack, nack or touch any more, even after a restart.
+                t.token = 0
+                self._writes.put(self._state_db, pack_key(q.qnum, mid), pack_state(t.attempts, 0, 0.0))
             return
         self._unlease(q, mid, t)
         t.token = 0

@@ -1,0 +1,790 @@
+"""The LMDB store on its own, no sockets: batches of ops in, results out, and what survives a reopen."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from replika_protocol import ErrorCode
+from replika_server.store import (
+    Ack,
+    BatchResult,
+    Declare,
+    DeleteQueue,
+    Delivery,
+    Expire,
+    Fetch,
+    LmdbConfig,
+    LmdbStore,
+    Nack,
+    Op,
+    Publish,
+    Purge,
+    QueueOptions,
+    QueueStats,
+    Reject,
+    Release,
+    Stats,
+    StoreError,
+    Touch,
+)
+from tests.conftest import WAIT
+
+# Positions in a Delivery tuple.
+ID: Final = 0
+TOKEN: Final = 1
+ATTEMPTS: Final = 2
+PUBLISHED_AT: Final = 3
+PAYLOAD: Final = 4
+HEADERS: Final = 5
+
+# A lease short enough that a test can let it pass; how long it really takes does not matter to any assertion.
+SHORT = 0.05
+LONG = 3600.0  # a lease or delay that no test outlives
+
+DLQ_QUEUE = "replika-dead-letter-queue"
+DLQ_REASON = "replika-dead-letter-reason"
+DLQ_ID = "replika-dead-letter-id"
+DLQ_ATTEMPTS = "replika-dead-letter-attempts"
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Opener:
+    """Opens stores on one path; every store it opened is closed at teardown (close is idempotent)."""
+
+    path: Path
+    opened: list[LmdbStore] = field(default_factory=list)
+
+    async def __call__(self, **config: Any) -> LmdbStore:
+        store = await LmdbStore.open(LmdbConfig(path=self.path, **config))
+        self.opened.append(store)
+        return store
+
+    async def reopen(self, store: LmdbStore, **config: Any) -> LmdbStore:
+        await store.close()
+        return await self(**config)
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    opener = Opener(tmp_path / "s")
+    try:
+        yield opener
+    finally:
+        for store in opener.opened:
+            await store.close()
+    assert not errors, f"unhandled event loop errors: {errors}"
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> LmdbStore:
+    return await open_store()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+async def execute(store: LmdbStore, *ops: Op) -> BatchResult:
+    """Run one batch, then check the counting invariant of every queue."""
+    batch = await asyncio.wait_for(store.execute(ops), WAIT)
+    assert len(batch.results) == len(ops)
+    [all_stats] = (await asyncio.wait_for(store.execute([Stats(None)]), WAIT)).results
+    for s in all_stats:
+        assert min(s.ready, s.in_flight, s.delayed, s.total) >= 0, s
+        assert s.ready + s.in_flight + s.delayed == s.total, s
+    return batch
+
+
+async def run(store: LmdbStore, *ops: Op) -> list[Any]:
+    return (await execute(store, *ops)).results
+
+
+async def one(store: LmdbStore, op: Op) -> Any:
+    [result] = await run(store, op)
+    return result
+
+
+async def publish(
+    store: LmdbStore, queue: str, *payloads: bytes, headers: list[dict[str, str] | None] | None = None
+) -> list[int]:
+    result = await one(store, Publish(queue, list(payloads), headers))
+    assert not isinstance(result, StoreError), result
+    first, count = result
+    assert count == len(payloads)
+    return list(range(first, first + count))
+
+
+async def fetch(store: LmdbStore, queue: str, max: int = 100, lease: float = LONG, owner: int = 1) -> list[Delivery]:
+    result = await one(store, Fetch(queue, max, lease, owner))
+    assert isinstance(result, list), result
+    return result
+
+
+def leases(deliveries: list[Delivery]) -> list[tuple[int, int]]:
+    return [(d[ID], d[TOKEN]) for d in deliveries]
+
+
+async def ack(store: LmdbStore, queue: str, deliveries: list[Delivery], owner: int = 1) -> Any:
+    return await one(store, Ack(queue, leases(deliveries), owner))
+
+
+async def stats(store: LmdbStore, queue: str) -> QueueStats:
+    result = await one(store, Stats(queue))
+    assert not isinstance(result, StoreError), result
+    [s] = result
+    assert isinstance(s, QueueStats)
+    return s
+
+
+async def counts(store: LmdbStore, queue: str) -> tuple[int, int, int, int]:
+    """(ready, in_flight, delayed, total)."""
+    s = await stats(store, queue)
+    return s.ready, s.in_flight, s.delayed, s.total
+
+
+async def let_timer_pass(store: LmdbStore) -> None:
+    """Wait until the store's next timer (a lease deadline or a due time) is in the past.
+
+    Wall time has to pass here; there is no event to await. Bounded by WAIT.
+    """
+    timer = store.next_timer()
+    assert timer is not None
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() <= timer:
+        assert time.monotonic() < deadline, "timer never passed"
+        await asyncio.sleep(timer - time.monotonic() + 0.01)
+
+
+async def let_wall_time_pass(until: float) -> None:
+    """Wait until ``time.time()`` is past ``until`` (unix seconds), bounded by WAIT."""
+    deadline = time.monotonic() + WAIT
+    while time.time() <= until:
+        assert time.monotonic() < deadline, "wall clock never passed"
+        await asyncio.sleep(until - time.time() + 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------- publish
+async def test_publish_returns_first_id_and_count(store: LmdbStore) -> None:
+    assert await one(store, Publish("jobs", [b"a", b"b", b"c"])) == (1, 3)
+    assert await one(store, Publish("jobs", [b"d"])) == (4, 1)
+    assert await one(store, Publish("other", [b"x", b"y"])) == (1, 2)  # ids are per queue
+
+
+async def test_ids_increase_across_batches_and_within_one(store: LmdbStore) -> None:
+    results = await run(store, Publish("jobs", [b"1", b"2"]), Publish("jobs", [b"3"]))
+    assert results == [(1, 2), (3, 1)]
+    ids = await publish(store, "jobs", b"4")
+    assert ids == [4]
+    await ack(store, "jobs", await fetch(store, "jobs"))
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    assert await publish(store, "jobs", b"5") == [5]  # an emptied queue does not reuse ids
+
+
+async def test_publish_reports_the_queue_as_readied(store: LmdbStore) -> None:
+    batch = await execute(store, Publish("jobs", [b"a"]))
+    assert "jobs" in batch.readied
+
+
+# ---------------------------------------------------------------------------------------------------- fetch
+async def test_fetch_is_fifo_and_honours_max(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"1", b"2", b"3")
+    await publish(store, "jobs", b"4", b"5")
+    first = await fetch(store, "jobs", max=2)
+    assert [(d[ID], d[PAYLOAD], d[ATTEMPTS]) for d in first] == [(1, b"1", 1), (2, b"2", 1)]
+    rest = await fetch(store, "jobs", max=10)
+    assert [d[ID] for d in rest] == [3, 4, 5]
+    assert await fetch(store, "jobs") == []
+    assert await counts(store, "jobs") == (0, 5, 0, 5)
+    tokens = [d[TOKEN] for d in first + rest]
+    assert len(set(tokens)) == 5
+
+
+async def test_delivery_fields(store: LmdbStore) -> None:
+    before = time.time()
+    await publish(store, "jobs", b"\x00\xffbinary")
+    after = time.time()
+    [d] = await fetch(store, "jobs")
+    assert d[ID] == 1 and d[ATTEMPTS] == 1 and d[PAYLOAD] == b"\x00\xffbinary"
+    assert isinstance(d[PAYLOAD], bytes)
+    assert before <= d[PUBLISHED_AT] <= after
+    assert not d[HEADERS]
+
+
+async def test_fetch_creates_the_queue(store: LmdbStore) -> None:
+    assert await fetch(store, "fresh") == []
+    assert await counts(store, "fresh") == (0, 0, 0, 0)
+
+
+async def test_fetch_does_not_see_a_publish_of_the_same_batch(store: LmdbStore) -> None:
+    results = await run(store, Publish("jobs", [b"a"]), Fetch("jobs", 10, LONG, 1))
+    assert results == [(1, 1), []]
+    [d] = await fetch(store, "jobs")
+    assert d[PAYLOAD] == b"a"
+
+
+async def test_fetch_in_a_publish_batch_sees_only_what_was_committed_before(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"old")
+    results = await run(store, Publish("jobs", [b"new"]), Fetch("jobs", 10, LONG, 1))
+    assert [d[PAYLOAD] for d in results[1]] == [b"old"]
+    assert [d[PAYLOAD] for d in await fetch(store, "jobs")] == [b"new"]
+
+
+# ---------------------------------------------------------------------------------------------------- ack
+async def test_ack_removes(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a", b"b")
+    ds = await fetch(store, "jobs", max=1)
+    assert await counts(store, "jobs") == (1, 1, 0, 2)
+    assert await ack(store, "jobs", ds) == {}
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    [d] = await fetch(store, "jobs")
+    assert d[PAYLOAD] == b"b"
+
+
+async def test_ack_with_wrong_token_is_stale_and_changes_nothing(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs")
+    assert await one(store, Ack("jobs", [(d[ID], d[TOKEN] + 1000)], 1)) == {d[ID]: "STALE_LEASE"}
+    assert await one(store, Ack("jobs", [(99, d[TOKEN])], 1)) == {99: "STALE_LEASE"}
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", [d]) == {}
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+
+
+async def test_second_ack_is_stale(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    ds = await fetch(store, "jobs")
+    assert await ack(store, "jobs", ds) == {}
+    assert await ack(store, "jobs", ds) == {ds[0][ID]: ErrorCode.STALE_LEASE.value}
+    # Twice in one batch: the first applies, the second is stale.
+    await publish(store, "jobs", b"b")
+    ds = await fetch(store, "jobs")
+    results = await run(store, Ack("jobs", leases(ds), 1), Ack("jobs", leases(ds), 1))
+    assert results == [{}, {ds[0][ID]: "STALE_LEASE"}]
+
+
+async def test_ack_reports_only_the_failed_leases(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a", b"b", b"c")
+    ds = await fetch(store, "jobs")
+    mixed = [(ds[0][ID], ds[0][TOKEN]), (ds[1][ID], ds[1][TOKEN] + 1000), (ds[2][ID], ds[2][TOKEN])]
+    assert await one(store, Ack("jobs", mixed, 1)) == {ds[1][ID]: "STALE_LEASE"}
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- leases
+async def test_expired_lease_not_yet_redelivered_can_still_be_acked(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs", lease=SHORT)
+    await let_timer_pass(store)
+    batch = await execute(store, Expire())
+    assert "jobs" in batch.readied
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    assert await ack(store, "jobs", [d]) == {}  # the work was done; the ack counts
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    assert await fetch(store, "jobs") == []
+
+
+async def test_after_expiry_and_redelivery_the_old_token_is_stale(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [old] = await fetch(store, "jobs", lease=SHORT)
+    await let_timer_pass(store)
+    await run(store, Expire())
+    [new] = await fetch(store, "jobs")
+    assert (new[ID], new[PAYLOAD], new[ATTEMPTS]) == (old[ID], b"a", 2)
+    assert new[TOKEN] != old[TOKEN]
+    stale = {old[ID]: "STALE_LEASE"}
+    assert await ack(store, "jobs", [old]) == stale
+    assert await one(store, Nack("jobs", leases([old]), 1)) == stale
+    assert await one(store, Reject("jobs", leases([old]), 1)) == stale
+    assert await one(store, Touch("jobs", leases([old]), 1, lease=LONG)) == stale
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", [new]) == {}
+
+
+async def test_expire_leaves_unexpired_leases_alone(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"short", b"long")
+    [short] = await fetch(store, "jobs", max=1, lease=SHORT)
+    [long] = await fetch(store, "jobs", max=1, lease=LONG)
+    await let_timer_pass(store)
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (1, 1, 0, 2)
+    [again] = await fetch(store, "jobs")
+    assert again[ID] == short[ID]
+    assert await ack(store, "jobs", [long, again]) == {}
+
+
+async def test_touch_extends_a_lease(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs", lease=SHORT)
+    assert await one(store, Touch("jobs", leases([d]), 1, lease=LONG)) == {}
+    await let_timer_pass(store)  # the original deadline
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", [d]) == {}
+
+
+async def test_release_makes_an_owners_leases_ready_with_attempts_counted(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"1", b"2", b"3")
+    mine = await fetch(store, "jobs", max=2, owner=1)
+    theirs = await fetch(store, "jobs", max=1, owner=2)
+    batch = await execute(store, Release(1))
+    assert batch.results == [None]
+    assert "jobs" in batch.readied
+    assert await counts(store, "jobs") == (2, 1, 0, 3)
+    again = await fetch(store, "jobs", owner=3)
+    assert [(d[ID], d[ATTEMPTS]) for d in again] == [(1, 2), (2, 2)]
+    assert await ack(store, "jobs", mine) == {1: "STALE_LEASE", 2: "STALE_LEASE"}
+    assert await ack(store, "jobs", theirs, owner=2) == {}  # another owner's lease is untouched
+    assert await ack(store, "jobs", again, owner=3) == {}
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+
+
+async def test_release_of_an_owner_without_leases_is_a_no_op(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    ds = await fetch(store, "jobs", owner=1)
+    assert await run(store, Release(42)) == [None]
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", ds) == {}
+
+
+# ---------------------------------------------------------------------------------------------------- nack
+async def test_nack_without_delay_makes_the_message_ready_again_in_fifo_order(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"1", b"2")
+    [first] = await fetch(store, "jobs", max=1)
+    batch = await execute(store, Nack("jobs", leases([first]), 1))
+    assert batch.results == [{}]
+    assert "jobs" in batch.readied
+    assert await counts(store, "jobs") == (2, 0, 0, 2)
+    ds = await fetch(store, "jobs")
+    assert [(d[ID], d[ATTEMPTS]) for d in ds] == [(1, 2), (2, 1)]
+    assert ds[0][TOKEN] != first[TOKEN]
+
+
+async def test_nack_with_delay_is_delayed_then_ready_once_due(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs")
+    assert await one(store, Nack("jobs", leases([d]), 1, delay=SHORT)) == {}
+    assert await counts(store, "jobs") == (0, 0, 1, 1)
+    assert await fetch(store, "jobs") == []  # only Expire makes a due message ready
+    await let_timer_pass(store)
+    batch = await execute(store, Expire())
+    assert "jobs" in batch.readied
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    [again] = await fetch(store, "jobs")
+    assert (again[ID], again[ATTEMPTS]) == (d[ID], 2)
+
+
+async def test_a_long_delay_is_not_ended_by_expire(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs")
+    await one(store, Nack("jobs", leases([d]), 1, delay=LONG))
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (0, 0, 1, 1)
+    assert await fetch(store, "jobs") == []
+
+
+# ---------------------------------------------------------------------------------------------------- dead letters
+async def test_reject_dead_letters_at_once_with_headers(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"payload", headers=[{"trace": "abc"}])
+    [d] = await fetch(store, "jobs")
+    batch = await execute(store, Reject("jobs", leases([d]), 1))
+    assert batch.results == [{}]
+    assert "jobs.dlq" in batch.readied
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    assert await counts(store, "jobs.dlq") == (1, 0, 0, 1)
+    [dead] = await fetch(store, "jobs.dlq")
+    assert dead[PAYLOAD] == b"payload"
+    assert dead[ATTEMPTS] == 1
+    assert dead[HEADERS] == {
+        "trace": "abc",
+        DLQ_QUEUE: "jobs",
+        DLQ_REASON: "rejected",
+        DLQ_ID: str(d[ID]),
+        DLQ_ATTEMPTS: "1",
+    }
+    assert await ack(store, "jobs", [d]) == {d[ID]: "STALE_LEASE"}
+
+
+async def test_max_attempts_then_nack_dead_letters(store: LmdbStore) -> None:
+    assert await one(store, Declare("jobs", QueueOptions(max_attempts=2))) is None
+    await publish(store, "jobs", b"flaky")
+    [d1] = await fetch(store, "jobs")
+    assert await one(store, Nack("jobs", leases([d1]), 1)) == {}
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    [d2] = await fetch(store, "jobs")
+    assert d2[ATTEMPTS] == 2
+    assert await one(store, Nack("jobs", leases([d2]), 1)) == {}
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    [dead] = await fetch(store, "jobs.dlq")
+    assert dead[PAYLOAD] == b"flaky"
+    assert dead[HEADERS] is not None
+    assert dead[HEADERS][DLQ_QUEUE] == "jobs"
+    assert dead[HEADERS][DLQ_REASON] == "max_attempts"
+    assert dead[HEADERS][DLQ_ID] == str(d1[ID])
+    assert dead[HEADERS][DLQ_ATTEMPTS] == "2"
+
+
+async def test_max_attempts_then_nack_with_delay_dead_letters(store: LmdbStore) -> None:
+    await one(store, Declare("jobs", QueueOptions(max_attempts=1)))
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs")
+    assert await one(store, Nack("jobs", leases([d]), 1, delay=LONG)) == {}
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    [dead] = await fetch(store, "jobs.dlq")
+    assert dead[HEADERS] is not None and dead[HEADERS][DLQ_REASON] == "max_attempts"
+
+
+async def test_max_attempts_then_lease_expiry_dead_letters(store: LmdbStore) -> None:
+    await one(store, Declare("jobs", QueueOptions(max_attempts=1)))
+    await publish(store, "jobs", b"a")
+    await fetch(store, "jobs", lease=SHORT)
+    await let_timer_pass(store)
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    [dead] = await fetch(store, "jobs.dlq")
+    assert dead[PAYLOAD] == b"a"
+    assert dead[HEADERS] is not None
+    assert (dead[HEADERS][DLQ_REASON], dead[HEADERS][DLQ_ATTEMPTS]) == ("max_attempts", "1")
+
+
+async def test_max_attempts_then_release_dead_letters(store: LmdbStore) -> None:
+    await one(store, Declare("jobs", QueueOptions(max_attempts=1)))
+    await publish(store, "jobs", b"a")
+    await fetch(store, "jobs", owner=7)
+    await run(store, Release(7))
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    assert await counts(store, "jobs.dlq") == (1, 0, 0, 1)
+
+
+async def test_custom_dead_letter_queue(store: LmdbStore) -> None:
+    await one(store, Declare("jobs", QueueOptions(dead_letter="graveyard")))
+    assert (await stats(store, "jobs")).dead_letter == "graveyard"
+    await publish(store, "jobs", b"a")
+    await one(store, Reject("jobs", leases(await fetch(store, "jobs")), 1))
+    [dead] = await fetch(store, "graveyard")
+    assert dead[PAYLOAD] == b"a"
+    assert dead[HEADERS] is not None and dead[HEADERS][DLQ_QUEUE] == "jobs"
+    result = await one(store, Stats("jobs.dlq"))
+    assert isinstance(result, StoreError) and result.code == ErrorCode.NOT_FOUND
+
+
+async def test_declare_is_idempotent_and_updates_options(store: LmdbStore) -> None:
+    await one(store, Declare("jobs", QueueOptions(max_attempts=3)))
+    await publish(store, "jobs", b"a")
+    await one(store, Declare("jobs", QueueOptions(max_attempts=3)))
+    s = await stats(store, "jobs")
+    assert (s.max_attempts, s.dead_letter, s.total) == (3, "jobs.dlq", 1)
+    await one(store, Declare("jobs", QueueOptions(max_attempts=5, dead_letter="elsewhere")))
+    s = await stats(store, "jobs")
+    assert (s.max_attempts, s.dead_letter, s.total) == (5, "elsewhere", 1)
+
+
+# ---------------------------------------------------------------------------------------------------- purge, delete
+async def test_purge_removes_ready_and_delayed_but_keeps_leased(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"1", b"2", b"3", b"4", b"5", b"6")
+    leased, nacked, delayed = await fetch(store, "jobs", max=3)
+    await run(store, Nack("jobs", leases([nacked]), 1), Nack("jobs", leases([delayed]), 1, delay=LONG))
+    assert await counts(store, "jobs") == (4, 1, 1, 6)
+    assert await one(store, Purge("jobs")) == 5
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await fetch(store, "jobs") == []
+    await run(store, Expire())
+    assert await fetch(store, "jobs") == []
+    assert await ack(store, "jobs", [leased]) == {}
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+    assert await publish(store, "jobs", b"7") == [7]
+    assert [d[PAYLOAD] for d in await fetch(store, "jobs")] == [b"7"]
+
+
+async def test_purge_keeps_a_leased_message_that_later_expires(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"1", b"2")
+    [leased] = await fetch(store, "jobs", max=1, lease=SHORT)
+    assert await one(store, Purge("jobs")) == 1
+    await let_timer_pass(store)
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    [again] = await fetch(store, "jobs")
+    assert (again[ID], again[PAYLOAD], again[ATTEMPTS]) == (leased[ID], b"1", 2)
+
+
+async def test_purge_of_a_missing_queue_is_not_found(store: LmdbStore) -> None:
+    result = await one(store, Purge("nope"))
+    assert isinstance(result, StoreError) and result.code == ErrorCode.NOT_FOUND
+
+
+async def test_delete_queue_then_ack_is_not_found(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"a", b"b")
+    ds = await fetch(store, "jobs", max=1)
+    assert await one(store, DeleteQueue("jobs")) is None
+    result = await ack(store, "jobs", ds)
+    assert isinstance(result, StoreError) and result.code == ErrorCode.NOT_FOUND
+    result = await one(store, Stats("jobs"))
+    assert isinstance(result, StoreError) and result.code == ErrorCode.NOT_FOUND
+    assert [s.name for s in await one(store, Stats(None))] == []
+    result = await one(store, DeleteQueue("jobs"))
+    assert isinstance(result, StoreError) and result.code == ErrorCode.NOT_FOUND
+
+
+async def test_errors_are_per_op_and_do_not_fail_the_batch(store: LmdbStore) -> None:
+    results = await run(store, Stats("missing"), Publish("jobs", [b"a"]), Purge("missing"))
+    assert isinstance(results[0], StoreError) and results[0].code == ErrorCode.NOT_FOUND
+    assert results[1] == (1, 1)
+    assert isinstance(results[2], StoreError) and results[2].code == ErrorCode.NOT_FOUND
+
+
+async def test_a_recreated_queue_does_not_accept_the_old_queues_leases(store: LmdbStore) -> None:
+    await publish(store, "jobs", b"old")
+    [old] = await fetch(store, "jobs")
+    await one(store, DeleteQueue("jobs"))
+    await run(store, Expire())
+    await publish(store, "jobs", b"new")
+    [new] = await fetch(store, "jobs")
+    assert new[PAYLOAD] == b"new"
+    assert await ack(store, "jobs", [old]) == {old[ID]: "STALE_LEASE"}
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", [new]) == {}
+
+
+# ---------------------------------------------------------------------------------------------------- stats, headers
+async def test_stats_none_lists_every_queue(store: LmdbStore) -> None:
+    assert await one(store, Stats(None)) == []
+    await publish(store, "b", b"1", b"2")
+    await publish(store, "a", b"1")
+    await one(store, Declare("c", QueueOptions(max_attempts=4, dead_letter="c-dead")))
+    await fetch(store, "b", max=1)
+    listed = await one(store, Stats(None))
+    assert sorted(s.name for s in listed) == ["a", "b", "c"]
+    by_name = {s.name: s for s in listed}
+    assert by_name["b"].as_dict() == {
+        "queue": "b",
+        "ready": 1,
+        "in_flight": 1,
+        "delayed": 0,
+        "total": 2,
+        "max_attempts": None,
+        "dead_letter": "b.dlq",
+    }
+    assert (by_name["c"].max_attempts, by_name["c"].dead_letter, by_name["c"].total) == (4, "c-dead", 0)
+
+
+async def test_headers_round_trip(store: LmdbStore) -> None:
+    headers: list[dict[str, str] | None] = [{"trace": "abc", "kind": "demo"}, None, {"ключ": "значение ✓", "": ""}]
+    await publish(store, "jobs", b"1", b"2", b"3", headers=headers)
+    ds = await fetch(store, "jobs")
+    assert [d[HEADERS] for d in ds] == headers
+
+
+# ---------------------------------------------------------------------------------------------------- reopen
+async def test_reopen_keeps_messages_options_ids_and_requeues_leases(open_store: Opener) -> None:
+    store = await open_store()
+    await one(store, Declare("opts", QueueOptions(max_attempts=3, dead_letter="opts-dead")))
+    await publish(store, "jobs", b"1", b"2", b"3", headers=[{"h": "1"}, None, None])
+    await publish(store, "jobs", b"4", b"5")
+    d1, d2, d3 = await fetch(store, "jobs", max=3)
+    await ack(store, "jobs", [d1])
+    await one(store, Nack("jobs", leases([d2]), 1))  # ready again, attempts 1 so far
+    [d2b] = await fetch(store, "jobs", max=1)  # attempts 2, leased at close
+    assert (d2b[ID], d2b[ATTEMPTS]) == (2, 2)
+    await one(store, Nack("jobs", leases([d3]), 1, delay=LONG))
+    assert await counts(store, "jobs") == (2, 1, 1, 4)
+
+    store = await open_store.reopen(store)
+
+    assert await counts(store, "jobs") == (3, 0, 1, 4)  # the lease did not survive; the message did
+    opts = await stats(store, "opts")
+    assert (opts.max_attempts, opts.dead_letter) == (3, "opts-dead")
+    ds = await fetch(store, "jobs")
+    assert [(d[ID], d[PAYLOAD], d[ATTEMPTS]) for d in ds] == [(2, b"2", 3), (4, b"4", 1), (5, b"5", 1)]
+    assert ds[0][PUBLISHED_AT] == d2b[PUBLISHED_AT]
+    assert await ack(store, "jobs", [d2b]) == {2: "STALE_LEASE"}
+    assert await publish(store, "jobs", b"6") == [6]
+    assert await counts(store, "jobs") == (1, 3, 1, 5)
+
+
+async def test_reopen_keeps_headers_and_published_at(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "jobs", b"a", headers=[{"k": "v"}])
+    [before] = await fetch(store, "jobs")
+    store = await open_store.reopen(store)
+    [after] = await fetch(store, "jobs")
+    assert (after[PAYLOAD], after[HEADERS], after[PUBLISHED_AT]) == (b"a", {"k": "v"}, before[PUBLISHED_AT])
+    assert after[ATTEMPTS] == 2
+
+
+async def test_reopen_keeps_a_future_due_time(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "jobs", b"a")
+    await one(store, Nack("jobs", leases(await fetch(store, "jobs")), 1, delay=LONG))
+    store = await open_store.reopen(store)
+    assert await counts(store, "jobs") == (0, 0, 1, 1)
+    await run(store, Expire())
+    assert await fetch(store, "jobs") == []
+    timer = store.next_timer()
+    assert timer is not None and timer > time.monotonic() + LONG / 2
+
+
+async def test_reopen_makes_a_delay_that_passed_while_closed_ready(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "jobs", b"a")
+    [d] = await fetch(store, "jobs")
+    await one(store, Nack("jobs", leases([d]), 1, delay=SHORT))
+    due = time.time() + SHORT
+    await store.close()
+    await let_wall_time_pass(due)
+    store = await open_store()
+    await run(store, Expire())
+    assert await counts(store, "jobs") == (1, 0, 0, 1)
+    [again] = await fetch(store, "jobs")
+    assert (again[ID], again[ATTEMPTS]) == (d[ID], 2)
+
+
+async def test_tokens_are_never_reused_across_a_reopen(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "jobs", *[b"%d" % i for i in range(5)])
+    await publish(store, "other", b"x")
+    first = await fetch(store, "jobs", max=3) + await fetch(store, "other")
+    store = await open_store.reopen(store)
+    second = await fetch(store, "jobs") + await fetch(store, "other")
+    old = {d[TOKEN] for d in first}
+    new = {d[TOKEN] for d in second}
+    assert len(second) == 6
+    assert not old & new
+    assert min(new) > max(old)
+    for d in first:
+        result = await one(store, Ack("jobs" if d[PAYLOAD] != b"x" else "other", leases([d]), 1))
+        assert result == {d[ID]: "STALE_LEASE"}
+
+
+@pytest.mark.parametrize("how", ["nack", "nack-delay", "release", "expire"])
+async def test_a_tokens_validity_does_not_change_across_a_reopen(open_store: Opener, how: str) -> None:
+    # Two messages in the same state: one old token is tried before the reopen, its twin after. Whether a token
+    # stays current after its lease ended this way is the engine's rule; a restart must not change the answer.
+    store = await open_store()
+    await publish(store, "jobs", b"a", b"b")
+    twins = await fetch(store, "jobs", lease=SHORT if how == "expire" else LONG, owner=5)
+    if how == "nack":
+        await one(store, Nack("jobs", leases(twins), 5))
+    elif how == "nack-delay":
+        await one(store, Nack("jobs", leases(twins), 5, delay=LONG))
+    elif how == "release":
+        await run(store, Release(5))
+    else:
+        await let_timer_pass(store)
+        await run(store, Expire())
+    first, second = twins
+    before = await ack(store, "jobs", [first])
+    store = await open_store.reopen(store)
+    after = await ack(store, "jobs", [second])
+    assert before in ({}, {first[ID]: "STALE_LEASE"})
+    assert after == ({} if before == {} else {second[ID]: "STALE_LEASE"})
+
+
+async def test_reopen_dead_letters_a_requeued_message_at_max_attempts(open_store: Opener) -> None:
+    store = await open_store()
+    await one(store, Declare("jobs", QueueOptions(max_attempts=1)))
+    await publish(store, "jobs", b"a")
+    await fetch(store, "jobs")  # leased at close, its only allowed delivery used
+    store = await open_store.reopen(store)
+    assert await fetch(store, "jobs") == []
+    [dead] = await fetch(store, "jobs.dlq")
+    assert dead[HEADERS] is not None and dead[HEADERS][DLQ_REASON] == "max_attempts"
+    assert await counts(store, "jobs") == (0, 0, 0, 0)
+
+
+async def test_reopen_after_purge_delete_and_dead_letter(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "purged", b"1", b"2")
+    await publish(store, "deleted", b"1")
+    await publish(store, "rejected", b"r")
+    await one(store, Purge("purged"))
+    await one(store, DeleteQueue("deleted"))
+    await one(store, Reject("rejected", leases(await fetch(store, "rejected")), 1))
+    store = await open_store.reopen(store)
+    assert sorted(s.name for s in await one(store, Stats(None))) == ["purged", "rejected", "rejected.dlq"]
+    assert await counts(store, "purged") == (0, 0, 0, 0)
+    assert await publish(store, "purged", b"3") == [3]
+    assert await counts(store, "rejected") == (0, 0, 0, 0)
+    assert await publish(store, "rejected.dlq", b"x") == [2]
+    [dead, extra] = await fetch(store, "rejected.dlq")
+    assert dead[PAYLOAD] == b"r" and extra[PAYLOAD] == b"x"
+
+
+# ---------------------------------------------------------------------------------------------------- store full
+async def fill(store: LmdbStore, payload: bytes, per_batch: int = 1, limit: int = 10_000) -> list[int]:
+    """Publish until the store refuses with STORE_FULL; the ids that were accepted."""
+    ids: list[int] = []
+    for _ in range(limit):
+        result = await one(store, Publish("big", [payload] * per_batch))
+        if isinstance(result, StoreError):
+            assert result.code == ErrorCode.STORE_FULL, result
+            return ids
+        first, count = result
+        ids += range(first, first + count)
+    raise AssertionError("the store never became full")
+
+
+async def test_store_full_refuses_publishes_until_consumers_drain(open_store: Opener) -> None:
+    store = await open_store(map_size=MIB, max_size=MIB)
+    payload = b"p" * 60_000
+    ids = await fill(store, payload)
+    assert ids, "not even one message fitted"
+    assert await counts(store, "big") == (len(ids), 0, 0, len(ids))
+    result = await one(store, Publish("big", [payload]))
+    assert isinstance(result, StoreError) and result.code == ErrorCode.STORE_FULL
+    ds = await fetch(store, "big", max=3)
+    assert [d[ID] for d in ds] == ids[:3]
+    assert await ack(store, "big", ds) == {}
+    assert await counts(store, "big") == (len(ids) - 3, 0, 0, len(ids) - 3)
+    # Three messages' worth of room was freed: one more fits.
+    result = await one(store, Publish("big", [payload]))
+    assert not isinstance(result, StoreError), f"publish after draining: {result}"
+    assert result[0] > ids[-1]
+    rest = await fetch(store, "big")
+    assert all(d[PAYLOAD] == payload for d in rest)
+    assert await ack(store, "big", rest) == {}
+
+
+async def test_store_full_still_lets_consumers_fetch_a_batch(open_store: Opener) -> None:
+    store = await open_store(map_size=MIB, max_size=MIB)
+    payload = b"s" * 1000
+    ids = await fill(store, payload)
+    ds = await fetch(store, "big", max=200)
+    assert [d[ID] for d in ds] == ids[:200]
+    assert await ack(store, "big", ds) == {}
+    assert await counts(store, "big") == (len(ids) - 200, 0, 0, len(ids) - 200)
+
+
+@pytest.mark.parametrize(
+    ("size", "per_fetch"),
+    [pytest.param(60_000, 1, id="large-messages"), pytest.param(1000, 10, id="small-messages")],
+)
+async def test_store_full_acks_still_work_after_several_fetches(open_store: Opener, size: int, per_fetch: int) -> None:
+    # Consumers fetch in several batches before they ack: every one of those commits needs pages of a full map.
+    store = await open_store(map_size=MIB, max_size=MIB)
+    ids = await fill(store, b"f" * size)
+    held: list[Delivery] = []
+    for _ in range(3):
+        held += await fetch(store, "big", max=per_fetch)
+    assert [d[ID] for d in held] == ids[: 3 * per_fetch]
+    for d in held:
+        assert await ack(store, "big", [d]) == {}
+    assert await counts(store, "big") == (len(ids) - len(held), 0, 0, len(ids) - len(held))
+
+
+async def test_store_full_is_not_permanent_after_a_reopen(open_store: Opener) -> None:
+    store = await open_store(map_size=MIB, max_size=MIB)
+    ids = await fill(store, b"q" * 60_000)
+    store = await open_store.reopen(store, map_size=MIB, max_size=MIB)
+    assert await counts(store, "big") == (len(ids), 0, 0, len(ids))
+    ds = await fetch(store, "big")
+    assert [d[ID] for d in ds] == ids
+    assert await ack(store, "big", ds) == {}
+    assert await counts(store, "big") == (0, 0, 0, 0)
