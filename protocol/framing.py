@@ -128,10 +128,11 @@ def decode_body(body: bytes | bytearray | memoryview) -> Frame:
 
 def encode_body(obj: Frame) -> bytes:
     """The msgpack body of ``obj`` (bytes become msgpack ``bin``, str become ``str``)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return body
 
 
 def encode_frame(obj: Frame) -> bytes:
     """``obj`` as one complete frame: length prefix then msgpack body."""
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return _pack_header(len(body)) + body

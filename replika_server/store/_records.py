@@ -29,7 +29,7 @@ unpack_state = STATE.unpack
 
 def encode_message(published_at: float, payload: bytes, headers: dict[str, str] | None) -> bytes:
     if headers:
-        packed = msgpack.packb(headers, use_bin_type=True)
+        packed: bytes = msgpack.packb(headers, use_bin_type=True)
         return _pack_head(published_at, len(packed)) + packed + payload
     return _pack_head(published_at, 0) + payload
 
@@ -43,7 +43,8 @@ def decode_message(value: bytes | memoryview) -> tuple[float, bytes, dict[str, s
 
 
 def encode_meta(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def decode_meta(value: bytes) -> Any:
