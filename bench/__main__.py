@@ -1,221 +1,167 @@
-"""First throughput figures through the SDK: ``python -m bench`` (or ``./dev bench``).
+"""Replika's benchmark harness: ``python -m bench`` (also ``./dev bench`` and ``replika bench``).
 
-Starts a broker process on a temporary store (or uses ``--url``), then runs, each ``--runs`` times:
-  W1 publish: ``publish_many`` in batches of ``--batch`` (every batch confirmed after its commit),
-  W2 fetch + ack: ``fetch(max=batch)`` then ``ack(list)`` of the W1 backlog,
-  W3 single publish round trips: sequential ``publish`` calls, latency percentiles.
-With ``--redis``, the same workloads run against Redis Streams through redis-py asyncio (pipelined XADD;
-XREADGROUP + XACK; single XADD) on a redis-server started here with ``appendfsync always``.
-Prints medians with min-max spread. The full harness with more peers and workloads is issue 3.
+Starts a broker on a temporary store and, with ``--peers``, the named peers on their own temporary data dirs
+(installing them through ``bench/peers/install.sh`` when ``--install-peers`` is given), runs the workloads
+W1-W6 ``--runs`` times against each, and prints a table of medians with min-max spread and Replika's
+advantage per peer, writes it as JSON, and draws a PNG chart.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
+import importlib
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import replika
+from bench.drivers.base import PeerUnavailable, System
+from bench.drivers.replika_driver import ReplikaDriver
+from bench.harness import Progress, run_all, table, write_chart, write_json
+from bench.workloads import WORKLOADS, Params
 
-Workload = Callable[[], Awaitable[dict[str, float]]]
+HERE = Path(__file__).resolve().parent
+PEERS = ("redis", "nats", "rabbitmq", "beanstalkd")
+_DRIVERS = {
+    "redis": ("bench.drivers.redis_driver", "RedisStreamsDriver"),
+    "nats": ("bench.drivers.nats_driver", "JetStreamDriver"),
+    "rabbitmq": ("bench.drivers.rabbitmq_driver", "RabbitDriver"),
+    "beanstalkd": ("bench.drivers.beanstalkd_driver", "BeanstalkDriver"),
+}
 
 
-def start_broker(data: Path, durability: str) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = data / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "replika_server",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data / "store"),
-            "--port-file",
-            str(port_file),
-            "--durability",
-            durability,
-            "--log-level",
-            "warning",
-        ],
-    )
-    deadline = time.monotonic() + 30
+def start_replika(workdir: Path, durability: str) -> System:
+    port_file = workdir / "replika.port"
+    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(workdir / "replika")]
+    cmd += ["--port-file", str(port_file), "--durability", durability, "--log-level", "warning"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 60
     while not (port_file.exists() and port_file.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("broker did not start")
-        time.sleep(0.01)
-    return proc, f"replika://127.0.0.1:{port_file.read_text()}"
+            proc.kill()
+            raise SystemExit("bench: the broker did not start")
+        time.sleep(0.01)  # waiting on another process's file: nothing to await
+    url = f"replika://127.0.0.1:{port_file.read_text()}"
+
+    async def stop() -> None:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+
+    return System(f"replika ({durability})", lambda: ReplikaDriver(url), stop, [f"durability={durability}"])
 
 
-def start_redis(data: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        print("redis: redis-server not installed, skipped", file=sys.stderr)
-        return None
-    port = 16379 + os.getpid() % 1000
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--protected-mode",
-            "yes",
-        ],
-        stdout=subprocess.DEVNULL,
+def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
+    try:
+        from bench.peers import start_peer
+
+        module, cls = _DRIVERS[peer]
+        driver_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise PeerUnavailable(f"{peer}: its Python client is missing ({exc}): pip install -r bench/requirements.txt")
+    server = start_peer(peer, workdir / f"{peer}-{'fsync' if fsync else 'default'}", fsync)
+    label = f"{peer} ({'fsync always' if fsync else 'default'})"
+
+    async def stop() -> None:
+        await asyncio.to_thread(server.stop)
+
+    return System(label, lambda: driver_cls(server.host, server.port), stop, [server.describe])
+
+
+def install_peers(peers: list[str]) -> None:
+    script = HERE / "peers" / "install.sh"
+    subprocess.run(["bash", str(script), *peers], check=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="replika bench", description=__doc__.splitlines()[0])
+    p.add_argument("--peers", default="", help=f"comma-separated peers to compare with: {','.join(PEERS)}")
+    p.add_argument("--peer-settings", choices=("fsync", "default", "both"), default="fsync")
+    p.add_argument("--install-peers", action="store_true", help="install missing peers from Debian packages first")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1..W6")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--count", type=int, default=Params.count, help="messages per run")
+    p.add_argument("--size", type=int, default=Params.size, help="payload bytes")
+    p.add_argument("--batch", type=int, default=Params.batch, help="messages per request")
+    p.add_argument("--connections", type=int, default=Params.connections, help="connections in W1 and W2")
+    p.add_argument("--singles", type=int, default=Params.singles, help="round trips in W3")
+    p.add_argument("--w4-rate", type=int, default=Params.w4_rate, help="msg/s of W4's latency run")
+    p.add_argument("--w5-connections", default="1,16,64,256")
+    p.add_argument("--w6-sizes", default="16,256,4096,65536,1048576")
+    p.add_argument("--w6-bytes", type=int, default=Params.w6_bytes)
+    p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
+    p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
+    p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
+    p.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness, measures nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def params_from(args: argparse.Namespace) -> Params:
+    if args.smoke:
+        return Params(
+            count=200, batch=50, singles=20, w4_rate=500, w5_connections=(1, 4), w6_sizes=(16, 4096), w6_bytes=65536
+        )
+    return Params(
+        count=args.count,
+        size=args.size,
+        batch=args.batch,
+        connections=args.connections,
+        singles=args.singles,
+        w4_rate=args.w4_rate,
+        w5_connections=tuple(int(x) for x in args.w5_connections.split(",")),
+        w6_sizes=tuple(int(x) for x in args.w6_sizes.split(",")),
+        w6_bytes=args.w6_bytes,
+        timeout=args.timeout,
     )
-    return proc, port
 
 
-async def replika_workloads(url: str, n: int, batch: int, size: int, singles: int) -> dict[str, Workload]:
-    payload = os.urandom(size)
-
-    async def w1() -> dict[str, float]:
-        async with replika.AsyncClient(url) as c:
-            start = time.perf_counter()
-            for i in range(0, n, batch):
-                await c.publish_many("bench", [payload] * min(batch, n - i))
-            return {"msg/s": n / (time.perf_counter() - start)}
-
-    async def w2() -> dict[str, float]:
-        async with replika.AsyncClient(url) as c:
-            start = time.perf_counter()
-            done = 0
-            while done < n:
-                msgs = await c.fetch("bench", max=batch)
-                if not msgs:
-                    break
-                await c.ack(msgs)
-                done += len(msgs)
-            return {"msg/s": done / (time.perf_counter() - start)}
-
-    async def w3() -> dict[str, float]:
-        async with replika.AsyncClient(url) as c:
-            lat = []
-            for _ in range(singles):
-                t = time.perf_counter()
-                await c.publish("bench-single", payload)
-                lat.append(time.perf_counter() - t)
-            await c.purge("bench-single")
-            return latency(lat)
-
-    return {"W1 publish": w1, "W2 fetch+ack": w2, "W3 single publish": w3}
-
-
-async def redis_workloads(port: int, n: int, batch: int, size: int, singles: int) -> dict[str, Workload]:
-    import redis.asyncio as aioredis
-
-    payload = os.urandom(size)
-    r = aioredis.Redis(host="127.0.0.1", port=port)
-    for _ in range(100):
-        try:
-            await r.ping()
-            break
-        except Exception:
-            await asyncio.sleep(0.1)
-
-    async def w1() -> dict[str, float]:
-        await r.delete("bench")
-        await r.xgroup_create("bench", "g", id="0", mkstream=True)
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            pipe = r.pipeline(transaction=False)
-            for _ in range(min(batch, n - i)):
-                pipe.xadd("bench", {"p": payload})
-            await pipe.execute()
-        return {"msg/s": n / (time.perf_counter() - start)}
-
-    async def w2() -> dict[str, float]:
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            got = await r.xreadgroup("g", "c", {"bench": ">"}, count=batch)
-            if not got or not got[0][1]:
-                break
-            ids = [mid for mid, _ in got[0][1]]
-            await r.xack("bench", "g", *ids)
-            done += len(ids)
-        return {"msg/s": done / (time.perf_counter() - start)}
-
-    async def w3() -> dict[str, float]:
-        lat = []
-        for _ in range(singles):
-            t = time.perf_counter()
-            await r.xadd("bench-single", {"p": payload})
-            lat.append(time.perf_counter() - t)
-        await r.delete("bench-single")
-        return latency(lat)
-
-    return {"W1 publish": w1, "W2 fetch+ack": w2, "W3 single publish": w3}
-
-
-def latency(samples: list[float]) -> dict[str, float]:
-    samples.sort()
-    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] * 1e6  # noqa: E731
-    return {"p50 us": pick(0.5), "p99 us": pick(0.99)}
-
-
-async def run(system: str, workloads: dict[str, Workload], runs: int, table: dict[tuple[str, str], list]) -> None:
-    for _ in range(runs):
-        for name, fn in workloads.items():
-            result = await fn()
-            for metric, value in result.items():
-                table.setdefault((system, f"{name} {metric}"), []).append(value)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=256, help="payload bytes")
-    parser.add_argument("--singles", type=int, default=2000, help="round trips in W3")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--durability", choices=("sync", "relaxed"), default="sync")
-    parser.add_argument("--redis", action="store_true", help="also run Redis Streams (appendfsync always)")
-    args = parser.parse_args()
-    table: dict[tuple[str, str], list] = {}
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = params_from(args)
+    workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    bad_peers = [p for p in peers if p not in PEERS]
+    if unknown or bad_peers:
+        print(f"bench: unknown workloads {unknown} or peers {bad_peers}", file=sys.stderr)
+        return 2
+    if args.install_peers and peers:
+        install_peers(peers)
+    settings = {"fsync": [True], "default": [False], "both": [True, False]}[args.peer_settings]
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
-        broker, url = start_broker(Path(tmp), args.durability)
-        redis = start_redis(Path(tmp)) if args.redis else None
+        workdir = Path(tmp)
+        systems = [start_replika(workdir, args.durability)]
+        for peer in peers:
+            for fsync in settings:
+                try:
+                    systems.append(start_peer_system(peer, workdir, fsync))
+                except PeerUnavailable as exc:
+                    print(f"bench: skipping {peer}: {exc}", file=sys.stderr)
+        progress = Progress(len(systems) * args.runs * len(workloads), enabled=not args.quiet)
         try:
-
-            async def go() -> None:
-                w = await replika_workloads(url, args.messages, args.batch, args.size, args.singles)
-                await run(f"replika ({args.durability})", w, args.runs, table)
-                if redis is not None:
-                    rw = await redis_workloads(redis[1], args.messages, args.batch, args.size, args.singles)
-                    await run("redis streams (fsync always)", rw, args.runs, table)
-
-            asyncio.run(go())
+            rows, failures = asyncio.run(run_all(systems, workloads, params, args.runs, progress))
         finally:
-            broker.send_signal(signal.SIGTERM)
-            broker.wait(30)
-            if redis is not None:
-                redis[0].terminate()
-                redis[0].wait(30)
-    print(f"{'system':32} {'metric':30} {'median':>12} {'min':>12} {'max':>12}")
-    for (system, metric), values in table.items():
-        print(f"{system:32} {metric:30} {statistics.median(values):12,.0f} {min(values):12,.0f} {max(values):12,.0f}")
+            for system in systems:
+                if system.stop is not None:
+                    asyncio.run(system.stop())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"results-{stamp}.json"
+    png_path = args.out / f"results-{stamp}.png"
+    write_json(json_path, rows, params, systems, failures)
+    charted = write_chart(png_path, rows)
+    print(table(rows, systems[0].name))
+    for system in systems:
+        print(f"- {system.name}: {'; '.join(system.notes)}")
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    print(f"\nJSON: {json_path}")
+    print(f"chart: {png_path}" if charted else "chart: skipped (pip install -r bench/requirements.txt)")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

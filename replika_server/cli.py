@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -44,10 +45,33 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port-file", help="write the bound port to this file once listening (for scripts using --port 0)"
     )
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark harness (from a source checkout)",
+        description="Run the benchmark harness in bench/ of the source checkout; see `replika bench --help`.",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
+def _bench(args: list[str]) -> int:
+    """Hand over to ``bench/`` of the checkout this package was installed from (it is not an installed package,
+    because it carries the peers' scripts and drivers that a broker deployment does not need)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "__main__.py").exists():
+        print("replika: the benchmark harness ships with the source checkout; run it from there", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(checkout))
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every flag after it belongs to the harness, whose parser knows them
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)

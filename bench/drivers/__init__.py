@@ -1,0 +1,1 @@
+"""Drivers: one per system under test, all behind :class:`bench.drivers.base.Driver`."""
