@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,9 +64,8 @@ def _bench(args: list[str]) -> int:
         print("replika: the benchmark harness ships with the source checkout; run it from there", file=sys.stderr)
         return 2
     sys.path.insert(0, str(checkout))
-    from bench.__main__ import main as bench_main
-
-    return bench_main(args)
+    harness = importlib.import_module("bench.__main__")  # not a static import: bench is not a package we ship
+    return int(harness.main(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

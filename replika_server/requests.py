@@ -138,18 +138,20 @@ def fetch_op(frame: Frame, owner: int, limits: Limits) -> tuple[Fetch, float]:
     return Fetch(queue, min(count, limits.max_batch), lease, owner, limits.max_reply_bytes), wait
 
 
-def _leases(frame: Frame, limits: Limits) -> list[tuple[int, int]]:
+def _leases(frame: Frame, limits: Limits) -> list[list[int]]:
     leases = frame.get("leases")
     if not isinstance(leases, list) or not leases:
         raise _bad("field 'leases' must be a non-empty array of [id, token] pairs")
     if len(leases) > limits.max_batch:
         raise _bad(f"at most {limits.max_batch} leases per request")
-    out: list[tuple[int, int]] = []
+    # The pairs stay the decoded [id, token] lists (no tuple per message): this runs for every ack.
     for pair in leases:
-        if not isinstance(pair, list) or len(pair) != 2 or not all(type(x) is int and 0 <= x < _U64 for x in pair):
+        if type(pair) is not list or len(pair) != 2:
             raise _bad("each lease must be an array [id, token] of two unsigned integers")
-        out.append((pair[0], pair[1]))
-    return out
+        mid, token = pair
+        if type(mid) is not int or type(token) is not int or not (0 <= mid < _U64 and 0 <= token < _U64):
+            raise _bad("each lease must be an array [id, token] of two unsigned integers")
+    return leases
 
 
 def _settle(cls: type[Settle]) -> Any:

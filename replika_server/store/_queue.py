@@ -24,9 +24,12 @@ class Status(enum.IntEnum):
 class Tracked:
     """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
 
-    __slots__ = ("attempts", "deadline", "due", "owner", "status", "token")
+    __slots__ = ("attempts", "deadline", "due", "mid", "owner", "qnum", "status", "token")
 
-    def __init__(self, attempts: int, token: int, due: float, status: Status) -> None:
+    def __init__(self, qnum: int, mid: int, attempts: int, token: int, due: float, status: Status) -> None:
+        # qnum and mid let lease groups and owner sets hold the object itself, with no key tuple per lease.
+        self.qnum = qnum
+        self.mid = mid
         self.attempts = attempts
         self.token = token
         self.due = due  # unix seconds, 0.0 when not delayed

@@ -46,6 +46,9 @@ class Writes:
     def put_many(self, db: Any, items: list[tuple[bytes, bytes]]) -> None:
         self._segment(PUT, db).extend(items)
 
+    def delete_many(self, db: Any, keys: list[bytes]) -> None:
+        self._segment(DELETE, db).extend(keys)
+
     def delete(self, db: Any, key: bytes) -> None:
         self._segment(DELETE, db).append(key)
 

@@ -96,7 +96,7 @@ class Settle:
     """Base of the operations that act on delivered messages by (id, token)."""
 
     queue: str
-    leases: list[tuple[int, int]]
+    leases: Sequence[Sequence[int]]  # [id, token] pairs
     owner: int
 
 

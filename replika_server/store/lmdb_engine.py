@@ -118,12 +118,15 @@ class LmdbStore(Store):
         self._full = False  # at max_size: refuse publishes until deletes bring it back under
         # Room beyond max_size that only the batch which reached it, and later deletes, may use.
         self._reserve = max(4 * 1024 * 1024, config.max_size // 8)
-        self._unleased: list[tuple[int, int, int, float, int]] = []  # this batch's ended leases, for undo
+        self._unleased: list[Tracked] = []  # leases this batch ended, restored if its commit fails
         self._sync_task: asyncio.Task[None] | None = None
         self._queues: dict[str, QueueState] = {}
         self._by_qnum: dict[int, QueueState] = {}
-        self._owners: dict[int, set[tuple[int, int]]] = {}
-        self._lease_heap: list[tuple[float, int, int, int]] = []  # (deadline, qnum, id, token)
+        self._owners: dict[int, set[Tracked]] = {}
+        # (deadline, seq, leased together): one entry per fetch or touch, not per message. Entries go stale
+        # when their messages are settled or re-leased; expiry checks each message's own deadline.
+        self._lease_heap: list[tuple[float, int, list[Tracked]]] = []
+        self._lease_seq = 0
         self._delay_heap: list[tuple[float, int, int]] = []  # (due unix s, qnum, id)
         self._token_seq = 0
         self._qnum_seq = 0
@@ -322,10 +325,10 @@ class LmdbStore(Store):
                     continue
                 attempts, token, due = unpack_state(value)
                 if due > now:
-                    owner_q.track(mid, Tracked(attempts, token, due, Status.DELAYED))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, Status.DELAYED))
                     self._delay_heap.append((due, qnum, mid))
                 else:
-                    owner_q.track(mid, Tracked(attempts, token, 0.0, Status.READY))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, 0.0, Status.READY))
         heapq.heapify(self._delay_heap)
         if schema is None:
             with self._env.begin(write=True) as wtxn:
@@ -339,7 +342,8 @@ class LmdbStore(Store):
             for mid, t in q.tracked.items()
             if t.status == Status.LEASED
         ]
-        leases += self._unleased  # ended by the failed batch: they were never ended durably
+        # Ended by the failed batch, so never ended durably:
+        leases += [(t.qnum, t.mid, t.token, t.deadline, t.owner) for t in self._unleased]
         self._unleased = []
         self._writes = Writes()
         self._touched = {}
@@ -349,7 +353,8 @@ class LmdbStore(Store):
             q = self._by_qnum.get(qnum)
             t = q.tracked.get(mid) if q is not None else None
             if q is not None and t is not None and t.token == token and t.status == Status.READY:
-                self._lease(q, mid, t, deadline, owner)
+                self._lease(q, t, deadline, owner)
+                self._lease_group(deadline, [t])
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _read_txn(self) -> lmdb.Transaction:
@@ -374,20 +379,26 @@ class LmdbStore(Store):
             self._touched[q.qnum] = q
         return q
 
-    def _lease(self, q: QueueState, mid: int, t: Tracked, deadline: float, owner: int) -> None:
+    def _lease(self, q: QueueState, t: Tracked, deadline: float, owner: int) -> None:
+        """Mark ``t`` leased; the caller registers its deadline with :meth:`_lease_group`."""
         q.set_status(t, Status.LEASED)
         t.deadline = deadline
         t.owner = owner
-        heapq.heappush(self._lease_heap, (deadline, q.qnum, mid, t.token))
-        self._owners.setdefault(owner, set()).add((q.qnum, mid))
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = self._owners[owner] = set()
+        owned.add(t)
+
+    def _lease_group(self, deadline: float, group: list[Tracked]) -> None:
+        self._lease_seq += 1
+        heapq.heappush(self._lease_heap, (deadline, self._lease_seq, group))
 
     def _unlease(self, q: QueueState, mid: int, t: Tracked) -> None:
         if t.status == Status.LEASED:
-            self._unleased.append((q.qnum, mid, t.token, t.deadline, t.owner))
+            self._unleased.append(t)
             owned = self._owners.get(t.owner)
             if owned is not None:
-                owned.discard((q.qnum, mid))
-            t.owner = 0
+                owned.discard(t)
 
     def _lease_ended(self, q: QueueState, mid: int, t: Tracked) -> None:
         """A lease ended without an ack (expiry, closed connection, nack without delay)."""
@@ -490,6 +501,7 @@ class LmdbStore(Store):
         state_db = self._state_db
         writes = self._writes
         budget = op.max_bytes
+        group: list[Tracked] = []
         while len(out) < op.max:
             rid = q.peek_ready()
             if rid is not None and (nxt is None or rid < nxt[0]):
@@ -518,21 +530,59 @@ class LmdbStore(Store):
                     break
                 nxt = next(fresh, None)
                 q.cursor = mid + 1
-                t = Tracked(1, 0, 0.0, Status.LEASED)
+                t = Tracked(q.qnum, mid, 1, 0, 0.0, Status.LEASED)
                 q.track(mid, t)
             else:
                 break
             self._token_seq += 1
             t.token = self._token_seq
             t.due = 0.0
-            self._lease(q, mid, t, deadline, op.owner)
+            self._lease(q, t, deadline, op.owner)
+            group.append(t)
             writes.put(state_db, pack_key(q.qnum, mid), pack_state(t.attempts, t.token, 0.0))
             published_at, payload, headers = decode_message(value)
             out.append((mid, t.token, t.attempts, published_at, payload, headers))
+        if group:
+            self._lease_group(deadline, group)
         return out
+
+    def _ack(self, q: QueueState, leases: Sequence[Sequence[int]]) -> dict[int, str]:
+        """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs."""
+        failed: dict[int, str] = {}
+        tracked = q.tracked
+        owners = self._owners
+        unleased = self._unleased
+        qnum = q.qnum
+        keys: list[bytes] = []
+        for mid, token in leases:
+            t = tracked.get(mid)
+            if t is None or t.token != token:
+                failed[mid] = ErrorCode.STALE_LEASE.value
+                continue
+            del tracked[mid]
+            if t.status == Status.LEASED:
+                q.n_leased -= 1
+                unleased.append(t)
+                owned = owners.get(t.owner)
+                if owned is not None:
+                    owned.discard(t)
+            elif t.status == Status.READY:
+                q.n_ready -= 1
+            else:
+                q.n_delayed -= 1
+            keys.append(pack_key(qnum, mid))
+        if keys:
+            self._writes.delete_many(self._msgs_db, keys)
+            self._writes.delete_many(self._state_db, keys)
+            self._writes.deletes += len(keys)
+            q.count -= len(keys)
+            self._touched[qnum] = q
+        return failed
 
     def _settle(self, op: Settle) -> dict[int, str]:
         q = self._queue(op.queue)
+        if isinstance(op, Ack):
+            return self._ack(q, op.leases)
         failed: dict[int, str] = {}
         tracked = q.tracked
         now = time.monotonic()
@@ -541,15 +591,14 @@ class LmdbStore(Store):
             if t is None or t.token != token:
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
-            if isinstance(op, Ack):
-                self._remove(q, mid)
-            elif isinstance(op, Nack):
+            if isinstance(op, Nack):
                 self._nack(q, mid, t, op.delay)
             elif isinstance(op, Reject):
                 self._dead_letter(q, mid, DeadLetterReason.REJECTED)
             elif isinstance(op, Touch):
                 self._unlease(q, mid, t)
-                self._lease(q, mid, t, now + op.lease, op.owner)
+                self._lease(q, t, now + op.lease, op.owner)
+                self._lease_group(now + op.lease, [t])
         return failed
 
     def _nack(self, q: QueueState, mid: int, t: Tracked, delay: float) -> None:
@@ -594,34 +643,38 @@ class LmdbStore(Store):
         self._writes.meta[_QUEUE_PREFIX + q.name.encode()] = None
         self._writes.deletes += q.count
 
+    def _current(self, t: Tracked) -> QueueState | None:
+        """The queue of ``t`` if ``t`` is still the live record of its message (not settled, queue not gone)."""
+        q = self._by_qnum.get(t.qnum)
+        return q if q is not None and q.tracked.get(t.mid) is t else None
+
     def _release(self, op: Release) -> None:
-        for qnum, mid in self._owners.pop(op.owner, ()):
-            q = self._by_qnum.get(qnum)
-            t = q.tracked.get(mid) if q is not None else None
-            if q is not None and t is not None and t.status == Status.LEASED and t.owner == op.owner:
-                t.owner = 0  # its owner set is already gone
-                self._lease_ended(q, mid, t)
+        for t in self._owners.pop(op.owner, ()):
+            q = self._current(t)
+            if q is not None and t.status == Status.LEASED and t.owner == op.owner:
+                self._lease_ended(q, t.mid, t)
 
     def _expire(self, op: Expire) -> None:
         now = time.monotonic()
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
-            deadline, qnum, mid, token = heapq.heappop(heap)
-            q = self._by_qnum.get(qnum)
-            t = q.tracked.get(mid) if q is not None else None
-            if q is None or t is None or t.status != Status.LEASED or t.token != token or t.deadline != deadline:
-                continue  # acked, touched or re-leased since
-            self._lease_ended(q, mid, t)
+            deadline, _, group = heapq.heappop(heap)
+            for t in group:
+                if t.status != Status.LEASED or t.deadline != deadline:
+                    continue  # settled, touched or re-leased since
+                q = self._current(t)
+                if q is not None:
+                    self._lease_ended(q, t.mid, t)
         wall = time.time()
         delays = self._delay_heap
         while delays and delays[0][0] <= wall:
             due, qnum, mid = heapq.heappop(delays)
-            q = self._by_qnum.get(qnum)
-            t = q.tracked.get(mid) if q is not None else None
-            if q is None or t is None or t.status != Status.DELAYED or t.due != due:
+            dq = self._by_qnum.get(qnum)
+            delayed = dq.tracked.get(mid) if dq is not None else None
+            if dq is None or delayed is None or delayed.status != Status.DELAYED or delayed.due != due:
                 continue
-            q.make_ready(mid, t)
-            self._readied.add(q.name)
+            dq.make_ready(mid, delayed)
+            self._readied.add(dq.name)
 
     def _stats(self, op: Stats) -> list[Any]:
         if op.queue is None:
