@@ -21,6 +21,10 @@ class Status(enum.IntEnum):
     DELAYED = 2
 
 
+# Plain module constants: looking up an enum member on its class costs a descriptor call on every hot-path test.
+READY, LEASED, DELAYED = Status.READY, Status.LEASED, Status.DELAYED
+
+
 class Tracked:
     """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
 
@@ -80,15 +84,15 @@ class QueueState:
         old = t.status
         if old == status:
             return
-        if old == Status.READY:
+        if old == READY:
             self.n_ready -= 1
-        elif old == Status.LEASED:
+        elif old == LEASED:
             self.n_leased -= 1
         else:
             self.n_delayed -= 1
-        if status == Status.READY:
+        if status == READY:
             self.n_ready += 1
-        elif status == Status.LEASED:
+        elif status == LEASED:
             self.n_leased += 1
         else:
             self.n_delayed += 1
@@ -96,10 +100,10 @@ class QueueState:
 
     def track(self, mid: int, t: Tracked) -> None:
         self.tracked[mid] = t
-        if t.status == Status.READY:
+        if t.status == READY:
             self.n_ready += 1
             heapq.heappush(self.ready_heap, mid)
-        elif t.status == Status.LEASED:
+        elif t.status == LEASED:
             self.n_leased += 1
         else:
             self.n_delayed += 1
@@ -107,16 +111,16 @@ class QueueState:
     def untrack(self, mid: int) -> Tracked | None:
         t = self.tracked.pop(mid, None)
         if t is not None:
-            if t.status == Status.READY:
+            if t.status == READY:
                 self.n_ready -= 1
-            elif t.status == Status.LEASED:
+            elif t.status == LEASED:
                 self.n_leased -= 1
             else:
                 self.n_delayed -= 1
         return t
 
     def make_ready(self, mid: int, t: Tracked) -> None:
-        self.set_status(t, Status.READY)
+        self.set_status(t, READY)
         heapq.heappush(self.ready_heap, mid)
 
     def peek_ready(self) -> int | None:
@@ -126,7 +130,7 @@ class QueueState:
         while heap:
             mid = heap[0]
             t = tracked.get(mid)
-            if t is not None and t.status == Status.READY:
+            if t is not None and t.status == READY:
                 return mid
             heapq.heappop(heap)
         return None

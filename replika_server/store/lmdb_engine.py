@@ -24,7 +24,7 @@ import lmdb
 import structlog
 
 from replika_protocol import ErrorCode
-from replika_server.store._queue import QueueState, Status, Tracked
+from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
 from replika_server.store._records import (
     decode_message,
     decode_meta,
@@ -325,10 +325,10 @@ class LmdbStore(Store):
                     continue
                 attempts, token, due = unpack_state(value)
                 if due > now:
-                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, Status.DELAYED))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, DELAYED))
                     self._delay_heap.append((due, qnum, mid))
                 else:
-                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, 0.0, Status.READY))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, 0.0, READY))
         heapq.heapify(self._delay_heap)
         if schema is None:
             with self._env.begin(write=True) as wtxn:
@@ -340,7 +340,7 @@ class LmdbStore(Store):
             (q.qnum, mid, t.token, t.deadline, t.owner)
             for q in self._queues.values()
             for mid, t in q.tracked.items()
-            if t.status == Status.LEASED
+            if t.status == LEASED
         ]
         # Ended by the failed batch, so never ended durably:
         leases += [(t.qnum, t.mid, t.token, t.deadline, t.owner) for t in self._unleased]
@@ -352,7 +352,7 @@ class LmdbStore(Store):
         for qnum, mid, token, deadline, owner in leases:
             q = self._by_qnum.get(qnum)
             t = q.tracked.get(mid) if q is not None else None
-            if q is not None and t is not None and t.token == token and t.status == Status.READY:
+            if q is not None and t is not None and t.token == token and t.status == READY:
                 self._lease(q, t, deadline, owner)
                 self._lease_group(deadline, [t])
 
@@ -381,7 +381,7 @@ class LmdbStore(Store):
 
     def _lease(self, q: QueueState, t: Tracked, deadline: float, owner: int) -> None:
         """Mark ``t`` leased; the caller registers its deadline with :meth:`_lease_group`."""
-        q.set_status(t, Status.LEASED)
+        q.set_status(t, LEASED)
         t.deadline = deadline
         t.owner = owner
         owned = self._owners.get(owner)
@@ -394,7 +394,7 @@ class LmdbStore(Store):
         heapq.heappush(self._lease_heap, (deadline, self._lease_seq, group))
 
     def _unlease(self, q: QueueState, mid: int, t: Tracked) -> None:
-        if t.status == Status.LEASED:
+        if t.status == LEASED:
             self._unleased.append(t)
             owned = self._owners.get(t.owner)
             if owned is not None:
@@ -530,7 +530,7 @@ class LmdbStore(Store):
                     break
                 nxt = next(fresh, None)
                 q.cursor = mid + 1
-                t = Tracked(q.qnum, mid, 1, 0, 0.0, Status.LEASED)
+                t = Tracked(q.qnum, mid, 1, 0, 0.0, LEASED)
                 q.track(mid, t)
             else:
                 break
@@ -560,13 +560,13 @@ class LmdbStore(Store):
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
             del tracked[mid]
-            if t.status == Status.LEASED:
+            if t.status == LEASED:
                 q.n_leased -= 1
                 unleased.append(t)
                 owned = owners.get(t.owner)
                 if owned is not None:
                     owned.discard(t)
-            elif t.status == Status.READY:
+            elif t.status == READY:
                 q.n_ready -= 1
             else:
                 q.n_delayed -= 1
@@ -613,13 +613,13 @@ class LmdbStore(Store):
         self._unlease(q, mid, t)
         t.token = 0
         t.due = time.time() + delay
-        q.set_status(t, Status.DELAYED)
+        q.set_status(t, DELAYED)
         heapq.heappush(self._delay_heap, (t.due, q.qnum, mid))
         self._writes.put(self._state_db, pack_key(q.qnum, mid), pack_state(t.attempts, t.token, t.due))
 
     def _purge(self, op: Purge) -> int:
         q = self._queue(op.queue)
-        keep = frozenset(mid for mid, t in q.tracked.items() if t.status == Status.LEASED)
+        keep = frozenset(mid for mid, t in q.tracked.items() if t.status == LEASED)
         removed = q.count - len(keep)
         for mid in [mid for mid in q.tracked if mid not in keep]:
             q.untrack(mid)
@@ -651,7 +651,7 @@ class LmdbStore(Store):
     def _release(self, op: Release) -> None:
         for t in self._owners.pop(op.owner, ()):
             q = self._current(t)
-            if q is not None and t.status == Status.LEASED and t.owner == op.owner:
+            if q is not None and t.status == LEASED and t.owner == op.owner:
                 self._lease_ended(q, t.mid, t)
 
     def _expire(self, op: Expire) -> None:
@@ -660,7 +660,7 @@ class LmdbStore(Store):
         while heap and heap[0][0] <= now:
             deadline, _, group = heapq.heappop(heap)
             for t in group:
-                if t.status != Status.LEASED or t.deadline != deadline:
+                if t.status != LEASED or t.deadline != deadline:
                     continue  # settled, touched or re-leased since
                 q = self._current(t)
                 if q is not None:
@@ -671,7 +671,7 @@ class LmdbStore(Store):
             due, qnum, mid = heapq.heappop(delays)
             dq = self._by_qnum.get(qnum)
             delayed = dq.tracked.get(mid) if dq is not None else None
-            if dq is None or delayed is None or delayed.status != Status.DELAYED or delayed.due != due:
+            if dq is None or delayed is None or delayed.status != DELAYED or delayed.due != due:
                 continue
             dq.make_ready(mid, delayed)
             self._readied.add(dq.name)
