@@ -8,6 +8,8 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_PAYLOAD",
+    "FRAME_ROOM",
+    "MAX_HEADERS_BYTES",
     "MAX_QUEUE_NAME",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
@@ -25,6 +27,11 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
 #: Messages per publish, fetch or ack frame. Large enough that one commit amortises its fsync well.
 DEFAULT_MAX_BATCH = 10_000
+#: Bytes of one message's headers (keys and values, UTF-8). With the payload limit this bounds a stored message,
+#: so that any one message, dead-letter headers and reply envelope included, fits in a fetch reply.
+MAX_HEADERS_BYTES = 16 * 1024
+#: What max_frame must leave beyond max_payload: the headers limit plus 4 KiB of envelope and dead-letter headers.
+FRAME_ROOM = MAX_HEADERS_BYTES + 4 * 1024
 #: Queue names are 1-255 bytes of [A-Za-z0-9._:-] (DESIGN.md).
 MAX_QUEUE_NAME = 255
 

@@ -164,6 +164,10 @@ class Broker:
         if not parked:
             return
         for waiter in parked:
+            if self._closing:  # shutting down: a long poll ends empty, as it would at its deadline
+                self._finish_waiter(waiter)
+                waiter.done([])
+                continue
             waiter.state = _Waiter.PENDING
             self.submit(waiter.op, functools.partial(self._waiter_result, waiter))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from replika_protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD
+from replika_protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD, FRAME_ROOM
 
 __all__ = ["Config", "ConfigError", "parse_size"]
 
@@ -58,14 +58,17 @@ class Config:
             raise ConfigError("durability must be 'sync' or 'relaxed'")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be between 0 and 65535")
-        if not 1024 <= self.max_frame <= 1024**3:
-            raise ConfigError("max_frame must be between 1 KiB and 1 GiB")
+        if not 2 * FRAME_ROOM <= self.max_frame <= 1024**3:
+            raise ConfigError(f"max_frame must be between {2 * FRAME_ROOM // 1024} KiB and 1 GiB")
         if not 1 <= self.max_batch <= 1_000_000:
             raise ConfigError("max_batch must be between 1 and 1000000")
         if self.max_payload == 0:
-            object.__setattr__(self, "max_payload", min(DEFAULT_MAX_PAYLOAD, self.max_frame - 1024))
-        if not 1 <= self.max_payload <= self.max_frame - 1024:
-            raise ConfigError("max_payload must be positive and at least 1 KiB below max_frame")
+            object.__setattr__(self, "max_payload", min(DEFAULT_MAX_PAYLOAD, self.max_frame - FRAME_ROOM))
+        if not 1 <= self.max_payload <= self.max_frame - FRAME_ROOM:
+            raise ConfigError(
+                f"max_payload must be positive and at least {FRAME_ROOM // 1024} KiB below max_frame "
+                "(room for headers and the reply envelope)"
+            )
         if self.max_store_size < 1024 * 1024:
             raise ConfigError("max_store_size must be at least 1 MiB")
         if self.sync_interval <= 0:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from replika_protocol import ErrorCode, Frame, is_valid_queue_name
+from replika_protocol import MAX_HEADERS_BYTES, ErrorCode, Frame, is_valid_queue_name
 from replika_server.store import (
     Ack,
     Declare,
@@ -98,6 +98,8 @@ def _headers(value: Any) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise _bad("headers must be a map of str to str")
+    if sum(len(k.encode()) + len(v.encode()) for k, v in value.items()) > MAX_HEADERS_BYTES:
+        raise _bad(f"headers of one message may take at most {MAX_HEADERS_BYTES} bytes")
     return value or None
 
 

@@ -96,3 +96,21 @@ async def test_a_full_store_refuses_publishes_keeps_serving_and_recovers(tmp_pat
             assert await client.publish("fill", b"room again") > 0  # recovered by itself
     finally:
         await srv.stop()
+
+
+async def test_token_zero_never_settles_a_nacked_message(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish("z", b"x")
+        [msg] = await client.fetch("z")
+        await msg.nack(delay=WAIT)
+        msg.token = 0  # what a nack stores: it must match nothing
+        with pytest.raises(replika.StaleLease):
+            await msg.ack()
+        assert (await client.stats("z"))["delayed"] == 1
+
+
+async def test_headers_are_limited(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        with pytest.raises(replika.BadRequest, match="headers"):
+            await client.publish("h", b"x", headers={"k": "v" * 17 * 1024})
+        await client.publish("h", b"x", headers={"k": "v" * 15 * 1024})

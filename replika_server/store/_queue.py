@@ -78,7 +78,10 @@ class QueueState:
     @property
     def dead_letter(self) -> str:
         # Truncated so that the default stays a valid queue name a client can address.
-        return self.options.dead_letter or f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
+        if self.options.dead_letter:
+            return self.options.dead_letter
+        name = f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
+        return name if name != self.name else f"{self.name[: MAX_QUEUE_NAME - 5]}_.dlq"  # never its own DLQ
 
     def set_status(self, t: Tracked, status: Status) -> None:
         old = t.status

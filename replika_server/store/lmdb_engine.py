@@ -343,6 +343,7 @@ class LmdbStore(Store):
             if t.status == LEASED
         ]
         # Ended by the failed batch, so never ended durably:
+        # (A nack of this batch already zeroed its record's token; the lease it ended is the one in LMDB.)
         leases += [(t.qnum, t.mid, t.token, t.deadline, t.owner) for t in self._unleased]
         self._unleased = []
         self._writes = Writes()
@@ -352,7 +353,7 @@ class LmdbStore(Store):
         for qnum, mid, token, deadline, owner in leases:
             q = self._by_qnum.get(qnum)
             t = q.tracked.get(mid) if q is not None else None
-            if q is not None and t is not None and t.token == token and t.status == READY:
+            if q is not None and t is not None and token in (t.token, 0) and t.status == READY:
                 self._lease(q, t, deadline, owner)
                 self._lease_group(deadline, [t])
 
@@ -556,7 +557,7 @@ class LmdbStore(Store):
         keys: list[bytes] = []
         for mid, token in leases:
             t = tracked.get(mid)
-            if t is None or t.token != token:
+            if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
             del tracked[mid]
@@ -588,7 +589,7 @@ class LmdbStore(Store):
         now = time.monotonic()
         for mid, token in op.leases:
             t = tracked.get(mid)
-            if t is None or t.token != token:
+            if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
             if isinstance(op, Nack):
