@@ -473,10 +473,8 @@ class LmdbStore(Store):
         n = len(op.payloads)
         headers = op.headers
         if headers is None:
-            items = [
-                (pack_key(qnum, mid), encode_message(now, payload, None))
-                for mid, payload in enumerate(op.payloads, first)
-            ]
+            head = encode_message(now, b"", None)  # the same for the whole batch: one concat per message
+            items = [(pack_key(qnum, mid), head + payload) for mid, payload in enumerate(op.payloads, first)]
         else:
             items = [
                 (pack_key(qnum, first + i), encode_message(now, payload, headers[i]))
