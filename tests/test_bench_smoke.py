@@ -1,0 +1,41 @@
+"""A small-N run of the benchmark harness against a real broker: it must work end to end. Speed is never
+asserted here; bench/RESULTS.md holds the measurements."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_harness_smoke_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--runs", "1", "--quiet", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = tmp_path.glob("results-*.json")
+    doc = json.loads(report.read_text())
+    assert not doc["failures"]
+    workloads = {row["workload"] for row in doc["rows"]}
+    assert workloads == {"W1", "W2", "W3", "W4", "W5", "W6"}
+    assert all(row["median"] > 0 for row in doc["rows"])
+    assert "| W1 | msg/s | replika (sync) |" in result.stdout
+
+
+def test_memory_harness_small_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--count", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "restart after kill -9 until the first fetch is served" in result.stdout
