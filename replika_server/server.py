@@ -102,6 +102,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Send what is buffered, then close."""
         self._flush()
+        self._closed = True  # nothing more may be written to a closing transport
         if self._transport is not None:
             self._transport.close()
 
