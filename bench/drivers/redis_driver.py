@@ -25,6 +25,7 @@ class RedisStreamsDriver(Driver):
         self.host = host
         self.port = port
         self._r: aioredis.Redis | None = None
+        self._ahead: dict[str, list[Any]] = {}  # entries read ahead (already delivered to us), per stream
 
     @property
     def r(self) -> aioredis.Redis:
@@ -44,6 +45,7 @@ class RedisStreamsDriver(Driver):
             self._r = None
 
     async def reset(self, queue: str) -> None:
+        self._ahead.pop(queue, None)
         await self.r.delete(queue)
         await self.r.xgroup_create(queue, GROUP, id="0", mkstream=True)
 
@@ -58,13 +60,11 @@ class RedisStreamsDriver(Driver):
         await self.r.xadd(queue, {FIELD: payload})
 
     async def consume(self, queue: str, max: int, wait: float) -> list[bytes]:
-        # BLOCK 0 means "forever" to Redis: without a wait, read without BLOCK.
-        block = (int(wait * 1000) or 1) if wait > 0 else None  # (`max` is a parameter here)
-        # RESP2 reply: [[stream, [(id, {field: value}), ...]]]
-        reply: Any = await self.r.xreadgroup(GROUP, CONSUMER, {queue: ">"}, count=max, block=block)
-        if not reply:
-            return []
-        entries = reply[0][1]
+        entries = self._ahead.pop(queue, None)
+        if entries is None:
+            # BLOCK 0 means "forever" to Redis: without a wait, read without BLOCK.
+            block = (int(wait * 1000) or 1) if wait > 0 else None
+            entries = _entries(await self.r.xreadgroup(GROUP, CONSUMER, {queue: ">"}, count=max, block=block))
         if not entries:
             return []
         ids = [entry_id for entry_id, _ in entries]
@@ -72,10 +72,20 @@ class RedisStreamsDriver(Driver):
         # XACK of all ids in one call. XDEL of the same ids rides in the same round trip: XACK only clears the
         # group's pending list, the entries stay in the stream, and every other system here frees a message once
         # it is acknowledged; without it the stream (memory, AOF) would grow by every message ever consumed.
+        # The next batch is read (without BLOCK, so the acks' replies are not held up) in that round trip too:
+        # the same prefetching the Replika driver does with its SDK.
         pipe = self.r.pipeline(transaction=False)
         pipe.xack(queue, GROUP, *ids)
         pipe.xdel(queue, *ids)
-        acked, _ = await pipe.execute()
+        pipe.xreadgroup(GROUP, CONSUMER, {queue: ">"}, count=max)
+        acked, _, ahead = await pipe.execute()
         if acked != len(ids):
             raise ResponseError(f"XACK acknowledged {acked} of {len(ids)} entries")
+        if ahead_entries := _entries(ahead):
+            self._ahead[queue] = ahead_entries
         return payloads
+
+
+def _entries(reply: Any) -> list[Any]:
+    """Entries of an XREADGROUP reply (RESP2: [[stream, [(id, {field: value}), ...]]])."""
+    return list(reply[0][1]) if reply and reply[0][1] else []
