@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -79,9 +80,15 @@ async def run_all(
     progress.finish()
     rows = [
         Row(w, m, s, statistics.median(v), min(v), max(v), len(v))
-        for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+        for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], _natural(kv[0][1])))
     ]
     return rows, failures
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key that puts "16 conns" before "256 conns" and "4KiB" before "64KiB"."""
+    scaled = re.sub(r"(\d+)(KiB|MiB)", lambda m: str(int(m[1]) * {"KiB": 1024, "MiB": 1024**2}[m[2]]) + "B", text)
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", scaled)]
 
 
 def _fmt(value: float) -> str:
@@ -139,7 +146,9 @@ def write_chart(path: Path, rows: list[Row]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    metrics = sorted({(r.workload, r.metric) for r in rows if r.metric.endswith("msg/s")})
+    metrics = sorted(
+        {(r.workload, r.metric) for r in rows if r.metric.endswith("msg/s")}, key=lambda wm: (wm[0], _natural(wm[1]))
+    )
     systems = sorted({r.system for r in rows}, key=lambda s: (not s.startswith("replika"), s))
     if not metrics:
         return False
