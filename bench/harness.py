@@ -80,12 +80,12 @@ async def run_all(
     progress.finish()
     rows = [
         Row(w, m, s, statistics.median(v), min(v), max(v), len(v))
-        for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], _natural(kv[0][1])))
+        for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1])))
     ]
     return rows, failures
 
 
-def _natural(text: str) -> list[Any]:
+def natural_key(text: str) -> list[Any]:
     """Sort key that puts "16 conns" before "256 conns" and "4KiB" before "64KiB"."""
     scaled = re.sub(r"(\d+)(KiB|MiB)", lambda m: str(int(m[1]) * {"KiB": 1024, "MiB": 1024**2}[m[2]]) + "B", text)
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", scaled)]
@@ -147,7 +147,7 @@ def write_chart(path: Path, rows: list[Row]) -> bool:
     except ImportError:
         return False
     metrics = sorted(
-        {(r.workload, r.metric) for r in rows if r.metric.endswith("msg/s")}, key=lambda wm: (wm[0], _natural(wm[1]))
+        {(r.workload, r.metric) for r in rows if r.metric.endswith("msg/s")}, key=lambda wm: (wm[0], natural_key(wm[1]))
     )
     systems = sorted({r.system for r in rows}, key=lambda s: (not s.startswith("replika"), s))
     if not metrics:
