@@ -52,7 +52,6 @@ class Broker:
         self._store = store
         self._loop = asyncio.get_running_loop()
         self._pending: list[tuple[Op, Done]] = []
-        self._scheduled = False
         self._task: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[_Waiter]] = {}
         self._owner_waiters: dict[int, set[_Waiter]] = {}
@@ -60,6 +59,10 @@ class Broker:
         self._timer_at = 0.0
         self._closing = False
         self.started_at = time.time()
+        # While results are handed out, replies are only collected; after_dispatch (set by the server) then
+        # writes them, one write per connection, without waiting for another loop turn.
+        self.dispatching = False
+        self.after_dispatch: Callable[[], None] = _nothing
         self.batches = 0
         self.batched_ops = 0
 
@@ -78,10 +81,9 @@ class Broker:
             done(StoreError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
             return
         self._pending.append((op, done))
-        if not self._scheduled and self._task is None:
-            self._scheduled = True
-            # call_soon, not an immediate flush: every request parsed in this loop turn joins the batch.
-            self._loop.call_soon(self._start)
+        if self._task is None:
+            # The task's first step runs on the next loop turn, so every request parsed in this turn joins the batch.
+            self._task = self._loop.create_task(self._run())
 
     def fetch(self, op: Fetch, wait: float, done: Done) -> None:
         """Fetch, waiting up to ``wait`` seconds for the first message when none is ready."""
@@ -100,11 +102,6 @@ class Broker:
         self.submit(Release(owner), _ignore)
 
     # ----------------------------------------------------------------------------------------------- batches
-    def _start(self) -> None:
-        self._scheduled = False
-        if self._task is None and self._pending:
-            self._task = self._loop.create_task(self._run())
-
     async def _run(self) -> None:
         try:
             while self._pending:
@@ -119,8 +116,13 @@ class Broker:
                     continue
                 self.batches += 1
                 self.batched_ops += len(batch)
-                for (_, done), value in zip(batch, result.results, strict=True):
-                    done(value)
+                self.dispatching = True
+                try:
+                    for (_, done), value in zip(batch, result.results, strict=True):
+                        done(value)
+                finally:
+                    self.dispatching = False
+                    self.after_dispatch()
                 for queue in result.readied:
                     self._wake(queue)
                 self._arm_timer()
@@ -193,11 +195,8 @@ class Broker:
     async def close(self) -> None:
         """Refuse new requests, finish the batch in progress and what was queued before, end long polls."""
         self._closing = True  # first, so that a steady stream of requests cannot keep the drain going
-        while self._pending or self._task is not None:
-            if self._task is None:
-                self._start()
-            if self._task is not None:
-                await self._task
+        while self._task is not None:
+            await self._task
         for parked in list(self._waiters.values()):
             for waiter in list(parked):
                 self._finish_waiter(waiter)
@@ -208,4 +207,8 @@ class Broker:
 
 
 def _ignore(_: Any) -> None:
+    pass
+
+
+def _nothing() -> None:
     pass

@@ -132,8 +132,11 @@ class Connection(asyncio.Protocol):
         self._out.append(encode_frame(obj))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            # One write per loop turn, however many replies this turn produced.
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._broker.dispatching:
+                self._server.dirty.append(self)  # written as soon as the whole batch is handed out
+            else:
+                # One write per loop turn, however many replies this turn produced.
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -292,6 +295,8 @@ class Server:
         self.broker = broker
         self.limits = Limits(config.max_batch, config.max_payload, config.max_frame - 1024)
         self.connections: set[Connection] = set()
+        self.dirty: list[Connection] = []  # connections with replies from the batch being handed out
+        broker.after_dispatch = self._flush_dirty
         self._listener: asyncio.Server | None = None
 
     @classmethod
@@ -312,6 +317,11 @@ class Server:
         )
         log.info("listening", host=config.host, port=server.port, durability=config.durability)
         return server
+
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            conn._flush()
 
     @property
     def port(self) -> int:

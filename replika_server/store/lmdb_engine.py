@@ -129,6 +129,7 @@ class LmdbStore(Store):
         self._lease_seq = 0
         self._delay_heap: list[tuple[float, int, int]] = []  # (due unix s, qnum, id)
         self._token_seq = 0
+        self._token_seq_stored = 0  # what LMDB holds: publishing alone need not rewrite it
         self._qnum_seq = 0
         # Per batch:
         self._writes = Writes()
@@ -217,13 +218,15 @@ class LmdbStore(Store):
             if self._queues.get(q.name) is q:
                 writes.meta[_QUEUE_PREFIX + q.name.encode()] = encode_meta(q.meta())
         if writes:
-            writes.meta[_TOKEN_SEQ] = str(self._token_seq).encode()
+            if self._token_seq != self._token_seq_stored:
+                writes.meta[_TOKEN_SEQ] = str(self._token_seq).encode()
             # A lone request gains nothing from overlapping its commit with parsing (nothing else is arriving),
             # and the thread hand-off costs it tens of microseconds of latency: commit it on the loop.
             error = await self._commit(writes, inline=len(ops) <= INLINE_COMMIT_OPS)
             if error is not None:
                 self._recover_after_failure()
                 return BatchResult([error] * len(ops))
+            self._token_seq_stored = self._token_seq
             if writes.deletes and self._full:
                 self._full = self._used_bytes() > self._config.max_size * 0.9
                 if not self._full:
@@ -306,7 +309,8 @@ class LmdbStore(Store):
             schema = txn.get(_SCHEMA, db=self._meta_db)
             if schema not in (None, _SCHEMA_VERSION):
                 raise RuntimeError(f"store schema {schema!r} is not supported by this version")
-            self._token_seq = max(self._token_seq, int(txn.get(_TOKEN_SEQ, b"0", db=self._meta_db)))
+            self._token_seq_stored = int(txn.get(_TOKEN_SEQ, b"0", db=self._meta_db))
+            self._token_seq = max(self._token_seq, self._token_seq_stored)
             self._qnum_seq = max(self._qnum_seq, int(txn.get(_QNUM_SEQ, b"0", db=self._meta_db)))
             cur = txn.cursor(db=self._meta_db)
             if cur.set_range(_QUEUE_PREFIX):

@@ -189,6 +189,14 @@ class AsyncClient:
             await self._writable.wait()
         return await fut
 
+    async def _send_all(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
+        """Pipeline ``requests`` and await every reply. One request is awaited directly: gather() would wrap it
+        in a task and cost it an extra loop turn of latency."""
+        if len(requests) == 1:
+            rid, data = requests[0]
+            return [await self._send(rid, data, None)]
+        return list(await asyncio.gather(*(self._send(rid, data, None) for rid, data in requests)))
+
     async def _ensure(self) -> None:
         if self._transport is None:
             await self.connect()
@@ -253,7 +261,7 @@ class AsyncClient:
             return []
         await self._ensure()
         chunks = list(self._core.publish_chunks(queue, items, list(headers) if headers is not None else None))
-        replies = await asyncio.gather(*(self._send(rid, data, None) for rid, data in chunks))
+        replies = await self._send_all(chunks)
         ids: list[int] = []
         for reply in replies:
             ids.extend(publish_ids(reply))
@@ -274,7 +282,7 @@ class AsyncClient:
             return
         await self._ensure()
         chunks = list(self._core.settle_chunks(op, batch, **extra))
-        replies = await asyncio.gather(*(self._send(rid, data, None) for rid, data in chunks))
+        replies = await self._send_all(chunks)
         settle_failures(replies)
 
     async def ack(self, msgs: Message | Iterable[Message]) -> None:
