@@ -73,15 +73,32 @@ def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
 
 
 def install_peers(peers: list[str]) -> None:
-    script = HERE / "peers" / "install.sh"
-    subprocess.run(["bash", str(script), *peers], check=False)
+    """Install what the named peers need: their servers (Debian packages, as root) and Python clients (pip).
+    Both steps are idempotent and quick when everything is there; a failure leaves the peer to be skipped."""
+    subprocess.run(["bash", str(HERE / "peers" / "install.sh"), *peers], check=False)
+    missing = []
+    for peer in peers:
+        try:
+            importlib.import_module(_DRIVERS[peer][0])
+        except ImportError:
+            missing.append(peer)
+    if missing:
+        print(f"bench: installing the Python clients of {', '.join(missing)}", file=sys.stderr)
+        req = HERE / "requirements.txt"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(req)], check=False)
+        importlib.invalidate_caches()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="replika bench", description=__doc__.splitlines()[0])
     p.add_argument("--peers", default="", help=f"comma-separated peers to compare with: {','.join(PEERS)}")
     p.add_argument("--peer-settings", choices=("fsync", "default", "both"), default="fsync")
-    p.add_argument("--install-peers", action="store_true", help="install missing peers from Debian packages first")
+    p.add_argument(
+        "--no-install-peers",
+        dest="install_peers",
+        action="store_false",
+        help="do not install missing peers (by default their Debian packages and Python clients are installed)",
+    )
     p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1..W6")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--count", type=int, default=Params.count, help="messages per run")
