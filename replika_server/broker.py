@@ -58,17 +58,12 @@ class Broker:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closing = False
-        self.started_at = time.time()
         # While results are handed out, replies are only collected; after_dispatch (set by the server) then
         # writes them, one write per connection, without waiting for another loop turn.
         self.dispatching = False
         self.after_dispatch: Callable[[], None] = _nothing
         self.batches = 0
         self.batched_ops = 0
-
-    @property
-    def store(self) -> Store:
-        return self._store
 
     def consumers(self, queue: str) -> int:
         """Fetches currently long-polling ``queue``."""
@@ -99,7 +94,15 @@ class Broker:
         """``owner`` (a connection) is gone: drop its long polls and end its leases."""
         for waiter in self._owner_waiters.pop(owner, ()):
             self._finish_waiter(waiter)
-        self.submit(Release(owner), _ignore)
+        self._release(owner)
+
+    def _release(self, owner: int) -> None:
+        def done(result: Any) -> None:
+            # A Release in a batch whose commit failed was undone with it: nobody else will end these leases.
+            if isinstance(result, StoreError) and not self._closing:
+                self._release(owner)
+
+        self.submit(Release(owner), done)
 
     # ----------------------------------------------------------------------------------------------- batches
     async def _run(self) -> None:
@@ -117,12 +120,13 @@ class Broker:
                 self.batches += 1
                 self.batched_ops += len(batch)
                 self.dispatching = True
-                try:
-                    for (_, done), value in zip(batch, result.results, strict=True):
+                for (_, done), value in zip(batch, result.results, strict=True):
+                    try:
                         done(value)
-                finally:
-                    self.dispatching = False
-                    self.after_dispatch()
+                    except Exception:  # one broken callback must not leave the rest of the batch unanswered
+                        log.exception("reply_callback_failed")
+                self.dispatching = False
+                self.after_dispatch()
                 for queue in result.readied:
                     self._wake(queue)
                 self._arm_timer()
@@ -204,10 +208,6 @@ class Broker:
         if self._timer is not None:
             self._timer.cancel()
         await self._store.close()
-
-
-def _ignore(_: Any) -> None:
-    pass
 
 
 def _nothing() -> None:

@@ -321,7 +321,11 @@ class Server:
     def _flush_dirty(self) -> None:
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
-            conn._flush()
+            try:
+                conn._flush()
+            except Exception:  # a transport failing must not keep the other connections' replies back
+                conn._flush_scheduled = False
+                log.exception("reply_write_failed", peer=conn.peer)
 
     @property
     def port(self) -> int:

@@ -296,3 +296,15 @@ async def test_many_queues_do_not_mix(server: RunningServer) -> None:
             msgs = await client.fetch(q, max=10)
             assert [m.payload for m in msgs] == [f"{q}-{i}".encode() for i in range(5)]
             assert [m.id for m in msgs] == [1, 2, 3, 4, 5]
+
+
+async def test_leaving_consume_hands_back_a_prefetch_that_already_landed(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish_many("landed", [str(i).encode() for i in range(20)])
+        consumer = client.consume("landed", prefetch=10)
+        for _ in range(7):  # the refill fetch leaves after the 5th; the acks after it wait for its reply
+            msg = await anext(consumer)
+            await msg.ack()
+        await consumer.aclose()
+        stats = await wait_until_ready(client, "landed", 13)
+        assert stats["in_flight"] == 0

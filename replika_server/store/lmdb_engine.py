@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -170,9 +169,6 @@ class LmdbStore(Store):
         return store
 
     # ----------------------------------------------------------------------------------------------- reading
-    def queue_names(self) -> list[str]:
-        return sorted(self._queues)
-
     def next_timer(self) -> float | None:
         t: float | None = self._lease_heap[0][0] if self._lease_heap else None
         if self._delay_heap:
@@ -228,9 +224,12 @@ class LmdbStore(Store):
                 return BatchResult([error] * len(ops))
             self._token_seq_stored = self._token_seq
             if writes.deletes and self._full:
-                self._full = self._used_bytes() > self._config.max_size * 0.9
+                try:
+                    self._full = self._used_bytes() > self._config.max_size * 0.9
+                except lmdb.Error:
+                    log.exception("store_usage_unknown")  # stay full; the batch itself committed fine
                 if not self._full:
-                    log.info("store_has_room_again", used=self._used_bytes())
+                    log.info("store_has_room_again")
         for q in touched.values():
             q.visible_hi = q.next_id
         return BatchResult(results, readied)
@@ -283,7 +282,11 @@ class LmdbStore(Store):
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._config.sync_interval)
-            await loop.run_in_executor(self._executor, self._env.sync, True)
+            try:
+                await loop.run_in_executor(self._executor, self._env.sync, True)
+            except lmdb.Error:
+                # Keep trying: relaxed mode's promise is a sync every interval, not one failure and silence.
+                log.exception("store_sync_failed")
 
     async def close(self) -> None:
         if self._closed:
@@ -328,6 +331,9 @@ class LmdbStore(Store):
                 if owner_q is None:
                     continue
                 attempts, token, due = unpack_state(value)
+                # Fresh messages are delivered in id order, so every id below a delivered one was delivered
+                # (and has a state record) or is gone: the never-delivered run starts after the last of them.
+                owner_q.cursor = max(owner_q.cursor, mid + 1)
                 if due > now:
                     owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, DELAYED))
                     self._delay_heap.append((due, qnum, mid))
@@ -683,11 +689,3 @@ class LmdbStore(Store):
         if op.queue is None:
             return [self._queues[name].stats() for name in sorted(self._queues)]
         return [self._queue(op.queue).stats()]
-
-
-def store_size(path: Path) -> int:
-    """Bytes the store's data file takes on disk."""
-    try:
-        return os.stat(path / "data.mdb").st_size
-    except FileNotFoundError:
-        return 0

@@ -110,7 +110,7 @@ class ClientCore:
                 item = len(payloads[stop]) + _PER_PAYLOAD_OVERHEAD
                 hdrs = headers[stop] if headers is not None else None
                 if hdrs:
-                    item += sum(len(k) + len(v) + 10 for k, v in hdrs.items())
+                    item += sum(len(k.encode()) + len(v.encode()) + 10 for k, v in hdrs.items())
                 if stop > start and size + item > budget:
                     break
                 size += item

@@ -186,7 +186,11 @@ class AsyncClient:
         self._pending[rid] = (fut, fetch_queue)
         self._write(data)
         if not self._writable.is_set():
-            await self._writable.wait()
+            try:
+                await self._writable.wait()
+            except asyncio.CancelledError:
+                fut.cancel()  # so that a fetch's late reply is handed back, not left holding leases
+                raise
         return await fut
 
     async def _send_all(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
@@ -338,7 +342,10 @@ class AsyncClient:
                 yield buffer.popleft()
         finally:
             if inflight is not None:
-                inflight.cancel()
+                if inflight.done() and not inflight.cancelled() and inflight.exception() is None:
+                    buffer.extend(inflight.result())  # landed but never handed out: give it back below
+                else:
+                    inflight.cancel()  # the client hands back whatever it still delivers
             if buffer and self._transport is not None:
                 rest = list(buffer)
                 buffer.clear()

@@ -43,7 +43,6 @@ class Client:
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._replies: dict[int, Frame] = {}
-        self._fetch_queues: dict[int, str] = {}  # in-flight prefetches, by request id
         self._abandoned: dict[int, str] = {}  # fetches whose caller left: their messages go back (nack)
 
     def __enter__(self) -> Client:
@@ -93,7 +92,6 @@ class Client:
                 self._sock.close()
             finally:
                 self._sock = None
-                self._fetch_queues.clear()
                 self._abandoned.clear()
 
     def _sendall(self, data: bytes) -> None:
@@ -221,15 +219,11 @@ class Client:
     def _start_fetch(self, queue: str, max: int, wait: float, lease: float) -> int:
         rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
         self._sendall(data)
-        self._fetch_queues[rid] = queue
         return rid
 
     def _finish_fetch(self, rid: int, queue: str, wait: float) -> list[SyncMessage]:
         timeout = None if self._timeout is None else self._timeout + wait
-        try:
-            reply = check(self._wait(rid, timeout))
-        finally:
-            self._fetch_queues.pop(rid, None)
+        reply = check(self._wait(rid, timeout))
         return [SyncMessage(queue, m, self) for m in reply["msgs"]]
 
     def _settle(self, op: str, msgs: SyncMessage | Iterable[SyncMessage], **extra: Any) -> None:
@@ -285,7 +279,6 @@ class Client:
                 yield buffer.popleft()
         finally:
             if pending is not None:
-                self._fetch_queues.pop(pending, None)
                 landed = self._replies.pop(pending, None)
                 if landed is None:
                     # Don't block for the long poll: hand its messages back whenever its reply turns up.
