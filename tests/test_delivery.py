@@ -301,7 +301,7 @@ async def test_many_queues_do_not_mix(server: RunningServer) -> None:
 async def test_leaving_consume_hands_back_a_prefetch_that_already_landed(server: RunningServer) -> None:
     async with replika.AsyncClient(server.url) as client:
         await client.publish_many("landed", [str(i).encode() for i in range(20)])
-        consumer = client.consume("landed", prefetch=10)
+        consumer = client.consume("landed", prefetch=10, lease=4 * WAIT)  # only a hand-back frees them in time
         for _ in range(7):  # the refill fetch leaves after the 5th; the acks after it wait for its reply
             msg = await anext(consumer)
             await msg.ack()
