@@ -85,8 +85,8 @@ class Broker:
         if wait <= 0:
             self.submit(op, done)
             return
+        # The deadline timer is only armed if the fetch has to park: most long polls find messages at once.
         waiter = _Waiter(op, done, self._loop.time() + wait)
-        waiter.handle = self._loop.call_at(waiter.deadline, self._waiter_timeout, waiter)
         self._owner_waiters.setdefault(op.owner, set()).add(waiter)
         self.submit(op, functools.partial(self._waiter_result, waiter))
 
@@ -140,6 +140,8 @@ class Broker:
         if result == [] and not self._closing and self._loop.time() < waiter.deadline:
             waiter.state = _Waiter.PARKED
             self._waiters.setdefault(waiter.op.queue, []).append(waiter)
+            if waiter.handle is None:
+                waiter.handle = self._loop.call_at(waiter.deadline, self._waiter_timeout, waiter)
             return
         self._finish_waiter(waiter)
         waiter.done(result)

@@ -42,6 +42,7 @@ class Client:
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._sock: socket.socket | None = None
+        self._sock_timeout: float | None = None
         self._replies: dict[int, Frame] = {}
         self._abandoned: dict[int, str] = {}  # fetches whose caller left: their messages go back (nack)
 
@@ -72,6 +73,7 @@ class Client:
             raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._sock_timeout = self._connect_timeout
         self._core.reset()
         self._replies.clear()
         rid, data = self._core.hello()
@@ -97,11 +99,17 @@ class Client:
     def _sendall(self, data: bytes) -> None:
         assert self._sock is not None
         try:
-            self._sock.settimeout(self._timeout)
+            self._set_timeout(self._timeout)
             self._sock.sendall(data)
         except OSError as exc:
             self._drop()
             raise ConnectionLost(f"connection to the broker lost: {exc}") from None
+
+    def _set_timeout(self, timeout: float | None) -> None:
+        # settimeout is a syscall (it flips O_NONBLOCK): only make it when the value changes.
+        if timeout != self._sock_timeout and self._sock is not None:
+            self._sock.settimeout(timeout)
+            self._sock_timeout = timeout
 
     def _wait(self, rid: int, timeout: float | None = None) -> Frame:
         """Read until the reply to ``rid`` arrives, keeping other replies for their callers."""
@@ -110,7 +118,7 @@ class Client:
             if sock is None:
                 raise ConnectionLost("not connected")
             try:
-                sock.settimeout(timeout if timeout is not None else self._timeout)
+                self._set_timeout(timeout if timeout is not None else self._timeout)
                 data = sock.recv(_RECV)
             except OSError as exc:
                 self._drop()
