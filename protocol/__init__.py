@@ -5,7 +5,15 @@ without pulling in an event loop or sockets. SPEC.md is the authority on the for
 """
 
 from replika_protocol.errors import BadFrame, ErrorCode, FrameTooLarge, ProtocolError
-from replika_protocol.framing import HEADER_SIZE, Frame, FrameDecoder, decode_body, encode_body, encode_frame
+from replika_protocol.framing import (
+    HEADER_SIZE,
+    Frame,
+    FrameDecoder,
+    decode_body,
+    encode_body,
+    encode_frame,
+    frame_header,
+)
 from replika_protocol.limits import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_FRAME,
@@ -39,5 +47,6 @@ __all__ = [
     "decode_body",
     "encode_body",
     "encode_frame",
+    "frame_header",
     "is_valid_queue_name",
 ]

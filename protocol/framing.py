@@ -15,7 +15,7 @@ import msgpack
 from replika_protocol.errors import BadFrame, FrameTooLarge, ProtocolError
 from replika_protocol.limits import DEFAULT_MAX_FRAME
 
-__all__ = ["HEADER_SIZE", "Frame", "FrameDecoder", "decode_body", "encode_body", "encode_frame"]
+__all__ = ["HEADER_SIZE", "Frame", "FrameDecoder", "decode_body", "encode_body", "encode_frame", "frame_header"]
 
 Frame = dict[str, Any]
 
@@ -130,6 +130,11 @@ def encode_body(obj: Frame) -> bytes:
     """The msgpack body of ``obj`` (bytes become msgpack ``bin``, str become ``str``)."""
     body: bytes = msgpack.packb(obj, use_bin_type=True)
     return body
+
+
+def frame_header(length: int) -> bytes:
+    """The 4-byte length prefix of a body of ``length`` bytes (to send a large body without copying it)."""
+    return _pack_header(length)
 
 
 def encode_frame(obj: Frame) -> bytes:

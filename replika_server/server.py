@@ -23,7 +23,8 @@ from replika_protocol import (
     Frame,
     FrameDecoder,
     ProtocolError,
-    encode_frame,
+    encode_body,
+    frame_header,
 )
 from replika_server import __version__
 from replika_server.broker import Broker
@@ -41,6 +42,8 @@ MAX_INFLIGHT_REQUESTS = 10_000
 SHUTDOWN_GRACE = 5.0
 
 _owner_ids = itertools.count(1)
+#: Replies below this size are joined into one buffer per write; larger ones are written without a copy.
+_COPY_LIMIT = 256 * 1024
 
 
 class Connection(asyncio.Protocol):
@@ -53,6 +56,7 @@ class Connection(asyncio.Protocol):
         self._decoder = FrameDecoder(server.config.max_frame)
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._out_large = False  # _out holds a large reply: write it without joining
         self._flush_scheduled = False
         self._ready = False  # handshake done
         self._closed = False
@@ -129,7 +133,15 @@ class Connection(asyncio.Protocol):
     def _send(self, obj: Frame) -> None:
         if self._closed:
             return
-        self._out.append(encode_frame(obj))
+        body = encode_body(obj)
+        if len(body) < _COPY_LIMIT:
+            self._out.append(frame_header(len(body)) + body)
+        else:
+            # A large reply (a fetch of big payloads) is handed over as is, header and body apart: joining
+            # would copy megabytes only to have the transport copy them again.
+            self._out.append(frame_header(len(body)))
+            self._out.append(body)
+            self._out_large = True
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._broker.dispatching:
@@ -142,7 +154,11 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and not self._closed and self._transport is not None:
             out, self._out = self._out, []
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if self._out_large:
+                self._out_large = False
+                self._transport.writelines(out)
+            else:
+                self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _error(self, rid: int | None, code: ErrorCode, message: str) -> None:
         self._send({"id": rid, "ok": False, "code": code.value, "message": message})
