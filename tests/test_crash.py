@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import replika
 from tests.conftest import WAIT, ServerProcess
@@ -65,3 +66,20 @@ async def test_kill_9_keeps_unacked_and_redelivers_leased(server_process: Server
     async with replika.AsyncClient(server_process.url) as client:
         msgs = await client.fetch("jobs", max=10)
         assert [(m.payload, m.attempts) for m in msgs] == [(b"a", 2), (b"c", 1)]
+
+
+async def test_relaxed_durability_survives_a_process_crash(tmp_path: Path) -> None:
+    # relaxed: confirmed once written to the OS, fsynced every --sync-interval; a kill -9 of the broker (not of
+    # the machine) loses nothing confirmed (SPEC.md, durability).
+    proc = ServerProcess(tmp_path / "data", "--durability", "relaxed", "--sync-interval", "60").start()
+    try:
+        async with replika.AsyncClient(proc.url) as client:
+            ids = await client.publish_many("relaxed", [str(i).encode() for i in range(500)])
+            assert len(ids) == 500
+        proc.kill()
+        proc.start()
+        async with replika.AsyncClient(proc.url) as client:
+            msgs = await client.fetch("relaxed", max=1000)
+            assert [m.payload for m in msgs] == [str(i).encode() for i in range(500)]
+    finally:
+        proc.stop()
