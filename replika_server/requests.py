@@ -165,7 +165,12 @@ def _settle(cls: type[Settle]) -> Any:
 
 def _nack(frame: Frame, owner: int, limits: Limits) -> Nack:
     delay = _number(frame, "delay", 0.0, 0.0, MAX_DELAY)
-    return Nack(queue_field(frame), _leases(frame, limits), owner, delay)
+    unseen = frame.get("unseen", False)
+    if unseen is None:
+        unseen = False
+    if not isinstance(unseen, bool):
+        raise _bad("field 'unseen' must be a boolean")
+    return Nack(queue_field(frame), _leases(frame, limits), owner, delay, unseen)
 
 
 def _touch(frame: Frame, owner: int, limits: Limits) -> Touch:

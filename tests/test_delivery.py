@@ -308,3 +308,17 @@ async def test_leaving_consume_hands_back_a_prefetch_that_already_landed(server:
         await consumer.aclose()
         stats = await wait_until_ready(client, "landed", 13)
         assert stats["in_flight"] == 0
+
+
+async def test_messages_handed_back_by_consume_do_not_count_as_attempts(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.declare("once", max_attempts=1)
+        await client.publish_many("once", [b"1", b"2", b"3"])
+        consumer = client.consume("once", prefetch=3)
+        first = await anext(consumer)
+        await first.ack()
+        await consumer.aclose()  # 2 and 3 were prefetched, never seen: handed back, not dead-lettered
+        await wait_until_ready(client, "once", 2)
+        rest = await client.fetch("once", max=10)
+        assert [(m.payload, m.attempts) for m in rest] == [(b"2", 1), (b"3", 1)]
+        assert "once.dlq" not in [q["queue"] for q in await client.queues()]

@@ -114,3 +114,12 @@ async def test_headers_are_limited(server: RunningServer) -> None:
         with pytest.raises(replika.BadRequest, match="headers"):
             await client.publish("h", b"x", headers={"k": "v" * 17 * 1024})
         await client.publish("h", b"x", headers={"k": "v" * 15 * 1024})
+
+
+async def test_unseen_must_be_a_boolean(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish("u", b"x")
+        [msg] = await client.fetch("u")
+        with pytest.raises(replika.BadRequest, match="unseen"):
+            await client._settle("nack", [msg], delay=0.0, unseen="yes")
+        await msg.ack()

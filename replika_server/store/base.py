@@ -108,6 +108,7 @@ class Ack(Settle):
 @dataclass(slots=True)
 class Nack(Settle):
     delay: float = 0.0  # seconds before the message is ready again
+    unseen: bool = False  # handed back unprocessed by a client library: this delivery is not an attempt
 
 
 @dataclass(slots=True)

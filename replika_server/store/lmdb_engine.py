@@ -601,7 +601,7 @@ class LmdbStore(Store):
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
             if isinstance(op, Nack):
-                self._nack(q, mid, t, op.delay)
+                self._nack(q, mid, t, op.delay, op.unseen)
             elif isinstance(op, Reject):
                 self._dead_letter(q, mid, DeadLetterReason.REJECTED)
             elif isinstance(op, Touch):
@@ -610,7 +610,9 @@ class LmdbStore(Store):
                 self._lease_group(now + op.lease, [t])
         return failed
 
-    def _nack(self, q: QueueState, mid: int, t: Tracked, delay: float) -> None:
+    def _nack(self, q: QueueState, mid: int, t: Tracked, delay: float, unseen: bool = False) -> None:
+        if unseen and t.attempts > 0:
+            t.attempts -= 1  # persisted below with the settled token
         limit = q.options.max_attempts
         if delay <= 0 or (limit is not None and t.attempts >= limit):
             self._lease_ended(q, mid, t)

@@ -161,7 +161,7 @@ class AsyncClient:
 
     def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
         """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
-        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs])
+        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs], unseen=True)
         self._pending[rid] = (asyncio.get_running_loop().create_future(), None)
         self._write(data)
 
@@ -311,7 +311,8 @@ class AsyncClient:
 
         Up to ``prefetch`` messages are leased ahead of the caller. On a lost connection it reconnects with
         backoff and goes on; leases of messages not yet acked end with the old connection (at-least-once).
-        Messages prefetched but not yet yielded when the loop is left are nacked back.
+        Messages prefetched but not yet yielded when the loop is left are handed back (nack, not counted as an
+        attempt: the application never saw them).
         """
         check_queue(queue)
         prefetch = max(1, prefetch)
@@ -350,7 +351,7 @@ class AsyncClient:
                 rest = list(buffer)
                 buffer.clear()
                 with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
-                    await self.nack(rest)
+                    await self._settle("nack", rest, delay=0.0, unseen=True)
 
 
 def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:

@@ -145,7 +145,7 @@ class Client:
         return self._replies.pop(rid)
 
     def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs])
+        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs], unseen=True)
         self._abandoned[rid] = queue  # its reply is of no interest either
         self._sendall(data)
 
@@ -260,7 +260,7 @@ class Client:
     def consume(self, queue: str, *, prefetch: int = 100, lease: float = 30.0) -> Iterator[SyncMessage]:
         """Yield messages of ``queue`` for ever. The next fetch is sent before the current batch is handed
         out, so it is usually answered by the time it is needed. Reconnects with backoff on a lost connection.
-        Messages fetched but not yet yielded when the loop is left are nacked back."""
+        Messages fetched but not yet yielded when the loop is left are handed back, not counted as attempts."""
         check_queue(queue)
         prefetch = max(1, prefetch)
         buffer: deque[SyncMessage] = deque()
@@ -296,6 +296,6 @@ class Client:
             if self._sock is not None:
                 try:
                     if buffer:
-                        self.nack(list(buffer))
+                        self._settle("nack", list(buffer), delay=0.0, unseen=True)
                 except ReplikaError:
                     pass  # their leases end with the connection or expire
