@@ -7,6 +7,7 @@ Consecutive puts to one database form one segment so that the replay uses ``putm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lmdb
@@ -43,7 +44,7 @@ class Writes:
     def put(self, db: Any, key: bytes, value: bytes) -> None:
         self._segment(PUT, db).append((key, value))
 
-    def put_many(self, db: Any, items: list[tuple[bytes, bytes]]) -> None:
+    def put_many(self, db: Any, items: Sequence[tuple[bytes | memoryview, bytes]]) -> None:
         self._segment(PUT, db).extend(items)
 
     def delete_many(self, db: Any, keys: list[bytes]) -> None:

@@ -503,6 +503,8 @@ class LmdbStore(Store):
         if q.count == len(q.tracked) and not q.n_ready:
             return out  # nothing ready: skip the read transaction entirely
         deadline = time.monotonic() + op.lease
+        if q.peek_ready() is None:
+            return self._fetch_fresh(q, op, deadline)
         limit = q.options.max_attempts
         fresh = self._fresh(q) if q.count > len(q.tracked) else iter(())
         nxt = next(fresh, None)
@@ -552,6 +554,53 @@ class LmdbStore(Store):
             published_at, payload, headers = decode_message(value)
             out.append((mid, t.token, t.attempts, published_at, payload, headers))
         if group:
+            self._lease_group(deadline, group)
+        return out
+
+    def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
+        """The hot path of consuming a backlog: only never-delivered messages are ready, so they are read in key
+        order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_message` inlined, and each
+        stored key reused as its delivery record's key."""
+        out: list[Delivery] = []
+        cur = self._read_txn().cursor()
+        if not cur.set_range(pack_key(q.qnum, q.cursor)):
+            return out
+        qnum, hi, tracked, owner, limit = q.qnum, q.visible_hi, q.tracked, op.owner, op.max
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = self._owners[owner] = set()
+        budget = op.max_bytes
+        token = self._token_seq
+        group: list[Tracked] = []
+        records: list[tuple[bytes | memoryview, bytes]] = []
+        last = 0
+        for key, value in cur:
+            kq, mid = unpack_key(key)
+            if kq != qnum or mid >= hi:
+                break
+            if mid in tracked:
+                continue
+            budget -= len(value) + DELIVERY_OVERHEAD
+            if budget < 0 and out:
+                break  # the reply must fit in one frame; the rest waits for the next fetch
+            token += 1
+            t = Tracked(qnum, mid, 1, token, 0.0, LEASED)
+            t.deadline = deadline
+            t.owner = owner
+            tracked[mid] = t
+            owned.add(t)
+            group.append(t)
+            records.append((key, pack_state(1, token, 0.0)))
+            published_at, payload, headers = decode_message(value)
+            out.append((mid, token, 1, published_at, payload, headers))
+            last = mid
+            if len(out) >= limit:
+                break
+        if group:
+            q.n_leased += len(group)
+            q.cursor = last + 1
+            self._token_seq = token
+            self._writes.put_many(self._state_db, records)
             self._lease_group(deadline, group)
         return out
 
