@@ -123,3 +123,34 @@ async def test_unseen_must_be_a_boolean(server: RunningServer) -> None:
         with pytest.raises(replika.BadRequest, match="unseen"):
             await client._settle("nack", [msg], delay=0.0, unseen="yes")
         await msg.ack()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"ids": [1, 2], "tokens": [1]},
+        {"ids": [], "tokens": []},
+        {"ids": [1], "tokens": ["1"]},
+        {"ids": [True], "tokens": [1]},
+        {"ids": [-1], "tokens": [1]},
+        {"ids": 1, "tokens": [1]},
+        {"ids": [1]},
+        {},
+    ],
+)
+async def test_the_compact_settle_form_is_validated(server: RunningServer, fields: dict[str, object]) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish("v", b"x")
+        with pytest.raises(replika.BadRequest):
+            await client._call("ack", queue="v", **fields)
+        assert (await client.stats("v"))["total"] == 1
+
+
+async def test_both_settle_forms_ack(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        await client.publish_many("forms", [b"1", b"2"])
+        first, second = await client.fetch("forms", max=2)
+        assert (await client._call("ack", queue="forms", leases=[[first.id, first.token]]))["failed"] == {}
+        reply = await client._call("ack", queue="forms", ids=[second.id, first.id], tokens=[second.token, 7])
+        assert reply["failed"] == {first.id: "STALE_LEASE"}
+        assert (await client.stats("forms"))["total"] == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,7 @@ class Settle:
     """Base of the operations that act on delivered messages by (id, token)."""
 
     queue: str
-    leases: Sequence[Sequence[int]]  # [id, token] pairs
+    leases: Iterable[Sequence[int]]  # (id, token) pairs, iterated once
     owner: int
 
 

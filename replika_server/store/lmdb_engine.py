@@ -13,7 +13,7 @@ import asyncio
 import errno
 import heapq
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,7 +604,7 @@ class LmdbStore(Store):
             self._lease_group(deadline, group)
         return out
 
-    def _ack(self, q: QueueState, leases: Sequence[Sequence[int]]) -> dict[int, str]:
+    def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> dict[int, str]:
         """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs."""
         failed: dict[int, str] = {}
         tracked = q.tracked

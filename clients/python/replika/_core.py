@@ -123,12 +123,16 @@ class ClientCore:
 
     def settle_chunks(self, op: str, msgs: Iterable[MessageData], **extra: Any) -> Iterator[tuple[int, bytes]]:
         """Ack/nack/reject/touch requests for ``msgs``, one per queue and batch limit."""
-        by_queue: dict[str, list[list[int]]] = {}
+        by_queue: dict[str, list[MessageData]] = {}
         for m in msgs:
-            by_queue.setdefault(m.queue, []).append([m.id, m.token])
-        for queue, leases in by_queue.items():
-            for i in range(0, len(leases), self.max_batch):
-                yield self.request(op, queue=queue, leases=leases[i : i + self.max_batch], **extra)
+            by_queue.setdefault(m.queue, []).append(m)
+        for queue, batch in by_queue.items():
+            for i in range(0, len(batch), self.max_batch):
+                chunk = batch[i : i + self.max_batch]
+                # Two flat arrays, not an array of pairs: much cheaper to encode and decode on both sides.
+                ids = [m.id for m in chunk]
+                tokens = [m.token for m in chunk]
+                yield self.request(op, queue=queue, ids=ids, tokens=tokens, **extra)
 
 
 def check(reply: Frame) -> Frame:
