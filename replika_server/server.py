@@ -98,8 +98,7 @@ class Connection(asyncio.Protocol):
         if error is not None:
             # Answer the requests that came before the corruption, then say why and close.
             self._broken = error
-            if self._transport is not None:
-                self._transport.pause_reading()
+            self._update_reading()
             if self._inflight == 0:
                 self._fatal(error.code, str(error))
 
@@ -167,10 +166,7 @@ class Connection(asyncio.Protocol):
         """The byte stream is unusable: say why, then close."""
         log.info("connection_protocol_error", peer=self.peer, code=code.value, message=message)
         self._error(rid, code, message)
-        self._flush()
-        self._closed = True
-        if self._transport is not None:
-            self._transport.close()  # flushes what was written, then closes
+        self.close()
 
     def _update_reading(self) -> None:
         if self._transport is None or self._closed:
@@ -204,8 +200,9 @@ class Connection(asyncio.Protocol):
                 raise RequestError(ErrorCode.BAD_REQUEST, "the handshake was already done")
             else:
                 store_op = parse_op(op, frame, self.owner, self._limits)
+                fmt = _REPLIES[op]
                 self._begin()
-                self._broker.submit(store_op, lambda r: self._done(rid, r, _REPLIES[op]))
+                self._broker.submit(store_op, lambda r: self._done(rid, r, fmt))
         except RequestError as exc:
             self._error(rid, exc.code, exc.message)
 

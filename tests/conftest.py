@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,19 +43,26 @@ class RunningServer:
         return self.server.port
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    """A broker in this test's event loop on 127.0.0.1, port 0, with its own store."""
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, **config: Any) -> AsyncIterator[RunningServer]:
+    """A broker in the running event loop on 127.0.0.1, port 0, storing in ``data_dir``, with ``config`` on top
+    of the defaults; any exception the loop could not hand to anyone fails the test."""
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-    data = tmp_path / "data"
-    srv = await Server.start(Config(host="127.0.0.1", port=0, data_dir=data))
+    running = RunningServer(await Server.start(Config(host="127.0.0.1", port=0, data_dir=data_dir, **config)), data_dir)
     try:
-        yield RunningServer(srv, data)
+        yield running
     finally:
-        await srv.stop()
+        await running.server.stop()
     assert not errors, f"unhandled event loop errors: {errors}"
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A broker in this test's event loop on 127.0.0.1, port 0, with its own store."""
+    async with serving(tmp_path / "data") as running:
+        yield running
 
 
 async def restart(running: RunningServer, **config: Any) -> RunningServer:

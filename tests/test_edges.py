@@ -9,26 +9,21 @@ import pytest
 
 import replika
 from replika_protocol import FrameDecoder, encode_frame
-from replika_server.config import Config
-from replika_server.server import Server
-from tests.conftest import WAIT, RunningServer
+from tests.conftest import WAIT, RunningServer, serving
 
 
 async def test_fetch_reply_never_exceeds_the_frame_limit(tmp_path: Path) -> None:
-    srv = await Server.start(
-        Config(host="127.0.0.1", port=0, data_dir=tmp_path / "d", max_frame=64 * 1024, max_payload=40 * 1024)
-    )
-    try:
-        async with replika.AsyncClient(f"replika://127.0.0.1:{srv.port}") as client:
-            await client.publish_many("big", [bytes([i]) * 40 * 1024 for i in range(3)])
-            first = await client.fetch("big", max=10)
-            assert len(first) == 1  # two would not fit in one 64 KiB reply
-            rest = await client.fetch("big", max=10)
-            rest += await client.fetch("big", max=10)
-            assert [m.payload[0] for m in first + rest] == [0, 1, 2]
-            assert all(m.attempts == 1 for m in first + rest)
-    finally:
-        await srv.stop()
+    async with (
+        serving(tmp_path / "d", max_frame=64 * 1024, max_payload=40 * 1024) as srv,
+        replika.AsyncClient(srv.url) as client,
+    ):
+        await client.publish_many("big", [bytes([i]) * 40 * 1024 for i in range(3)])
+        first = await client.fetch("big", max=10)
+        assert len(first) == 1  # two would not fit in one 64 KiB reply
+        rest = await client.fetch("big", max=10)
+        rest += await client.fetch("big", max=10)
+        assert [m.payload[0] for m in first + rest] == [0, 1, 2]
+        assert all(m.attempts == 1 for m in first + rest)
 
 
 async def test_a_nacked_delivery_can_no_longer_be_acked_or_touched(server: RunningServer) -> None:
@@ -75,27 +70,26 @@ async def test_longest_queue_name_has_an_addressable_dead_letter_queue(server: R
 
 
 async def test_a_full_store_refuses_publishes_keeps_serving_and_recovers(tmp_path: Path) -> None:
-    srv = await Server.start(Config(host="127.0.0.1", port=0, data_dir=tmp_path / "d", max_store_size=2 * 1024**2))
-    try:
-        async with replika.AsyncClient(f"replika://127.0.0.1:{srv.port}") as client:
-            stored = 0
-            with pytest.raises(replika.StoreFull):
-                for _ in range(200):  # 200 x 64 KiB = 12.5 MiB: far past the 2 MiB limit
-                    await client.publish_many("fill", [b"x" * 16384] * 4)
-                    stored += 4
-            assert stored > 0
-            assert (await client.stats("fill"))["total"] == stored  # nothing half-written
-            with pytest.raises(replika.StoreFull):
-                await client.publish("fill", b"still full")
-            drained = 0
-            while drained < stored:
-                msgs = await client.fetch("fill", max=50)
-                await client.ack(msgs)
-                drained += len(msgs)
-            assert (await client.stats("fill"))["total"] == 0
-            assert await client.publish("fill", b"room again") > 0  # recovered by itself
-    finally:
-        await srv.stop()
+    async with (
+        serving(tmp_path / "d", max_store_size=2 * 1024**2) as srv,
+        replika.AsyncClient(srv.url) as client,
+    ):
+        stored = 0
+        with pytest.raises(replika.StoreFull):
+            for _ in range(200):  # 200 x 64 KiB = 12.5 MiB: far past the 2 MiB limit
+                await client.publish_many("fill", [b"x" * 16384] * 4)
+                stored += 4
+        assert stored > 0
+        assert (await client.stats("fill"))["total"] == stored  # nothing half-written
+        with pytest.raises(replika.StoreFull):
+            await client.publish("fill", b"still full")
+        drained = 0
+        while drained < stored:
+            msgs = await client.fetch("fill", max=50)
+            await client.ack(msgs)
+            drained += len(msgs)
+        assert (await client.stats("fill"))["total"] == 0
+        assert await client.publish("fill", b"room again") > 0  # recovered by itself
 
 
 async def test_token_zero_never_settles_a_nacked_message(server: RunningServer) -> None:

@@ -404,30 +404,32 @@ class LmdbStore(Store):
         self._lease_seq += 1
         heapq.heappush(self._lease_heap, (deadline, self._lease_seq, group))
 
-    def _unlease(self, q: QueueState, mid: int, t: Tracked) -> None:
+    def _unlease(self, t: Tracked) -> None:
         if t.status == LEASED:
             self._unleased.append(t)
             owned = self._owners.get(t.owner)
             if owned is not None:
                 owned.discard(t)
 
-    def _lease_ended(self, q: QueueState, mid: int, t: Tracked) -> None:
+    def _lease_ended(self, q: QueueState, t: Tracked) -> None:
         """A lease ended without an ack (expiry, closed connection, nack without delay)."""
-        self._unlease(q, mid, t)
+        self._unlease(t)
         limit = q.options.max_attempts
         if limit is not None and t.attempts >= limit:
-            self._dead_letter(q, mid, DeadLetterReason.MAX_ATTEMPTS)
+            self._dead_letter(q, t.mid, DeadLetterReason.MAX_ATTEMPTS)
         else:
-            q.make_ready(mid, t)
+            q.make_ready(t.mid, t)
             self._readied.add(q.name)
 
     def _remove(self, q: QueueState, mid: int) -> None:
+        """Delete one message (the general path; acks take the batched :meth:`_ack`)."""
+        key = pack_key(q.qnum, mid)
         t = q.tracked.get(mid)
         if t is not None:
-            self._unlease(q, mid, t)
+            self._unlease(t)
             q.untrack(mid)
-            self._writes.delete(self._state_db, pack_key(q.qnum, mid))
-        self._writes.delete(self._msgs_db, pack_key(q.qnum, mid))
+            self._writes.delete(self._state_db, key)
+        self._writes.delete(self._msgs_db, key)
         self._writes.deletes += 1
         q.count -= 1
         self._touched[q.qnum] = q
@@ -654,7 +656,7 @@ class LmdbStore(Store):
             elif isinstance(op, Reject):
                 self._dead_letter(q, mid, DeadLetterReason.REJECTED)
             elif isinstance(op, Touch):
-                self._unlease(q, mid, t)
+                self._unlease(t)
                 self._lease(q, t, now + op.lease, op.owner)
                 self._lease_group(now + op.lease, [t])
         return failed
@@ -664,13 +666,13 @@ class LmdbStore(Store):
             t.attempts -= 1  # persisted below with the settled token
         limit = q.options.max_attempts
         if delay <= 0 or (limit is not None and t.attempts >= limit):
-            self._lease_ended(q, mid, t)
+            self._lease_ended(q, t)
             if q.tracked.get(mid) is t:  # not dead-lettered
                 # Settled: this delivery's token may not ack, nack or touch any more, even after a restart.
                 t.token = 0
                 self._writes.put(self._state_db, pack_key(q.qnum, mid), pack_state(t.attempts, 0, 0.0))
             return
-        self._unlease(q, mid, t)
+        self._unlease(t)
         t.token = 0
         t.due = time.time() + delay
         q.set_status(t, DELAYED)
@@ -695,7 +697,7 @@ class LmdbStore(Store):
         q = self._queue(op.queue)
         for mid in list(q.tracked):
             t = q.tracked[mid]
-            self._unlease(q, mid, t)
+            self._unlease(t)
         del self._queues[q.name]
         del self._by_qnum[q.qnum]
         self._touched.pop(q.qnum, None)
@@ -712,7 +714,7 @@ class LmdbStore(Store):
         for t in self._owners.pop(op.owner, ()):
             q = self._current(t)
             if q is not None and t.status == LEASED and t.owner == op.owner:
-                self._lease_ended(q, t.mid, t)
+                self._lease_ended(q, t)
 
     def _expire(self, op: Expire) -> None:
         now = time.monotonic()
@@ -724,7 +726,7 @@ class LmdbStore(Store):
                     continue  # settled, touched or re-leased since
                 q = self._current(t)
                 if q is not None:
-                    self._lease_ended(q, t.mid, t)
+                    self._lease_ended(q, t)
         wall = time.time()
         delays = self._delay_heap
         while delays and delays[0][0] <= wall:

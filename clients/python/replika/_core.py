@@ -135,6 +135,13 @@ class ClientCore:
                 yield self.request(op, queue=queue, ids=ids, tokens=tokens, **extra)
 
 
+def hand_back_request(core: ClientCore, queue: str, wire_msgs: list[Any]) -> tuple[int, bytes]:
+    """The nack returning deliveries the application never saw (wire arrays of a fetch reply): not attempts."""
+    ids = [m[0] for m in wire_msgs]
+    tokens = [m[1] for m in wire_msgs]
+    return core.request("nack", queue=queue, ids=ids, tokens=tokens, unseen=True)
+
+
 def check(reply: Frame) -> Frame:
     """``reply`` if it is a success, else raise its error."""
     if reply.get("ok") is not True:

@@ -9,7 +9,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from replika._core import DEFAULT_URL, ClientCore, check, check_queue, parse_url, publish_ids, settle_failures
+from replika._core import (
+    DEFAULT_URL,
+    ClientCore,
+    check,
+    check_queue,
+    hand_back_request,
+    parse_url,
+    publish_ids,
+    settle_failures,
+)
 from replika._message import Message
 from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
 from replika_protocol import Frame, ProtocolError
@@ -161,7 +170,7 @@ class AsyncClient:
 
     def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
         """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
-        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs], unseen=True)
+        rid, data = hand_back_request(self._core, queue, msgs)
         self._pending[rid] = (asyncio.get_running_loop().create_future(), None)
         self._write(data)
 

@@ -9,7 +9,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from replika._core import DEFAULT_URL, ClientCore, check, check_queue, parse_url, publish_ids, settle_failures
+from replika._core import (
+    DEFAULT_URL,
+    ClientCore,
+    check,
+    check_queue,
+    hand_back_request,
+    parse_url,
+    publish_ids,
+    settle_failures,
+)
 from replika._message import SyncMessage
 from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
 from replika.errors import ConnectionLost, ProtocolViolation, ReplikaError, error_from_reply
@@ -145,7 +154,7 @@ class Client:
         return self._replies.pop(rid)
 
     def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        rid, data = self._core.request("nack", queue=queue, leases=[[m[0], m[1]] for m in msgs], unseen=True)
+        rid, data = hand_back_request(self._core, queue, msgs)
         self._abandoned[rid] = queue  # its reply is of no interest either
         self._sendall(data)
 
