@@ -571,6 +571,9 @@ async def test_stats_none_lists_every_queue(store: LmdbStore) -> None:
         "total": 2,
         "max_attempts": None,
         "dead_letter": "b.dlq",
+        "bytes": 2,
+        "max_length": None,
+        "max_bytes": None,
     }
     assert (by_name["c"].max_attempts, by_name["c"].dead_letter, by_name["c"].total) == (4, "c-dead", 0)
 

@@ -28,9 +28,9 @@ READY, LEASED, DELAYED = Status.READY, Status.LEASED, Status.DELAYED
 class Tracked:
     """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
 
-    __slots__ = ("attempts", "deadline", "due", "mid", "owner", "qnum", "status", "token")
+    __slots__ = ("attempts", "deadline", "due", "mid", "owner", "qnum", "size", "status", "token")
 
-    def __init__(self, qnum: int, mid: int, attempts: int, token: int, due: float, status: Status) -> None:
+    def __init__(self, qnum: int, mid: int, attempts: int, token: int, due: float, status: Status, size: int) -> None:
         # qnum and mid let lease groups and owner sets hold the object itself, with no key tuple per lease.
         self.qnum = qnum
         self.mid = mid
@@ -40,12 +40,15 @@ class Tracked:
         self.deadline = 0.0  # monotonic seconds, meaningful while LEASED
         self.owner = 0
         self.status = status
+        # Payload plus packed headers bytes (see QueueState.bytes): removing the message needs no LMDB read.
+        self.size = size
 
 
 class QueueState:
     """One queue: durable counters mirrored from its meta record, and the delivery index."""
 
     __slots__ = (
+        "bytes",
         "count",
         "cursor",
         "n_delayed",
@@ -60,11 +63,14 @@ class QueueState:
         "visible_hi",
     )
 
-    def __init__(self, name: str, qnum: int, next_id: int, count: int, options: QueueOptions) -> None:
+    def __init__(self, name: str, qnum: int, next_id: int, count: int, size: int, options: QueueOptions) -> None:
         self.name = name
         self.qnum = qnum
         self.next_id = next_id  # next id to assign; ids start at 1
         self.count = count  # messages stored, whatever their status
+        # Payload plus packed headers bytes of those messages: each stored value less its fixed head. Counted
+        # the same way as max_bytes so that the limit does not depend on the record layout.
+        self.bytes = size
         self.options = options
         # Ids below visible_hi are committed; a fetch never reads past it, so it never sees an uncommitted publish.
         self.visible_hi = next_id
@@ -138,8 +144,18 @@ class QueueState:
             heapq.heappop(heap)
         return None
 
-    def stats(self) -> QueueStats:
+    def limits(self, default_length: int | None, default_bytes: int | None) -> tuple[int | None, int | None]:
+        """The (max_length, max_bytes) in force: the queue's own, else the store's default; None is unlimited."""
+        max_length, max_bytes = self.options.max_length, self.options.max_bytes
+        return (
+            default_length if max_length is None else max_length,
+            default_bytes if max_bytes is None else max_bytes,
+        )
+
+    def stats(self, default_length: int | None, default_bytes: int | None) -> QueueStats:
+        """Counts and settings; the defaults are the store's, used where the queue's own limits are None."""
         fresh = self.count - len(self.tracked)
+        max_length, max_bytes = self.limits(default_length, default_bytes)
         return QueueStats(
             name=self.name,
             ready=fresh + self.n_ready,
@@ -148,6 +164,9 @@ class QueueState:
             total=self.count,
             max_attempts=self.options.max_attempts,
             dead_letter=self.dead_letter,
+            bytes=self.bytes,
+            max_length=max_length,
+            max_bytes=max_bytes,
         )
 
     def meta(self) -> dict[str, object]:
@@ -155,6 +174,9 @@ class QueueState:
             "qnum": self.qnum,
             "next_id": self.next_id,
             "count": self.count,
+            "bytes": self.bytes,
             "max_attempts": self.options.max_attempts,
             "dead_letter": self.options.dead_letter,
+            "max_length": self.options.max_length,
+            "max_bytes": self.options.max_bytes,
         }

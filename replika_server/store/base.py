@@ -63,10 +63,17 @@ class DeadLetterReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class QueueOptions:
-    """Durable per-queue settings. ``max_attempts`` None means unlimited deliveries."""
+    """Durable per-queue settings. ``max_attempts`` None means unlimited deliveries.
+
+    ``max_length`` (messages) and ``max_bytes`` (payload plus packed headers bytes) bound what the queue holds,
+    whatever the messages' status; a publish that would pass either is refused whole with ``QUEUE_FULL``. None uses
+    the store's default.
+    """
 
     max_attempts: int | None = None
     dead_letter: str | None = None  # None: "<queue>.dlq"
+    max_length: int | None = None
+    max_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -153,7 +160,11 @@ Op = Declare | Publish | Fetch | Ack | Nack | Reject | Touch | Purge | DeleteQue
 
 @dataclass(slots=True)
 class QueueStats:
-    """Counts for one queue. ``ready + in_flight + delayed == total``."""
+    """Counts for one queue. ``ready + in_flight + delayed == total``.
+
+    ``bytes`` is the payload plus packed headers bytes of those ``total`` messages; ``max_length`` (messages) and
+    ``max_bytes`` are the limits in force (the queue's own or the store's default), None when unlimited.
+    """
 
     name: str
     ready: int
@@ -162,6 +173,9 @@ class QueueStats:
     total: int
     max_attempts: int | None
     dead_letter: str
+    bytes: int
+    max_length: int | None
+    max_bytes: int | None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -172,6 +186,9 @@ class QueueStats:
             "total": self.total,
             "max_attempts": self.max_attempts,
             "dead_letter": self.dead_letter,
+            "bytes": self.bytes,
+            "max_length": self.max_length,
+            "max_bytes": self.max_bytes,
         }
 
 

@@ -25,6 +25,8 @@ import structlog
 from replika_protocol import ErrorCode
 from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
 from replika_server.store._records import (
+    QNUM,
+    VALUE_HEAD_SIZE,
     decode_message,
     decode_meta,
     encode_message,
@@ -84,13 +86,24 @@ DEAD_LETTER_HEADERS = (
 
 @dataclass(frozen=True, slots=True)
 class LmdbConfig:
-    """Settings of the LMDB engine. Sizes in bytes, durations in seconds."""
+    """Settings of the LMDB engine. Sizes in bytes, durations in seconds.
+
+    ``max_queues`` bounds the queues that Declare, Publish and Fetch may create (``TOO_MANY_QUEUES``); dead-letter
+    queues created to receive a message are exempt, so they may take the count past it. ``default_max_length``
+    (messages) and ``default_max_bytes`` (payload plus packed headers bytes) apply to every queue whose own
+    :class:`QueueOptions` limit is None; None is unlimited.
+    """
 
     path: Path
     durable: bool = True  # fsync every commit; False: the OS flushes, and we sync every sync_interval
     map_size: int = 256 * 1024 * 1024  # first map size; doubled on demand up to max_size
     max_size: int = 64 * 1024**3
     sync_interval: float = 1.0
+    # Each queue costs an index in memory and a meta record rewritten when touched; this stops a client that
+    # publishes to ever new names from growing both without bound, while leaving room for any real deployment.
+    max_queues: int = 10_000
+    default_max_length: int | None = None
+    default_max_bytes: int | None = None
 
 
 class LmdbStore(Store):
@@ -320,9 +333,7 @@ class LmdbStore(Store):
                 for key, value in cur:
                     if not key.startswith(_QUEUE_PREFIX):
                         break
-                    meta = decode_meta(value)
-                    options = QueueOptions(meta["max_attempts"], meta["dead_letter"])
-                    q = QueueState(key[2:].decode(), meta["qnum"], meta["next_id"], meta["count"], options)
+                    q = self._load_queue(txn, key[2:].decode(), decode_meta(value))
                     self._queues[q.name] = q
                     self._by_qnum[q.qnum] = q
             for key, value in txn.cursor(db=self._state_db):
@@ -331,18 +342,37 @@ class LmdbStore(Store):
                 if owner_q is None:
                     continue
                 attempts, token, due = unpack_state(value)
+                stored = txn.get(key, db=self._msgs_db)
+                size = len(stored) - VALUE_HEAD_SIZE if stored is not None else 0
                 # Fresh messages are delivered in id order, so every id below a delivered one was delivered
                 # (and has a state record) or is gone: the never-delivered run starts after the last of them.
                 owner_q.cursor = max(owner_q.cursor, mid + 1)
                 if due > now:
-                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, DELAYED))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, due, DELAYED, size))
                     self._delay_heap.append((due, qnum, mid))
                 else:
-                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, 0.0, READY))
+                    owner_q.track(mid, Tracked(qnum, mid, attempts, token, 0.0, READY, size))
         heapq.heapify(self._delay_heap)
         if schema is None:
             with self._env.begin(write=True) as wtxn:
                 wtxn.put(_SCHEMA, _SCHEMA_VERSION, db=self._meta_db)
+
+    def _load_queue(self, txn: lmdb.Transaction, name: str, meta: dict[str, Any]) -> QueueState:
+        """A queue's state from its meta record; the limits and ``bytes`` are absent from older records."""
+        options = QueueOptions(meta["max_attempts"], meta["dead_letter"], meta.get("max_length"), meta.get("max_bytes"))
+        size = meta.get("bytes")
+        q = QueueState(name, meta["qnum"], meta["next_id"], meta["count"], size or 0, options)
+        if size is None:
+            # Written before byte accounting: count once, and let the next commit record the figure.
+            prefix = QNUM.pack(q.qnum)
+            cur = txn.cursor(db=self._msgs_db)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if key[:4] != prefix:
+                        break
+                    q.bytes += len(value) - VALUE_HEAD_SIZE
+            self._touched[q.qnum] = q
+        return q
 
     def _recover_after_failure(self) -> None:
         """Reload from LMDB, keeping the leases whose delivery was committed (their token is in LMDB)."""
@@ -379,11 +409,19 @@ class LmdbStore(Store):
             raise StoreError(ErrorCode.NOT_FOUND, f"queue {name!r} does not exist")
         return q
 
-    def _get_or_create(self, name: str, options: QueueOptions | None = None) -> QueueState:
+    def _get_or_create(self, name: str, options: QueueOptions | None = None, *, limited: bool = True) -> QueueState:
+        """The queue ``name``, created if missing; ``limited`` False creates it even past ``max_queues``."""
         q = self._queues.get(name)
         if q is None:
+            max_queues = self._config.max_queues
+            if limited and len(self._queues) >= max_queues:
+                raise StoreError(
+                    ErrorCode.TOO_MANY_QUEUES,
+                    f"cannot create queue {name!r}: the store holds {len(self._queues)} queues, its max_queues is "
+                    f"{max_queues}",
+                )
             self._qnum_seq += 1
-            q = QueueState(name, self._qnum_seq, 1, 0, options or QueueOptions())
+            q = QueueState(name, self._qnum_seq, 1, 0, 0, options or QueueOptions())
             self._queues[name] = q
             self._by_qnum[q.qnum] = q
             self._writes.meta[_QNUM_SEQ] = str(self._qnum_seq).encode()
@@ -428,7 +466,11 @@ class LmdbStore(Store):
         if t is not None:
             self._unlease(t)
             q.untrack(mid)
+            q.bytes -= t.size
             self._writes.delete(self._state_db, key)
+        else:  # never delivered: no callers today, but its size is only in LMDB
+            value = self._read_txn().get(key)
+            q.bytes -= len(value) - VALUE_HEAD_SIZE if value is not None else 0
         self._writes.delete(self._msgs_db, key)
         self._writes.deletes += 1
         q.count -= 1
@@ -445,11 +487,14 @@ class LmdbStore(Store):
         published_at, payload, headers = decode_message(value)
         headers = dict(headers or {})
         headers.update(zip(DEAD_LETTER_HEADERS, (q.name, reason.value, str(mid), str(attempts)), strict=True))
-        dq = self._get_or_create(q.dead_letter)
+        # Neither max_queues nor the DLQ's own limits may refuse it: the message would be lost.
+        dq = self._get_or_create(q.dead_letter, limited=False)
         dq_id = dq.next_id
         dq.next_id += 1
         dq.count += 1
-        self._writes.put(self._msgs_db, pack_key(dq.qnum, dq_id), encode_message(published_at, payload, headers))
+        value = encode_message(published_at, payload, headers)
+        dq.bytes += len(value) - VALUE_HEAD_SIZE
+        self._writes.put(self._msgs_db, pack_key(dq.qnum, dq_id), value)
         self._touched[dq.qnum] = dq
         self._readied.add(dq.name)
 
@@ -478,26 +523,57 @@ class LmdbStore(Store):
     def _publish(self, op: Publish) -> tuple[int, int]:
         if self._full:
             raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
-        q = self._get_or_create(op.queue)
+        payloads = op.payloads
+        n = len(payloads)
+        now = time.time()
+        headers = op.headers
+        # Sized before anything changes: a batch that does not fit is refused whole, and creates no queue.
+        if headers is None:
+            values = None
+            added = sum(map(len, payloads))
+        else:
+            values = [encode_message(now, payload, headers[i]) for i, payload in enumerate(payloads)]
+            added = sum(map(len, values)) - n * VALUE_HEAD_SIZE
+        q = self._queues.get(op.queue)
+        self._check_room(op.queue, q, n, added)
+        if q is None:
+            q = self._get_or_create(op.queue)
         first = q.next_id
         qnum = q.qnum
-        now = time.time()
-        n = len(op.payloads)
-        headers = op.headers
-        if headers is None:
+        if values is None:
             head = encode_message(now, b"", None)  # the same for the whole batch: one concat per message
-            items = [(pack_key(qnum, mid), head + payload) for mid, payload in enumerate(op.payloads, first)]
+            items = [(pack_key(qnum, mid), head + payload) for mid, payload in enumerate(payloads, first)]
         else:
-            items = [
-                (pack_key(qnum, first + i), encode_message(now, payload, headers[i]))
-                for i, payload in enumerate(op.payloads)
-            ]
+            items = [(pack_key(qnum, mid), value) for mid, value in enumerate(values, first)]
         self._writes.put_many(self._msgs_db, items)
         q.next_id = first + n
         q.count += n
+        q.bytes += added
         self._touched[qnum] = q
         self._readied.add(q.name)
         return first, n
+
+    def _check_room(self, name: str, q: QueueState | None, n: int, added: int) -> None:
+        """Refuse a publish of ``n`` messages of ``added`` bytes that would take queue ``name`` (``q``, or None
+        when it does not exist yet) past its max_length or max_bytes."""
+        config = self._config
+        if q is None:
+            count = size = 0
+            max_length, max_bytes = config.default_max_length, config.default_max_bytes
+        else:
+            count, size = q.count, q.bytes
+            max_length, max_bytes = q.limits(config.default_max_length, config.default_max_bytes)
+        if max_length is not None and count + n > max_length:
+            raise StoreError(
+                ErrorCode.QUEUE_FULL,
+                f"queue {name!r} is full: it holds {count} messages, its max_length is {max_length}; "
+                f"{n} more do not fit",
+            )
+        if max_bytes is not None and size + added > max_bytes:
+            raise StoreError(
+                ErrorCode.QUEUE_FULL,
+                f"queue {name!r} is full: it holds {size} bytes, its max_bytes is {max_bytes}; {added} more do not fit",
+            )
 
     def _fetch(self, op: Fetch) -> list[Delivery]:
         q = self._get_or_create(op.queue)
@@ -529,6 +605,7 @@ class LmdbStore(Store):
                     heapq.heappop(q.ready_heap)
                     log.error("tracked_message_missing", queue=q.name, id=mid)
                     q.untrack(mid)
+                    q.bytes -= t.size  # bytes mirrors what LMDB holds
                     continue
                 budget -= len(stored) + DELIVERY_OVERHEAD
                 if budget < 0 and out:
@@ -543,7 +620,7 @@ class LmdbStore(Store):
                     break
                 nxt = next(fresh, None)
                 q.cursor = mid + 1
-                t = Tracked(q.qnum, mid, 1, 0, 0.0, LEASED)
+                t = Tracked(q.qnum, mid, 1, 0, 0.0, LEASED, len(value) - VALUE_HEAD_SIZE)
                 q.track(mid, t)
             else:
                 break
@@ -573,6 +650,7 @@ class LmdbStore(Store):
             owned = self._owners[owner] = set()
         budget = op.max_bytes
         token = self._token_seq
+        head = VALUE_HEAD_SIZE
         group: list[Tracked] = []
         records: list[tuple[bytes | memoryview, bytes]] = []
         last = 0
@@ -582,11 +660,12 @@ class LmdbStore(Store):
                 break
             if mid in tracked:
                 continue
-            budget -= len(value) + DELIVERY_OVERHEAD
+            size = len(value)
+            budget -= size + DELIVERY_OVERHEAD
             if budget < 0 and out:
                 break  # the reply must fit in one frame; the rest waits for the next fetch
             token += 1
-            t = Tracked(qnum, mid, 1, token, 0.0, LEASED)
+            t = Tracked(qnum, mid, 1, token, 0.0, LEASED, size - head)
             t.deadline = deadline
             t.owner = owner
             tracked[mid] = t
@@ -614,12 +693,14 @@ class LmdbStore(Store):
         unleased = self._unleased
         qnum = q.qnum
         keys: list[bytes] = []
+        size = 0
         for mid, token in leases:
             t = tracked.get(mid)
             if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
                 failed[mid] = ErrorCode.STALE_LEASE.value
                 continue
             del tracked[mid]
+            size += t.size
             if t.status == LEASED:
                 q.n_leased -= 1
                 unleased.append(t)
@@ -636,6 +717,7 @@ class LmdbStore(Store):
             self._writes.delete_many(self._state_db, keys)
             self._writes.deletes += len(keys)
             q.count -= len(keys)
+            q.bytes -= size
             self._touched[qnum] = q
         return failed
 
@@ -687,6 +769,7 @@ class LmdbStore(Store):
             q.untrack(mid)
         q.ready_heap.clear()
         q.count = len(keep)
+        q.bytes = sum(t.size for t in q.tracked.values())  # only the leased are left
         q.cursor = q.next_id
         self._writes.range_delete((self._msgs_db, self._state_db), q.qnum, keep, q.next_id)
         self._writes.deletes += removed
@@ -739,6 +822,7 @@ class LmdbStore(Store):
             self._readied.add(dq.name)
 
     def _stats(self, op: Stats) -> list[Any]:
+        defaults = self._config.default_max_length, self._config.default_max_bytes
         if op.queue is None:
-            return [self._queues[name].stats() for name in sorted(self._queues)]
-        return [self._queue(op.queue).stats()]
+            return [self._queues[name].stats(*defaults) for name in sorted(self._queues)]
+        return [self._queue(op.queue).stats(*defaults)]
