@@ -62,8 +62,28 @@ class Broker:
         # writes them, one write per connection, without waiting for another loop turn.
         self.dispatching = False
         self.after_dispatch: Callable[[], None] = _nothing
+        # Outbound room per owner (set by limit_replies): fetches of an owner with no room wait in _deferred.
+        self._reply_room: Callable[[int], int] | None = None
+        self._max_reply = 2**62
+        self._deferred: dict[int, list[tuple[Op, Done]]] = {}
         self.batches = 0
         self.batched_ops = 0
+
+    def limit_replies(self, room: Callable[[int], int], max_reply: int) -> None:
+        """Bound what fetches produce for a client that does not read its replies: ``room(owner)`` is how many
+        more bytes of replies the owner may be sent. A fetch gets at most that much (but always at least one
+        message, so up to one message more); when it is 0, the fetch waits until :meth:`resume` or until the
+        owner's room comes back after a batch."""
+        self._reply_room = room
+        self._max_reply = max_reply
+
+    def resume(self, owner: int) -> None:
+        """``owner`` drained its replies: let its held-back fetches run."""
+        held = self._deferred.pop(owner, None)
+        if held:
+            self._pending.extend(held)
+            if self._task is None:
+                self._task = self._loop.create_task(self._run())
 
     def consumers(self, queue: str) -> int:
         """Fetches currently long-polling ``queue``."""
@@ -94,6 +114,7 @@ class Broker:
         """``owner`` (a connection) is gone: drop its long polls and end its leases."""
         for waiter in self._owner_waiters.pop(owner, ()):
             self._finish_waiter(waiter)
+        self._deferred.pop(owner, None)  # nobody is left to answer
         self._release(owner)
 
     def _release(self, owner: int) -> None:
@@ -109,6 +130,10 @@ class Broker:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                if self._reply_room is not None:
+                    batch = self._fit_fetches(batch, self._reply_room)
+                    if not batch:
+                        break
                 try:
                     result = await self._store.execute([op for op, _ in batch])
                 except Exception:
@@ -130,8 +155,37 @@ class Broker:
                 for queue in result.readied:
                     self._wake(queue)
                 self._arm_timer()
+                if self._deferred:
+                    self._recheck_deferred()
         finally:
             self._task = None
+
+    def _fit_fetches(self, batch: list[tuple[Op, Done]], room_of: Callable[[int], int]) -> list[tuple[Op, Done]]:
+        """Size each fetch to its owner's outbound room, holding back those of owners with none."""
+        rooms: dict[int, int] = {}
+        kept: list[tuple[Op, Done]] = []
+        for item in batch:
+            op = item[0]
+            if type(op) is Fetch:
+                owner = op.owner
+                room = rooms.get(owner)
+                if room is None:
+                    room = room_of(owner)
+                if room <= 0:
+                    self._deferred.setdefault(owner, []).append(item)
+                    rooms[owner] = 0
+                    continue
+                op.max_bytes = min(self._max_reply, room)
+                rooms[owner] = room - op.max_bytes
+            kept.append(item)
+        return kept
+
+    def _recheck_deferred(self) -> None:
+        """Fetches held back within a batch (by earlier fetches' room) go again if their owner has room now.
+        Owners still out of room have unsent replies above the high-water mark and will call :meth:`resume`."""
+        assert self._reply_room is not None
+        for owner in [o for o in self._deferred if self._reply_room(o) > 0]:
+            self._pending.extend(self._deferred.pop(owner))
 
     # ----------------------------------------------------------------------------------------------- long polls
     def _waiter_result(self, waiter: _Waiter, result: Any) -> None:
@@ -207,6 +261,10 @@ class Broker:
             for waiter in list(parked):
                 self._finish_waiter(waiter)
                 waiter.done([])
+        deferred, self._deferred = self._deferred, {}
+        for held in deferred.values():
+            for _, done in held:
+                done([])  # a long poll's callback sees the broker closing and ends it, as at its deadline
         if self._timer is not None:
             self._timer.cancel()
         await self._store.close()

@@ -41,6 +41,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-payload", help="largest message payload, e.g. 8M (default 8 MiB)")
     serve.add_argument("--max-batch", type=int, help="messages per publish/fetch/ack request (default 10000)")
     serve.add_argument("--max-store-size", help="largest the store may grow, e.g. 64G (default 64 GiB)")
+    security = serve.add_argument_group("security (see SECURITY.md)")
+    security.add_argument("--auth", metavar="FILE", help="TOML file of tokens and their permissions; SIGHUP reloads it")
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow binding beyond loopback without --auth or --tls-client-ca (only on a trusted network)",
+    )
+    security.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", metavar="FILE", help="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    limits = serve.add_argument_group("limits on what clients control")
+    limits.add_argument("--max-connections", type=int, help="open connections; more are refused (default 4096)")
+    limits.add_argument("--handshake-timeout", type=float, help="seconds to complete TLS and hello (default 10)")
+    limits.add_argument(
+        "--idle-timeout", type=float, help="close connections silent this many seconds; 0: never (default 300)"
+    )
+    limits.add_argument("--max-queues", type=int, help="queues the broker holds (default 10000)")
+    limits.add_argument(
+        "--queue-max-length", type=int, help="messages per queue unless declared otherwise; 0: unlimited (default)"
+    )
+    limits.add_argument(
+        "--queue-max-bytes", help="stored bytes per queue unless declared otherwise, e.g. 1G; 0: unlimited (default)"
+    )
+    limits.add_argument(
+        "--max-outbound", help="unread reply bytes per connection beyond which its fetches wait (default 8M)"
+    )
+    limits.add_argument(
+        "--publish-rate", type=float, help="messages/s per token that sets none in --auth; 0: unlimited (default)"
+    )
+    limits.add_argument("--publish-burst", type=int, help="burst of --publish-rate (default: one second's worth)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("auto", "json", "console"), help="auto: JSON unless on a TTY")
     serve.add_argument(
@@ -100,6 +133,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(serve())
+    except ConfigError as exc:  # what only shows when starting: an unreadable auth file, an exposed bind
+        print(f"replika: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
         return 1

@@ -43,10 +43,11 @@ _U64 = 2**64
 class RequestError(Exception):
     """A request the server refuses; the connection stays usable."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.extra = extra  # more fields for the error reply (retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
     if not isinstance(payloads, list) or not payloads:
         raise _bad("field 'payloads' must be a non-empty array of bin")
     if len(payloads) > limits.max_batch:
-        raise _bad(f"at most {limits.max_batch} payloads per publish")
+        raise RequestError(ErrorCode.BATCH_TOO_LARGE, f"at most {limits.max_batch} payloads per publish")
     for i, payload in enumerate(payloads):
         if isinstance(payload, str):
             payloads[i] = payload = payload.encode()
@@ -149,7 +150,7 @@ def _leases(frame: Frame, limits: Limits) -> Iterable[Sequence[int]]:
         if type(ids) is not list or type(tokens) is not list or len(ids) != len(tokens) or not ids:
             raise _bad("fields 'ids' and 'tokens' must be non-empty arrays of the same length")
         if len(ids) > limits.max_batch:
-            raise _bad(f"at most {limits.max_batch} leases per request")
+            raise RequestError(ErrorCode.BATCH_TOO_LARGE, f"at most {limits.max_batch} leases per request")
         # map/set/min/max run in C: checking 10,000 integers costs microseconds, not a Python loop.
         if set(map(type, ids)) | set(map(type, tokens)) != {int} or min(ids) < 0 or min(tokens) < 0:
             raise _bad("'ids' and 'tokens' must hold unsigned integers")
@@ -160,7 +161,7 @@ def _leases(frame: Frame, limits: Limits) -> Iterable[Sequence[int]]:
     if not isinstance(leases, list) or not leases:
         raise _bad("a settle request needs 'ids' and 'tokens', or 'leases': an array of [id, token] pairs")
     if len(leases) > limits.max_batch:
-        raise _bad(f"at most {limits.max_batch} leases per request")
+        raise RequestError(ErrorCode.BATCH_TOO_LARGE, f"at most {limits.max_batch} leases per request")
     for pair in leases:
         if type(pair) is not list or len(pair) != 2:
             raise _bad("each lease must be an array [id, token] of two unsigned integers")
@@ -198,7 +199,9 @@ def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
     dead_letter = queue_field(frame, "dead_letter") if frame.get("dead_letter") is not None else None
     if dead_letter == queue:
         raise _bad("a queue cannot be its own dead-letter queue")
-    return Declare(queue, QueueOptions(max_attempts, dead_letter))
+    max_length = _int(frame, "max_length", None, 1, _U64 - 1)
+    max_bytes = _int(frame, "max_bytes", None, 1, _U64 - 1)
+    return Declare(queue, QueueOptions(max_attempts, dead_letter, max_length, max_bytes))
 
 
 def _stats(frame: Frame, owner: int, limits: Limits) -> Stats:

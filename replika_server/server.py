@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import resource
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -27,8 +29,9 @@ from replika_protocol import (
     frame_header,
 )
 from replika_server import __version__
+from replika_server.auth import AuthTable, Principal, anonymous, default_limit, load_auth
 from replika_server.broker import Broker
-from replika_server.config import Config
+from replika_server.config import Config, ConfigError, check_exposure
 from replika_server.requests import Limits, RequestError, fetch_op, parse_op
 from replika_server.store import LmdbConfig, LmdbStore, QueueStats, StoreError
 
@@ -38,6 +41,11 @@ log = structlog.get_logger("replika.server")
 
 #: Requests one connection may have waiting on the broker before we stop reading from it (pipelining bound).
 MAX_INFLIGHT_REQUESTS = 10_000
+#: Largest frame accepted before the handshake: a hello is small, and an unauthenticated peer must not make
+#: us buffer megabytes on its behalf.
+HANDSHAKE_MAX_FRAME = 64 * 1024
+#: Bytes of unsent replies above which a connection stops being read (asyncio's high-water mark).
+WRITE_HIGH_WATER = 64 * 1024
 #: Seconds a graceful shutdown waits for replies to drain before closing connections anyway.
 SHUTDOWN_GRACE = 5.0
 
@@ -53,7 +61,12 @@ class Connection(asyncio.Protocol):
         self._server = server
         self._broker = server.broker
         self._limits = server.limits
-        self._decoder = FrameDecoder(server.config.max_frame)
+        self._decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME, server.config.max_frame))
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_active = self._loop.time()
+        self.principal: Principal | None = None  # who the handshake authenticated
+        self._registered = False  # counted in server.connections (not refused at the door)
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._out_large = False  # _out holds a large reply: write it without joining
@@ -67,7 +80,7 @@ class Connection(asyncio.Protocol):
         self._broken: ProtocolError | None = None  # the stream broke; close once in-flight requests are answered
         self.owner = next(_owner_ids)
         self.peer: Any = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     # ----------------------------------------------------------------------------------------------- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,16 +89,37 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # half-open peers get noticed
+        config = self._server.config
+        if len(self._server.connections) >= config.max_connections:
+            self._server.refuse_connection()
+            message = f"the broker is at its limit of {config.max_connections} connections; try again later"
+            self._error(None, ErrorCode.TOO_MANY_CONNECTIONS, message)
+            self.close()
+            return
+        self._registered = True
         self._server.connections.add(self)
+        self._server.by_owner[self.owner] = self
+        self._transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, config.max_outbound // 2))
+        self._timer = self._loop.call_later(config.handshake_timeout, self._on_timer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._server.connections.discard(self)
-        self._broker.release(self.owner)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._registered:
+            self._registered = False
+            self._server.connections.discard(self)
+            del self._server.by_owner[self.owner]
+            self._broker.release(self.owner)
         if not self.lost.done():
             self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return  # refused or closing: nothing more is read
+        self._last_active = self._loop.time()
         error: ProtocolError | None = None
         try:
             frames = self._decoder.feed(data)
@@ -127,6 +161,41 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused_by_writes = False
         self._update_reading()
+        self._broker.resume(self.owner)  # fetches held back for lack of outbound room may go now
+
+    def reply_room(self) -> int:
+        """Bytes of replies this connection may still be sent before it must read some (``max_outbound``)."""
+        if self._transport is None or self._closed:
+            return 0
+        return self._server.config.max_outbound - self._transport.get_write_buffer_size()
+
+    def _on_timer(self) -> None:
+        """The handshake deadline, then the idle check: a connection that sent nothing and waits for nothing
+        for ``idle_timeout`` seconds is closed (clients keep theirs alive with ``ping``)."""
+        self._timer = None
+        if self._closed:
+            return
+        config = self._server.config
+        if not self._ready:
+            self._fatal(ErrorCode.HANDSHAKE_TIMEOUT, f"no handshake within {config.handshake_timeout:g} seconds")
+            return
+        if config.idle_timeout <= 0:
+            return
+        now = self._loop.time()
+        if self._inflight:
+            self._last_active = now  # waiting on us (a long poll) is not idleness
+        due = self._last_active + config.idle_timeout
+        if now >= due:
+            self._fatal(
+                ErrorCode.IDLE_TIMEOUT,
+                f"nothing received for {config.idle_timeout:g} seconds; send ping to keep a connection open",
+            )
+            return
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def revoke(self, message: str) -> None:
+        """The token this connection authenticated with was removed or changed (an auth reload)."""
+        self._fatal(ErrorCode.UNAUTHORIZED, message)
 
     # ----------------------------------------------------------------------------------------------- replies
     def _send(self, obj: Frame) -> None:
@@ -159,8 +228,11 @@ class Connection(asyncio.Protocol):
             else:
                 self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _error(self, rid: int | None, code: ErrorCode, message: str) -> None:
-        self._send({"id": rid, "ok": False, "code": code.value, "message": message})
+    def _error(self, rid: int | None, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
+        reply: Frame = {"id": rid, "ok": False, "code": code.value, "message": message}
+        if extra:
+            reply.update(extra)
+        self._send(reply)
 
     def _fatal(self, code: ErrorCode, message: str, rid: int | None = None) -> None:
         """The byte stream is unusable: say why, then close."""
@@ -192,6 +264,10 @@ class Connection(asyncio.Protocol):
         try:
             if op == "fetch":
                 fetch, wait = fetch_op(frame, self.owner, self._limits)
+                principal = self.principal
+                assert principal is not None
+                if not principal.may_consume(fetch.queue):
+                    raise _forbidden(principal, "consume from", fetch.queue)
                 self._begin()
                 self._broker.fetch(fetch, wait, lambda r: self._done(rid, r, _fetch_reply))
             elif op == "ping":
@@ -201,10 +277,22 @@ class Connection(asyncio.Protocol):
             else:
                 store_op = parse_op(op, frame, self.owner, self._limits)
                 fmt = _REPLIES[op]
+                principal = self.principal
+                assert principal is not None
+                if not principal.everything:
+                    fmt = _authorize(principal, op, store_op, fmt)
+                if principal.bucket is not None and op == "publish":
+                    wait = principal.bucket.take(len(store_op.payloads))
+                    if wait:
+                        raise RequestError(
+                            ErrorCode.RATE_LIMITED,
+                            f"token {principal.name!r} is over its publish rate; retry in {wait:.3f} s",
+                            {"retry_after": round(wait, 3)},
+                        )
                 self._begin()
                 self._broker.submit(store_op, lambda r: self._done(rid, r, fmt))
         except RequestError as exc:
-            self._error(rid, exc.code, exc.message)
+            self._error(rid, exc.code, exc.message, exc.extra)
 
     def _handshake(self, rid: int, frame: Frame) -> None:
         if frame.get("op") != "hello":
@@ -222,8 +310,21 @@ class Connection(asyncio.Protocol):
                 rid,
             )
             return
+        principal = self._server.authenticate(frame.get("token"))
+        if principal is None:
+            message = "a token is required" if frame.get("token") is None else "unknown token"
+            log.info("unauthorized", peer=self.peer, reason=message)
+            self._fatal(ErrorCode.UNAUTHORIZED, message, rid)
+            return
+        self.principal = principal
         self._ready = True
         config = self._server.config
+        self._decoder.max_frame = config.max_frame
+        if self._timer is not None:  # the handshake deadline becomes the idle check
+            self._timer.cancel()
+            self._timer = None
+        if config.idle_timeout > 0:
+            self._timer = self._loop.call_later(config.idle_timeout, self._on_timer)
         self._send(
             {
                 "id": rid,
@@ -233,6 +334,7 @@ class Connection(asyncio.Protocol):
                 "max_frame": config.max_frame,
                 "max_batch": config.max_batch,
                 "max_payload": config.max_payload,
+                "idle_timeout": config.idle_timeout,
                 "features": [],
             }
         )
@@ -245,6 +347,8 @@ class Connection(asyncio.Protocol):
 
     def _done(self, rid: int, result: Any, fmt: Any) -> None:
         self._inflight -= 1
+        if not self._inflight:
+            self._last_active = self._loop.time()
         if self._paused_by_inflight and self._inflight <= MAX_INFLIGHT_REQUESTS // 2:
             self._paused_by_inflight = False
             self._update_reading()
@@ -264,6 +368,43 @@ class Connection(asyncio.Protocol):
 
 def _fetch_reply(result: Any) -> Frame:
     return {"msgs": result}
+
+
+def _forbidden(principal: Principal, verb: str, queue: str) -> RequestError:
+    where = f" queue {queue!r}" if queue else ""
+    return RequestError(ErrorCode.FORBIDDEN, f"token {principal.name!r} may not {verb}{where}")
+
+
+#: Ops that need the ``admin`` permission, and what the refusal says they do.
+_ADMIN_OPS = {"declare": "declare", "delete_queue": "delete", "purge": "purge"}
+_CONSUME_OPS = frozenset({"ack", "nack", "reject", "touch"})
+
+
+def _authorize(principal: Principal, op: str, store_op: Any, fmt: Any) -> Any:
+    """Raise FORBIDDEN unless ``principal`` may run ``op``; the reply formatter to use (a listing is filtered
+    down to what the principal may see)."""
+    queue: str = getattr(store_op, "queue", None) or ""
+    if op == "publish":
+        allowed = principal.may_publish(queue)
+        verb = "publish to"
+    elif op in _CONSUME_OPS:
+        allowed = principal.may_consume(queue)
+        verb = f"{op} messages of"
+    elif op in _ADMIN_OPS:
+        allowed = principal.admin
+        verb = _ADMIN_OPS[op]
+    elif op == "stats":
+        allowed = principal.may_see(queue)
+        verb = "see the stats of"
+    elif op == "queues":
+        if principal.admin:
+            return fmt
+        return lambda result: {"queues": [s.as_dict() for s in result if principal.may_see(s.name)]}
+    else:  # a new op must be given a rule here before anyone but an all-powerful token may use it
+        allowed, verb = False, op
+    if not allowed:
+        raise _forbidden(principal, verb, queue)
+    return fmt
 
 
 def _stats_reply(result: list[QueueStats]) -> Frame:
@@ -308,12 +449,69 @@ class Server:
         self.broker = broker
         self.limits = Limits(config.max_batch, config.max_payload, config.max_frame - 1024)
         self.connections: set[Connection] = set()
+        self.by_owner: dict[int, Connection] = {}
         self.dirty: list[Connection] = []  # connections with replies from the batch being handed out
+        self.refused = 0  # connections refused at max_connections
+        self._refusal_logged = -1e9
         broker.after_dispatch = self._flush_dirty
+        broker.limit_replies(self._reply_room, self.limits.max_reply_bytes)
         self._listener: asyncio.Server | None = None
+        self.auth: AuthTable | None = None
+        self._anonymous = anonymous(default_limit(config.publish_rate, config.publish_burst))
+        if config.auth is not None:
+            self.auth = load_auth(config.auth, default_limit(config.publish_rate, config.publish_burst))
+
+    def authenticate(self, token: object) -> Principal | None:
+        """Who ``token`` (from a hello) is; without ``--auth`` everybody is the anonymous principal."""
+        if self.auth is None:
+            return self._anonymous
+        return self.auth.authenticate(token)
+
+    def reload_auth(self) -> bool:
+        """Re-read the ``--auth`` file (SIGHUP). Connections keep going under their token's new permissions;
+        those whose token was removed or given a new secret are closed with UNAUTHORIZED. A file that does not
+        load leaves everything as it was. True if the new file is in force."""
+        config = self.config
+        if config.auth is None:
+            return False
+        try:
+            table = load_auth(config.auth, default_limit(config.publish_rate, config.publish_burst), self.auth)
+        except ConfigError as exc:
+            log.error("auth_reload_failed", error=str(exc))
+            return False
+        self.auth = table
+        revoked = 0
+        for conn in list(self.connections):
+            if conn.principal is None:
+                continue
+            successor = table.successor(conn.principal)
+            if successor is None:
+                revoked += 1
+                conn.revoke(f"token {conn.principal.name!r} was revoked")
+            else:
+                conn.principal = successor
+        log.info("auth_reloaded", tokens=len(table.principals), revoked_connections=revoked)
+        return True
+
+    def refuse_connection(self) -> None:
+        """Count a connection refused at ``max_connections``; log the first of each burst, not every one."""
+        self.refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= 10.0:
+            self._refusal_logged = now
+            log.warning("connections_refused", limit=self.config.max_connections, refused_total=self.refused)
+
+    def _reply_room(self, owner: int) -> int:
+        conn = self.by_owner.get(owner)
+        return conn.reply_room() if conn is not None else 0
 
     @classmethod
     async def start(cls, config: Config) -> Server:
+        """Open the store and listen. Raises :class:`ConfigError` for settings that cannot be served (an
+        unreadable auth file or certificate, an exposed bind without authentication)."""
+        check_exposure(config)
+        tls = _tls_context(config)
+        _raise_fd_limit(config.max_connections)
         store = await LmdbStore.open(
             LmdbConfig(
                 path=config.data_dir,
@@ -321,14 +519,35 @@ class Server:
                 max_size=config.max_store_size,
                 map_size=min(256 * 1024 * 1024, config.max_store_size),
                 sync_interval=config.sync_interval,
+                max_queues=config.max_queues,
+                default_max_length=config.queue_max_length or None,
+                default_max_bytes=config.queue_max_bytes or None,
             )
         )
-        server = cls(config, Broker(store))
-        loop = asyncio.get_running_loop()
-        server._listener = await loop.create_server(
-            lambda: Connection(server), config.host, config.port, reuse_address=True, backlog=1024
+        try:
+            server = cls(config, Broker(store))
+            loop = asyncio.get_running_loop()
+            server._listener = await loop.create_server(
+                lambda: Connection(server),
+                config.host,
+                config.port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=tls,
+                ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
+            )
+        except BaseException:
+            await store.close()
+            raise
+        log.info(
+            "listening",
+            host=config.host,
+            port=server.port,
+            durability=config.durability,
+            tls=tls is not None,
+            mutual_tls=config.tls_client_ca is not None,
+            auth=str(config.auth) if config.auth is not None else None,
         )
-        log.info("listening", host=config.host, port=server.port, durability=config.durability)
         return server
 
     def _flush_dirty(self) -> None:
@@ -362,6 +581,36 @@ class Server:
         log.info("stopped")
 
 
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            ctx.load_verify_locations(config.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate, key or client CA: {exc}") from None
+    return ctx
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Make room for ``max_connections`` sockets (plus the store's and the process's own files)."""
+    want = max_connections + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want or soft == resource.RLIM_INFINITY:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new < want:
+        log.warning("file_limit_low", max_connections=max_connections, open_files_limit=new)
+
+
 async def run_server(config: Config, on_ready: Callable[[Server], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening."""
     server = await Server.start(config)
@@ -371,6 +620,7 @@ async def run_server(config: Config, on_ready: Callable[[Server], None] | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     await stop.wait()
     log.info("shutting_down")
     await server.stop()

@@ -8,9 +8,7 @@ by the server (framing lost). Abuse on one connection must never disturb another
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,11 @@ from typing import Any
 import pytest
 
 import replika
-from replika_protocol import ErrorCode, Frame, FrameDecoder, encode_body, encode_frame
+from replika_protocol import ErrorCode, Frame, encode_frame
 from replika_server.config import Config
 from replika_server.server import Server
 from tests.conftest import WAIT, RunningServer
+from tests.raw import Raw, expect_error, header, padded_body
 
 # Limits of the small broker used where the defaults would need megabytes on the wire to cross them.
 SMALL_FRAME = 64 * 1024
@@ -29,97 +28,6 @@ SMALL_PAYLOAD = 1024
 SMALL_BATCH = 10
 
 _CODES = {code.value for code in ErrorCode}
-
-
-def header(length: int) -> bytes:
-    """The 4-byte big-endian length prefix of a frame whose body is ``length`` bytes."""
-    return struct.pack(">I", length)
-
-
-def padded_body(frame: Frame, size: int) -> bytes:
-    """The msgpack body of ``frame`` plus a ``pad`` field sized so the body is exactly ``size`` bytes."""
-    pad = size - len(encode_body({**frame, "pad": ""}))
-    # Longer strings need a longer msgpack length prefix; shrink the pad until it fits exactly.
-    while len(body := encode_body({**frame, "pad": "x" * pad})) > size:
-        pad -= 1
-    assert len(body) == size
-    return body
-
-
-class Raw:
-    """A raw socket speaking frames by hand: send whatever bytes, read reply frames, every read bounded."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = FrameDecoder(2**31)
-        self.frames: list[Frame] = []
-
-    @classmethod
-    async def connect(cls, port: int, *, hello: bool = True) -> Raw:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
-        conn = cls(reader, writer)
-        if hello:
-            reply = await conn.request({"op": "hello", "id": 0, "versions": [1], "client": "test_bad_input"})
-            assert reply["ok"] is True, reply
-        return conn
-
-    def send(self, *items: Frame | bytes) -> None:
-        """Write frames (dicts, encoded here) and raw bytes, in order, as one write."""
-        self.writer.write(b"".join(item if isinstance(item, bytes) else encode_frame(item) for item in items))
-
-    async def reply(self) -> Frame:
-        """The next reply frame; fails if the server closes the connection first."""
-        while not self.frames:
-            data = await asyncio.wait_for(self.reader.read(65536), WAIT)
-            assert data, "the server closed the connection where a reply was expected"
-            self.frames.extend(self.decoder.feed(data))
-        return self.frames.pop(0)
-
-    async def request(self, frame: Frame | bytes) -> Frame:
-        self.send(frame)
-        return await self.reply()
-
-    async def error(self, frame: Frame | bytes, rid: int | None, code: ErrorCode) -> Frame:
-        """Send ``frame``; its reply must be an error with id ``rid`` and ``code``."""
-        return expect_error(await self.request(frame), rid, code)
-
-    async def ping_ok(self, rid: int = 424242) -> None:
-        """The connection still works: a ping gets ok, with its own id."""
-        reply = await self.request({"op": "ping", "id": rid})
-        assert reply == {"id": rid, "ok": True}
-
-    async def until_eof(self) -> list[Frame]:
-        """Every frame the server sends until it closes the connection (a reset counts as a close)."""
-        while True:
-            try:
-                data = await asyncio.wait_for(self.reader.read(65536), WAIT)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            self.frames.extend(self.decoder.feed(data))
-        frames, self.frames = self.frames, []
-        return frames
-
-    async def closed_after_error(self, code: ErrorCode, rid: int | None = None) -> None:
-        """The server sent exactly one error frame (id ``rid``, ``code``), then closed the connection."""
-        expect_error(await self.reply(), rid, code)
-        extra = await self.until_eof()
-        assert extra == [], f"frames after the fatal error: {extra}"
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await asyncio.wait_for(self.writer.wait_closed(), WAIT)
-
-
-def expect_error(reply: Frame, rid: int | None, code: ErrorCode) -> Frame:
-    assert reply.get("id", "missing") == rid, reply
-    assert reply.get("ok") is False, reply
-    assert reply.get("code") == code.value, reply
-    assert isinstance(reply.get("message"), str) and reply["message"], reply
-    return reply
 
 
 @pytest.fixture
@@ -350,7 +258,7 @@ async def test_payload_above_max_payload(small_server: Server) -> None:
 async def test_more_payloads_than_max_batch(small_server: Server) -> None:
     conn = await Raw.connect(small_server.port)
     frame = {"op": "publish", "id": 18, "queue": "jobs", "payloads": [b"x"] * (SMALL_BATCH + 1)}
-    await conn.error(frame, 18, ErrorCode.BAD_REQUEST)
+    await conn.error(frame, 18, ErrorCode.BATCH_TOO_LARGE)
     await conn.ping_ok()
     reply = await conn.request({"op": "publish", "id": 19, "queue": "jobs", "payloads": [b"x"] * SMALL_BATCH})
     assert reply["ok"] is True and reply["count"] == SMALL_BATCH, reply
@@ -360,7 +268,7 @@ async def test_more_payloads_than_max_batch(small_server: Server) -> None:
 async def test_more_leases_than_max_batch(small_server: Server) -> None:
     conn = await Raw.connect(small_server.port)
     leases = [[i, i] for i in range(1, SMALL_BATCH + 2)]
-    await conn.error({"op": "ack", "id": 20, "queue": "jobs", "leases": leases}, 20, ErrorCode.BAD_REQUEST)
+    await conn.error({"op": "ack", "id": 20, "queue": "jobs", "leases": leases}, 20, ErrorCode.BATCH_TOO_LARGE)
     await conn.ping_ok()
     await conn.close()
 

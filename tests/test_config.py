@@ -68,3 +68,37 @@ def test_cli_help_lists_the_contract_flags() -> None:
     assert result.returncode == 0
     for flag in ("--host", "--port", "--data-dir", "--durability"):
         assert flag in result.stdout
+
+
+def test_security_and_limit_settings_from_the_environment() -> None:
+    env = {
+        "REPLIKA_AUTH": "/etc/replika/auth.toml",
+        "REPLIKA_INSECURE": "true",
+        "REPLIKA_MAX_OUTBOUND": "2M",
+        "REPLIKA_QUEUE_MAX_BYTES": "1G",
+        "REPLIKA_MAX_CONNECTIONS": "100",
+        "REPLIKA_IDLE_TIMEOUT": "0",
+        "REPLIKA_PUBLISH_RATE": "250.5",
+    }
+    config = Config.build({}, environ=env)
+    assert config.auth == Path("/etc/replika/auth.toml") and config.insecure is True
+    assert (config.max_outbound, config.queue_max_bytes) == (2 * 1024**2, 1024**3)
+    assert (config.max_connections, config.idle_timeout, config.publish_rate) == (100, 0.0, 250.5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_connections": 0}, "max_connections"),
+        ({"handshake_timeout": 0}, "handshake_timeout"),
+        ({"idle_timeout": -1}, "idle_timeout"),
+        ({"max_queues": 0}, "max_queues"),
+        ({"queue_max_length": -1}, "queue_max_length"),
+        ({"max_outbound": 1024}, "max_outbound"),
+        ({"publish_rate": -1}, "publish_rate"),
+        ({"tls_key": Path("k")}, "together"),
+    ],
+)
+def test_bad_limits_are_refused(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config(**settings)  # type: ignore[arg-type]

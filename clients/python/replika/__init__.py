@@ -12,7 +12,9 @@ from replika._message import Message, MessageData, SyncMessage
 from replika.aio import AsyncClient
 from replika.errors import (
     BadRequest,
+    BatchTooLarge,
     ConnectionLost,
+    ConnectionRefusedByServer,
     Forbidden,
     InternalError,
     NotFound,
@@ -24,6 +26,7 @@ from replika.errors import (
     ShuttingDown,
     StaleLease,
     StoreFull,
+    TooManyQueues,
     Unauthorized,
     UnsupportedVersion,
 )
@@ -34,8 +37,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "BadRequest",
+    "BatchTooLarge",
     "Client",
     "ConnectionLost",
+    "ConnectionRefusedByServer",
     "Forbidden",
     "InternalError",
     "Message",
@@ -50,6 +55,7 @@ __all__ = [
     "StaleLease",
     "StoreFull",
     "SyncMessage",
+    "TooManyQueues",
     "Unauthorized",
     "UnsupportedVersion",
     "__version__",

@@ -7,6 +7,7 @@ exceptions. The two clients add only the I/O, so they cannot disagree on the pro
 from __future__ import annotations
 
 import itertools
+import ssl
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,13 +41,19 @@ class Endpoint:
 
 
 def parse_url(url: str) -> Endpoint:
-    """``replika://host:port`` (port defaults to 8777)."""
+    """``replika://host:port``, or ``replikas://host:port`` for TLS (the port defaults to 8777)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("replika", "replikas"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use replika://host:port")
-    if parts.scheme == "replikas":
-        raise ValueError("replikas:// (TLS) is not supported by this version")
-    return Endpoint(parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, tls=False)
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use replika://host:port or replikas://")
+    return Endpoint(parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, tls=parts.scheme == "replikas")
+
+
+def tls_context(endpoint: Endpoint, ssl_option: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The TLS context to connect with: the caller's, else the system's defaults for ``replikas://`` (which
+    verify the server's certificate and name), else None (plain TCP)."""
+    if ssl_option is not None:
+        return ssl_option
+    return ssl.create_default_context() if endpoint.tls else None
 
 
 def check_queue(name: str) -> None:
@@ -65,6 +72,7 @@ class ClientCore:
         self.max_frame = DEFAULT_MAX_FRAME
         self.max_batch = DEFAULT_MAX_BATCH
         self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.idle_timeout = 0.0
         self.server = ""
 
     def reset(self) -> None:
@@ -89,7 +97,13 @@ class ClientCore:
         self.max_batch = int(reply.get("max_batch", DEFAULT_MAX_BATCH))
         self.max_payload = int(reply.get("max_payload", DEFAULT_MAX_PAYLOAD))
         self.server = str(reply.get("server", ""))
+        self.idle_timeout = float(reply.get("idle_timeout") or 0.0)
         self.decoder.max_frame = self.max_frame
+
+    @property
+    def keepalive_interval(self) -> float | None:
+        """Seconds of silence after which to ping, so the server never sees the connection idle; None: never."""
+        return self.idle_timeout / 3 if self.idle_timeout > 0 else None
 
     # ----------------------------------------------------------------------------------------------- requests
     def publish_chunks(

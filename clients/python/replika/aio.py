@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from replika._core import (
     parse_url,
     publish_ids,
     settle_failures,
+    tls_context,
 )
 from replika._message import Message
 from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
@@ -35,14 +37,34 @@ BACKOFF_MAX = 5.0
 
 
 class _Protocol(asyncio.Protocol):
+    """Hands a connection's events to its client once :meth:`adopt` is called; what happens before (the
+    server may refuse a connection the moment it is made) is kept and replayed then."""
+
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
+        self._adopted = False
+        self._early: list[bytes] = []
+        self._lost_early: tuple[Exception | None] | None = None
+
+    def adopt(self) -> None:
+        self._adopted = True
+        early, self._early = self._early, []
+        for data in early:
+            self._client._on_data(data)
+        if self._lost_early is not None:
+            self._client._on_lost(self._lost_early[0])
 
     def data_received(self, data: bytes) -> None:
-        self._client._on_data(data)
+        if self._adopted:
+            self._client._on_data(data)
+        else:
+            self._early.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._on_lost(exc)
+        if not self._adopted:
+            self._lost_early = (exc,)
+        elif self._client._protocol is self:  # a connection closed by close() may report in after a new one
+            self._client._on_lost(exc)
 
     def pause_writing(self) -> None:
         self._client._writable.clear()
@@ -58,6 +80,11 @@ class AsyncClient:
     concurrently: requests are pipelined on the one connection and matched to replies by correlation id.
     If the connection drops, calls in flight raise :class:`~replika.ConnectionLost` and the next call reconnects.
     Durations are float seconds.
+
+    ``token`` authenticates to a broker run with ``--auth``. ``replikas://`` connects over TLS, verifying the
+    server's certificate against the system's CAs; pass ``ssl=`` an :class:`ssl.SSLContext` for your own CA or a
+    client certificate (mutual TLS). While connected, the client pings a quiet connection so that the broker's
+    idle timeout never closes it.
     """
 
     def __init__(
@@ -65,12 +92,17 @@ class AsyncClient:
         url: str = DEFAULT_URL,
         token: str | None = None,
         *,
+        ssl: _ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
         client_name: str = "replika-py",
     ) -> None:
         self._endpoint = parse_url(url)
+        self._ssl = tls_context(self._endpoint, ssl)
         self._core = ClientCore(client_name, token)
         self._connect_timeout = connect_timeout
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._protocol: _Protocol | None = None
+        self._last_write = 0.0
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, tuple[asyncio.Future[Frame], str | None]] = {}
         self._out: list[bytes] = []
@@ -107,24 +139,55 @@ class AsyncClient:
             loop = asyncio.get_running_loop()
             ep = self._endpoint
             try:
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Protocol(self), ep.host, ep.port), self._connect_timeout
+                transport, protocol = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _Protocol(self),
+                        ep.host,
+                        ep.port,
+                        ssl=self._ssl,
+                        server_hostname=ep.host if self._ssl is not None else None,
+                    ),
+                    self._connect_timeout,
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
             self._core.reset()
             self._transport = transport
+            self._protocol = protocol
             rid, data = self._core.hello()
+            hello: asyncio.Future[Frame] = loop.create_future()
+            self._pending[rid] = (hello, None)
+            self._write(data)
+            protocol.adopt()
             try:
-                reply = await asyncio.wait_for(self._send(rid, data, None), self._connect_timeout)
+                reply = await asyncio.wait_for(hello, self._connect_timeout)
                 self._core.on_hello(reply)
             except BaseException:
                 self._abort()
                 raise
+            self._arm_keepalive()
+
+    def _arm_keepalive(self) -> None:
+        interval = self._core.keepalive_interval
+        if interval is not None and self._transport is not None:
+            self._keepalive = asyncio.get_running_loop().call_later(interval, self._on_keepalive, interval)
+
+    def _on_keepalive(self, interval: float) -> None:
+        self._keepalive = None
+        if self._transport is None:
+            return
+        if asyncio.get_running_loop().time() - self._last_write >= interval * 0.9:
+            rid, data = self._core.request("ping")
+            self._pending[rid] = (asyncio.get_running_loop().create_future(), None)  # its reply needs no one
+            self._write(data)
+        self._arm_keepalive()
 
     async def close(self) -> None:
         """Close the connection. Unacked messages it leased become ready again at the broker."""
         self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if self._transport is not None:
             self._flush()
             self._transport.close()
@@ -138,6 +201,9 @@ class AsyncClient:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         self._writable.set()
         reason = f": {exc}" if exc else ""
         self._fail_pending(ConnectionLost(f"connection to the broker lost{reason}"))
@@ -184,9 +250,10 @@ class AsyncClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and self._transport is not None:
+        if self._out and self._transport is not None and not self._transport.is_closing():
             out, self._out = self._out, []
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._last_write = asyncio.get_running_loop().time()
 
     async def _send(self, rid: int, data: bytes, fetch_queue: str | None) -> Frame:
         if self._transport is None:
@@ -224,14 +291,31 @@ class AsyncClient:
         """Round trip to the broker."""
         await self._call("ping")
 
-    async def declare(self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None) -> None:
+    async def declare(
+        self,
+        queue: str,
+        *,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
+        max_length: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         """Create ``queue`` or change its options (idempotent).
 
         ``max_attempts``: deliveries after which a nacked or expired message goes to the dead-letter queue
-        (None: unlimited). ``dead_letter``: that queue's name (None: ``<queue>.dlq``).
+        (None: unlimited). ``dead_letter``: that queue's name (None: ``<queue>.dlq``). ``max_length`` (messages)
+        and ``max_bytes`` (payload and header bytes): beyond them publishes fail with :class:`~replika.QueueFull`
+        (None: the broker's ``--queue-max-length``/``--queue-max-bytes``, unlimited unless set).
         """
         check_queue(queue)
-        await self._call("declare", queue=queue, max_attempts=max_attempts, dead_letter=dead_letter)
+        await self._call(
+            "declare",
+            queue=queue,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+            max_length=max_length,
+            max_bytes=max_bytes,
+        )
 
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` and every message in it. Later acks of its messages fail with NOT_FOUND."""

@@ -6,7 +6,9 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BadRequest",
+    "BatchTooLarge",
     "ConnectionLost",
+    "ConnectionRefusedByServer",
     "Forbidden",
     "InternalError",
     "NotFound",
@@ -18,6 +20,7 @@ __all__ = [
     "ShuttingDown",
     "StaleLease",
     "StoreFull",
+    "TooManyQueues",
     "Unauthorized",
     "UnsupportedVersion",
     "error_from_reply",
@@ -55,6 +58,11 @@ class ConnectionLost(ReplikaError, codes=("CONNECTION_LOST",)):
     retriable = True
 
 
+class ConnectionRefusedByServer(ConnectionLost, codes=("TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "HANDSHAKE_TIMEOUT")):
+    """The broker closed the connection on purpose: it is at its connection limit (``TOO_MANY_CONNECTIONS``),
+    or the connection was idle (``IDLE_TIMEOUT``) or slow to handshake (``HANDSHAKE_TIMEOUT``). Retriable."""
+
+
 class ProtocolViolation(ReplikaError, codes=("BAD_FRAME", "FRAME_TOO_LARGE", "UNKNOWN_OP")):
     """One side broke the wire protocol (a bug, or a server of another version)."""
 
@@ -65,6 +73,10 @@ class UnsupportedVersion(ReplikaError, codes=("UNSUPPORTED_VERSION",)):
 
 class BadRequest(ReplikaError, codes=("BAD_REQUEST",)):
     """A field was missing, of the wrong type or out of range (e.g. a bad queue name)."""
+
+
+class BatchTooLarge(BadRequest, codes=("BATCH_TOO_LARGE",)):
+    """A request carried more messages or leases than the server's ``max_batch`` (the SDK splits its own)."""
 
 
 class PayloadTooLarge(ReplikaError, codes=("PAYLOAD_TOO_LARGE",)):
@@ -100,6 +112,10 @@ class QueueFull(ReplikaError, codes=("QUEUE_FULL",)):
     retriable = True
 
 
+class TooManyQueues(ReplikaError, codes=("TOO_MANY_QUEUES",)):
+    """Creating the queue would pass the broker's ``max_queues``."""
+
+
 class StoreFull(ReplikaError, codes=("STORE_FULL",)):
     """The broker's store cannot take more data until consumers drain it."""
 
@@ -107,9 +123,13 @@ class StoreFull(ReplikaError, codes=("STORE_FULL",)):
 
 
 class RateLimited(ReplikaError, codes=("RATE_LIMITED",)):
-    """Too many requests for this token; retry later."""
+    """The token is over its publish rate; nothing was stored. ``retry_after`` is how many seconds to wait."""
 
     retriable = True
+
+    def __init__(self, message: str, code: str | None = None, retry_after: float = 0.0) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(ReplikaError, codes=("SHUTTING_DOWN",)):
@@ -128,4 +148,8 @@ def error_from_reply(reply: dict[str, Any]) -> ReplikaError:
     """The exception for an error reply ``{"ok": false, "code": ..., "message": ...}``."""
     code = str(reply.get("code", "INTERNAL"))
     cls = ReplikaError._registry.get(code, ReplikaError)
-    return cls(str(reply.get("message", "")), code)
+    message = str(reply.get("message", ""))
+    if cls is RateLimited:
+        retry_after = reply.get("retry_after")
+        return RateLimited(message, code, float(retry_after) if isinstance(retry_after, int | float) else 0.0)
+    return cls(message, code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ from replika._core import (
     parse_url,
     publish_ids,
     settle_failures,
+    tls_context,
 )
 from replika._message import SyncMessage
 from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
@@ -34,7 +36,9 @@ class Client:
 
     Use as ``with Client("replika://127.0.0.1:8777") as client:``. One client is not safe to share between
     threads; give each thread its own. Multi-request calls (``publish_many``, ``ack`` of many) are pipelined.
-    Durations are float seconds.
+    Durations are float seconds. ``token``, ``replikas://`` and ``ssl=`` work as for :class:`AsyncClient`. A
+    blocking client cannot ping while the caller is busy elsewhere: when its connection has been quiet for
+    longer than the broker's idle timeout allows, the next call opens a new one first.
     """
 
     def __init__(
@@ -42,11 +46,14 @@ class Client:
         url: str = DEFAULT_URL,
         token: str | None = None,
         *,
+        ssl: _ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
         timeout: float | None = 60.0,
         client_name: str = "replika-py-sync",
     ) -> None:
         self._endpoint = parse_url(url)
+        self._ssl = tls_context(self._endpoint, ssl)
+        self._last_io = 0.0
         self._core = ClientCore(client_name, token)
         self._connect_timeout = connect_timeout
         self._timeout = timeout
@@ -81,6 +88,12 @@ class Client:
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl is not None:
+            try:
+                sock = self._ssl.wrap_socket(sock, server_hostname=ep.host)
+            except OSError as exc:  # ssl.SSLError included
+                sock.close()
+                raise ConnectionLost(f"TLS handshake with {ep.host}:{ep.port} failed: {exc}") from None
         self._sock = sock
         self._sock_timeout = self._connect_timeout
         self._core.reset()
@@ -110,6 +123,7 @@ class Client:
         try:
             self._set_timeout(self._timeout)
             self._sock.sendall(data)
+            self._last_io = time.monotonic()
         except OSError as exc:
             self._drop()
             raise ConnectionLost(f"connection to the broker lost: {exc}") from None
@@ -159,6 +173,9 @@ class Client:
         self._sendall(data)
 
     def _ensure(self) -> None:
+        interval = self._core.keepalive_interval
+        if self._sock is not None and interval is not None and time.monotonic() - self._last_io > 2.7 * interval:
+            self._drop()  # the broker may have closed it as idle by now: start afresh rather than fail
         if self._sock is None:
             self.connect()
 
@@ -177,10 +194,25 @@ class Client:
         """Round trip to the broker."""
         self._call("ping")
 
-    def declare(self, queue: str, *, max_attempts: int | None = None, dead_letter: str | None = None) -> None:
+    def declare(
+        self,
+        queue: str,
+        *,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
+        max_length: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         """Create ``queue`` or change its options (idempotent). See :meth:`AsyncClient.declare`."""
         check_queue(queue)
-        self._call("declare", queue=queue, max_attempts=max_attempts, dead_letter=dead_letter)
+        self._call(
+            "declare",
+            queue=queue,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+            max_length=max_length,
+            max_bytes=max_bytes,
+        )
 
     def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` and every message in it."""
