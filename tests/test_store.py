@@ -574,6 +574,7 @@ async def test_stats_none_lists_every_queue(store: LmdbStore) -> None:
         "bytes": 2,
         "max_length": None,
         "max_bytes": None,
+        "counters": {"published": 2, "delivered": 1, "acked": 0, "nacked": 0, "expired": 0, "dead_lettered": 0},
     }
     assert (by_name["c"].max_attempts, by_name["c"].dead_letter, by_name["c"].total) == (4, "c-dead", 0)
 

@@ -26,6 +26,7 @@ from replika_server.store import (
     Declare,
     DeleteQueue,
     Delivery,
+    Expire,
     Fetch,
     LmdbStore,
     Nack,
@@ -50,6 +51,7 @@ from tests.test_store import (
     counts,
     fetch,
     leases,
+    let_timer_pass,
     one,
     publish,
     stats,
@@ -412,3 +414,22 @@ def test_bytes_match_lmdb_after_any_sequence(
     # A synchronous test with a loop of its own per example: function-scoped fixtures do not mix with @given.
     with tempfile.TemporaryDirectory() as tmp:
         uvloop.run(_random_run(Path(tmp) / "s", steps, max_length, max_bytes))
+
+
+# ---------------------------------------------------------------------------------------------------- counters
+async def test_counters_count_each_event_once(store: LmdbStore) -> None:
+    await one(store, Declare("c", QueueOptions(max_attempts=2)))
+    await publish(store, "c", b"1", b"2", b"3", b"4")
+    first = await fetch(store, "c", max=4, lease=0.05)
+    await ack(store, "c", first[:1])
+    await one(store, Nack("c", leases(first[1:2]), 1))
+    await one(store, Reject("c", leases(first[2:3]), 1))
+    await let_timer_pass(store)  # the fourth lease ends at its deadline
+    await one(store, Expire())
+    again = await fetch(store, "c", max=4)  # the nacked and the expired one, second attempts
+    await one(store, Release(1))  # their connection goes: ended leases at max_attempts move to the DLQ
+    c = (await stats(store, "c")).counters
+    assert c == {"published": 4, "delivered": 4 + len(again), "acked": 1, "nacked": 1, "expired": 3, "dead_lettered": 3}
+    assert len(again) == 2
+    dlq = (await stats(store, "c.dlq")).counters
+    assert dlq["published"] == 0 and (await stats(store, "c.dlq")).total == 3

@@ -44,12 +44,31 @@ class Tracked:
         self.size = size
 
 
+class QueueCounters:
+    """What happened to one queue's messages: counted where it happens, so that every path (dead-lettering at
+    fetch time, expiry, a closed connection) is counted once."""
+
+    __slots__ = ("acked", "dead_lettered", "delivered", "expired", "nacked", "published")
+
+    def __init__(self) -> None:
+        self.published = 0  # messages stored by publish (dead-lettered arrivals are not publishes)
+        self.delivered = 0  # deliveries: messages in fetch replies
+        self.acked = 0
+        self.nacked = 0
+        self.expired = 0  # leases that ended at their deadline or with their connection, without a settle
+        self.dead_lettered = 0  # messages moved out of this queue to its dead-letter queue
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class QueueState:
     """One queue: durable counters mirrored from its meta record, and the delivery index."""
 
     __slots__ = (
         "bytes",
         "count",
+        "counters",
         "cursor",
         "n_delayed",
         "n_leased",
@@ -77,6 +96,8 @@ class QueueState:
         self.cursor = 1  # every never-delivered message has an id >= cursor
         self.tracked: dict[int, Tracked] = {}
         self.ready_heap: list[int] = []  # ids of READY tracked messages; entries may be stale, checked on pop
+        # Events since this process opened the store (not persisted; Prometheus counters may reset on restart).
+        self.counters = QueueCounters()
         self.n_ready = 0
         self.n_leased = 0
         self.n_delayed = 0
@@ -167,6 +188,7 @@ class QueueState:
             bytes=self.bytes,
             max_length=max_length,
             max_bytes=max_bytes,
+            counters=self.counters.as_dict(),
         )
 
     def meta(self) -> dict[str, object]:

@@ -176,6 +176,8 @@ class QueueStats:
     bytes: int
     max_length: int | None
     max_bytes: int | None
+    #: Events since the broker started: published, delivered, acked, nacked, expired, dead_lettered.
+    counters: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +191,7 @@ class QueueStats:
             "bytes": self.bytes,
             "max_length": self.max_length,
             "max_bytes": self.max_bytes,
+            "counters": self.counters,
         }
 
 

@@ -389,7 +389,11 @@ class LmdbStore(Store):
         self._writes = Writes()
         self._touched = {}
         self._readied = set()
+        # Counters only ever grow (scrapers take a drop for a restart); the failed batch's events stay counted.
+        counters = {q.qnum: q.counters for q in self._queues.values()}
         self._load()
+        for q in self._queues.values():
+            q.counters = counters.get(q.qnum, q.counters)
         for qnum, mid, token, deadline, owner in leases:
             q = self._by_qnum.get(qnum)
             t = q.tracked.get(mid) if q is not None else None
@@ -481,6 +485,7 @@ class LmdbStore(Store):
         t = q.tracked.get(mid)
         attempts = t.attempts if t is not None else 0
         self._remove(q, mid)
+        q.counters.dead_lettered += 1
         if value is None:  # cannot happen while the index mirrors LMDB; never invent a payload
             log.error("dead_letter_missing_message", queue=q.name, id=mid)
             return
@@ -547,6 +552,7 @@ class LmdbStore(Store):
             items = [(pack_key(qnum, mid), value) for mid, value in enumerate(values, first)]
         self._writes.put_many(self._msgs_db, items)
         q.next_id = first + n
+        q.counters.published += n
         q.count += n
         q.bytes += added
         self._touched[qnum] = q
@@ -605,7 +611,10 @@ class LmdbStore(Store):
                     heapq.heappop(q.ready_heap)
                     log.error("tracked_message_missing", queue=q.name, id=mid)
                     q.untrack(mid)
-                    q.bytes -= t.size  # bytes mirrors what LMDB holds
+                    q.bytes -= t.size  # the counters mirror what LMDB holds
+                    q.count -= 1
+                    self._writes.delete(state_db, pack_key(q.qnum, mid))
+                    self._touched[q.qnum] = q
                     continue
                 budget -= len(stored) + DELIVERY_OVERHEAD
                 if budget < 0 and out:
@@ -634,6 +643,7 @@ class LmdbStore(Store):
             out.append((mid, t.token, t.attempts, published_at, payload, headers))
         if group:
             self._lease_group(deadline, group)
+            q.counters.delivered += len(group)
         return out
 
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
@@ -679,6 +689,7 @@ class LmdbStore(Store):
                 break
         if group:
             q.n_leased += len(group)
+            q.counters.delivered += len(group)
             q.cursor = last + 1
             self._token_seq = token
             self._writes.put_many(self._state_db, records)
@@ -717,6 +728,7 @@ class LmdbStore(Store):
             self._writes.delete_many(self._state_db, keys)
             self._writes.deletes += len(keys)
             q.count -= len(keys)
+            q.counters.acked += len(keys)
             q.bytes -= size
             self._touched[qnum] = q
         return failed
@@ -744,6 +756,7 @@ class LmdbStore(Store):
         return failed
 
     def _nack(self, q: QueueState, mid: int, t: Tracked, delay: float, unseen: bool = False) -> None:
+        q.counters.nacked += 1
         if unseen and t.attempts > 0:
             t.attempts -= 1  # persisted below with the settled token
         limit = q.options.max_attempts
@@ -797,6 +810,7 @@ class LmdbStore(Store):
         for t in self._owners.pop(op.owner, ()):
             q = self._current(t)
             if q is not None and t.status == LEASED and t.owner == op.owner:
+                q.counters.expired += 1
                 self._lease_ended(q, t)
 
     def _expire(self, op: Expire) -> None:
@@ -809,6 +823,7 @@ class LmdbStore(Store):
                     continue  # settled, touched or re-leased since
                 q = self._current(t)
                 if q is not None:
+                    q.counters.expired += 1
                     self._lease_ended(q, t)
         wall = time.time()
         delays = self._delay_heap
