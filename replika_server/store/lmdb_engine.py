@@ -390,10 +390,10 @@ class LmdbStore(Store):
         self._touched = {}
         self._readied = set()
         # Counters only ever grow (scrapers take a drop for a restart); the failed batch's events stay counted.
-        counters = {q.qnum: q.counters for q in self._queues.values()}
+        counters = {state.qnum: state.counters for state in self._queues.values()}
         self._load()
-        for q in self._queues.values():
-            q.counters = counters.get(q.qnum, q.counters)
+        for state in self._queues.values():
+            state.counters = counters.get(state.qnum, state.counters)
         for qnum, mid, token, deadline, owner in leases:
             q = self._by_qnum.get(qnum)
             t = q.tracked.get(mid) if q is not None else None
