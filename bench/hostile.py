@@ -8,7 +8,8 @@ open at once, split between five kinds of abuse:
 - huge: declare a 2 GiB frame (before, and after, the handshake), get refused, reconnect, repeat;
 - garbage: random bytes, reconnecting after each refusal;
 - slow readers: handshake, pipeline fetches with short leases (so that expired leases redeliver the same
-  messages again and again) and never read a reply.
+  messages again and again) and never read a reply;
+- reply flood: send megabytes of tiny requests that each earn an error reply (no id), never reading one.
 
 Meanwhile a well-behaved client makes publish, fetch and ack round trips. Reports the well-behaved client's
 latencies and the broker's anonymous memory (RssAnon: its heap, not the LMDB pages it maps) before and at the
@@ -36,7 +37,7 @@ from bench.memory import rss_anon_kib
 from replika_protocol import encode_frame
 
 HELLO = encode_frame({"op": "hello", "id": 0, "versions": [1], "client": "hostile"})
-KINDS = ("silent", "half_sent", "huge", "garbage", "slow_reader")
+KINDS = ("silent", "half_sent", "huge", "garbage", "slow_reader", "reply_flood")
 
 
 @dataclass
@@ -137,8 +138,21 @@ class Attack:
             self.ready += 1
             await self.stop.wait()
 
+    async def reply_flood(self) -> None:
+        async with self._held() as (_, writer):
+            junk = struct.pack(">I", 1) + b"\x80"  # {}: no id, so a BAD_REQUEST each, the connection staying open
+            writer.write(HELLO)  # before the handshake the first such frame would close the connection
+            self.ready += 1
+            for _ in range(160):  # 10 MiB, or less if the broker stops reading (then drain() blocks)
+                writer.write(junk * 16384)
+                try:
+                    await asyncio.wait_for(writer.drain(), 0.5)
+                except TimeoutError:
+                    break
+            await self.stop.wait()
 
-async def run(port: int, pid: int, hostile: int, round_trips: int) -> Report:
+
+async def run(port: int, pid: int, hostile: int, round_trips: int, kinds: tuple[str, ...] = KINDS) -> Report:
     report = Report()
     async with replika.AsyncClient(f"replika://127.0.0.1:{port}") as client:
         payload = os.urandom(256 * 1024)
@@ -147,11 +161,13 @@ async def run(port: int, pid: int, hostile: int, round_trips: int) -> Report:
         report.rss_before_kib = rss_anon_kib(pid)
         stop = asyncio.Event()
         attack = Attack(port, stop)
-        per_kind = hostile // 5
-        makers = [attack.silent, attack.half_sent, attack.garbage, attack.slow_reader]
-        tasks = [asyncio.ensure_future(m()) for m in makers for _ in range(per_kind)]
-        tasks += [asyncio.ensure_future(attack.huge()) for _ in range(per_kind // 2)]
-        tasks += [asyncio.ensure_future(attack.huge_after_hello()) for _ in range(per_kind - per_kind // 2)]
+        per_kind = hostile // len(kinds)
+        tasks = [
+            asyncio.ensure_future(getattr(attack, kind)()) for kind in kinds if kind != "huge" for _ in range(per_kind)
+        ]
+        if "huge" in kinds:
+            tasks += [asyncio.ensure_future(attack.huge()) for _ in range(per_kind // 2)]
+            tasks += [asyncio.ensure_future(attack.huge_after_hello()) for _ in range(per_kind - per_kind // 2)]
         try:
             deadline = time.monotonic() + 60
             while attack.ready < len(tasks):
@@ -180,12 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.splitlines()[0])
     parser.add_argument("--hostile", type=int, default=200, help="hostile connections held open (default 200)")
     parser.add_argument("--round-trips", type=int, default=100, help="well-behaved round trips (default 100)")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated kinds of abuse (default: all of {','.join(KINDS)})"
+    )
     parser.add_argument("broker_args", nargs="*", help="extra `replika serve` flags, after --")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="replika-hostile-") as tmp:
         proc, port = start_broker(Path(tmp), args.broker_args)
         try:
-            report = asyncio.run(run(port, proc.pid, args.hostile, args.round_trips))
+            kinds = tuple(k for k in args.kinds.split(",") if k)
+            unknown = set(kinds) - set(KINDS)
+            if unknown:
+                parser.error(f"unknown kinds: {sorted(unknown)}")
+            report = asyncio.run(run(port, proc.pid, args.hostile, args.round_trips, kinds))
             alive = proc.poll() is None
         finally:
             proc.kill()

@@ -58,8 +58,10 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Add ``data`` to the stream and return every frame it completes, in order."""
+    def feed(self, data: bytes | bytearray | memoryview, max_frames: int | None = None) -> list[Frame]:
+        """Add ``data`` to the stream and return every frame it completes, in order; at most ``max_frames``, the
+        rest staying buffered for the next call (``feed(b"")`` continues), so that a caller may change
+        ``max_frame`` between one frame and the next."""
         if self._error is not None:
             self._error.frames = []
             raise self._error
@@ -75,6 +77,8 @@ class FrameDecoder:
         end = len(view)
         try:
             while end - pos >= HEADER_SIZE:
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
                 (length,) = _unpack_header(view, pos)
                 if length > self._max_frame:
                     raise FrameTooLarge(f"declared frame length {length} exceeds the limit of {self._max_frame} bytes")

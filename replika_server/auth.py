@@ -45,7 +45,7 @@ class RateLimit:
     burst: float
 
 
-def default_limit(rate: float, burst: int) -> RateLimit | None:
+def default_limit(rate: float, burst: float) -> RateLimit | None:
     """The limit of tokens that set none (``--publish-rate``/``--publish-burst``); None when ``rate`` is 0.
     The burst defaults to one second's worth."""
     if rate <= 0:
@@ -226,11 +226,11 @@ def _principal(
     rate = default_rate
     if "publish_rate" in table or "publish_burst" in table:
         value, burst = table.get("publish_rate"), table.get("publish_burst")
-        if not isinstance(value, int | float) or not _positive(value):
-            raise ConfigError(f"{where}: 'publish_rate' must be a positive number of messages per second")
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}: 'publish_rate' must be a number of messages per second (0: unlimited)")
         if burst is not None and not _positive(burst):
             raise ConfigError(f"{where}: 'publish_burst' must be a positive number of messages")
-        rate = RateLimit(float(value), float(burst if burst is not None else value))
+        rate = default_limit(float(value), burst or 0)  # 0: unlimited, even when the server sets a default
     bucket: TokenBucket | None = None
     if rate is not None:
         if old_bucket is not None:

@@ -46,6 +46,12 @@ MAX_INFLIGHT_REQUESTS = 10_000
 HANDSHAKE_MAX_FRAME = 64 * 1024
 #: Bytes of unsent replies above which a connection stops being read (asyncio's high-water mark).
 WRITE_HIGH_WATER = 64 * 1024
+#: Frames decoded and answered per connection per loop turn; the rest wait, undecoded, for the next turn.
+FRAMES_PER_TURN = 128
+#: Seconds a closed connection may take to send its last replies before it is cut off (a peer that never reads).
+CLOSE_GRACE = 5.0
+#: Seconds a connection refused at max_connections has to read why before it is cut off.
+REFUSE_GRACE = 1.0
 #: Seconds a graceful shutdown waits for replies to drain before closing connections anyway.
 SHUTDOWN_GRACE = 5.0
 
@@ -70,6 +76,9 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._out_large = False  # _out holds a large reply: write it without joining
+        self._out_size = 0  # bytes in _out
+        self._parked: list[Frame] = []  # decoded, held back until the replies drain (at most FRAMES_PER_TURN)
+        self._more = False  # the decoder may hold more complete frames, to be decoded on a later turn
         self._flush_scheduled = False
         self._ready = False  # handshake done
         self._closed = False
@@ -95,7 +104,15 @@ class Connection(asyncio.Protocol):
             self._server.refuse_connection()
             message = f"the broker is at its limit of {config.max_connections} connections; try again later"
             self._error(None, ErrorCode.TOO_MANY_CONNECTIONS, message)
-            self.close()
+            self._flush()
+            self._closed = True  # what it sends is dropped unread
+            # Half-close rather than close: closing with its hello unread would reset the connection, and the
+            # reset can overtake our error frame. It closes once it has read why; if it does not, we cut it off.
+            if self._transport.can_write_eof():
+                self._transport.write_eof()
+            else:
+                self._transport.close()
+            self._loop.call_later(REFUSE_GRACE, self._transport.abort)
             return
         self._registered = True
         self._server.connections.add(self)
@@ -120,28 +137,77 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return  # refused or closing: nothing more is read
         self._last_active = self._loop.time()
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
+        """Decode and answer up to FRAMES_PER_TURN frames. The rest stay undecoded in the decoder and reading
+        pauses until the next loop turn, so that one client's burst of requests does not hold up the others."""
         error: ProtocolError | None = None
         try:
-            frames = self._decoder.feed(data)
+            if self._ready:
+                frames = self._decoder.feed(data, max_frames=FRAMES_PER_TURN)
+            else:
+                frames = self._feed_before_handshake(data)
         except ProtocolError as exc:
             frames, error = exc.frames, exc
-        for frame in frames:
-            self._dispatch(frame)
-            if self._closed:
-                return
+        self._more = error is None and len(frames) >= FRAMES_PER_TURN
+        self._run(frames)
+        if self._closed:
+            return
         if error is not None:
             # Answer the requests that came before the corruption, then say why and close.
             self._broken = error
-            self._update_reading()
-            if self._inflight == 0:
-                self._fatal(error.code, str(error))
+        elif self._more and not self._parked:
+            self._loop.call_soon(self._consume_more)
+        self._update_reading()
+        self._maybe_finish()
+
+    def _consume_more(self) -> None:
+        if self._more and not self._parked and not self._closed and not self._paused_by_writes:
+            self._consume(b"")
+
+    def _feed_before_handshake(self, data: bytes) -> list[Frame]:
+        """Frames one at a time until the hello succeeds: before it the frame limit is small, after it the
+        configured one, and frames sent right behind the hello must get the latter."""
+        frames = self._decoder.feed(data, max_frames=1)
+        while frames and not self._ready:
+            self._dispatch(frames[0])
+            if self._closed:
+                return []
+            frames = self._decoder.feed(b"", max_frames=FRAMES_PER_TURN if self._ready else 1)
+        return frames
+
+    def _run(self, frames: list[Frame]) -> None:
+        """Dispatch ``frames`` in order. Once a turn's replies pass the high-water mark and the socket will not
+        take them, the rest wait in ``_parked`` (reading paused) until it drains: what a client that does not
+        read can make us buffer stays bounded, however many small requests it sent."""
+        for i, frame in enumerate(frames):
+            if self._paused_by_writes:
+                self._parked.extend(frames[i:])
+                return
+            self._dispatch(frame)
+            if self._closed:
+                return
+            if self._out_size >= WRITE_HIGH_WATER:
+                self._flush()
+
+    def _maybe_finish(self) -> None:
+        """Once everything received is answered: close a broken or half-closed connection."""
+        if self._inflight or self._parked or self._more or self._closed:
+            return
+        if self._broken is not None:
+            self._fatal(self._broken.code, str(self._broken))
+        elif self._eof:
+            self.close()
 
     def close(self) -> None:
-        """Send what is buffered, then close."""
+        """Send what is buffered, then close; a peer that will not read it is cut off after CLOSE_GRACE."""
         self._flush()
         self._closed = True  # nothing more may be written to a closing transport
         if self._transport is not None:
             self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._loop.call_later(CLOSE_GRACE, self._transport.abort)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -149,9 +215,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client half-closed: answer what it sent, then close (True keeps the transport open meanwhile)."""
+        if self._closed:
+            return False  # refused or closing: let the transport close
         self._eof = True
-        if self._inflight == 0:
-            self.close()
+        self._maybe_finish()
         return True
 
     def pause_writing(self) -> None:
@@ -160,6 +227,15 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_by_writes = False
+        if self._parked:
+            parked = list(self._parked)
+            self._parked.clear()
+            self._run(parked)
+            if self._closed:
+                return
+            self._maybe_finish()
+        if self._more and not self._parked:
+            self._loop.call_soon(self._consume_more)
         self._update_reading()
         self._broker.resume(self.owner)  # fetches held back for lack of outbound room may go now
 
@@ -202,6 +278,7 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         body = encode_body(obj)
+        self._out_size += len(body)
         if len(body) < _COPY_LIMIT:
             self._out.append(frame_header(len(body)) + body)
         else:
@@ -220,6 +297,7 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._out_size = 0
         if self._out and not self._closed and self._transport is not None:
             out, self._out = self._out, []
             if self._out_large:
@@ -243,7 +321,7 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._closed:
             return
-        if self._paused_by_writes or self._paused_by_inflight or self._broken is not None:
+        if self._paused_by_writes or self._paused_by_inflight or self._broken is not None or self._parked or self._more:
             self._transport.pause_reading()
         else:
             self._transport.resume_reading()
@@ -252,6 +330,9 @@ class Connection(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         rid = frame.get("id")
         if type(rid) is not int or not 0 <= rid < 2**64:
+            if not self._ready:  # before the handshake nothing is answered twice: one bad frame ends it
+                self._fatal(ErrorCode.BAD_REQUEST, "the first request must be 'hello' with an unsigned integer 'id'")
+                return
             self._error(None, ErrorCode.BAD_REQUEST, "every request needs an 'id': an unsigned integer")
             return
         op = frame.get("op")
@@ -359,11 +440,8 @@ class Connection(asyncio.Protocol):
             reply["id"] = rid
             reply["ok"] = True
             self._send(reply)
-        if self._inflight == 0 and not self._closed:
-            if self._broken is not None:
-                self._fatal(self._broken.code, str(self._broken))
-            elif self._eof:
-                self.close()
+        if self._inflight == 0:
+            self._maybe_finish()
 
 
 def _fetch_reply(result: Any) -> Frame:

@@ -483,3 +483,9 @@ async def test_pipelined_mix_of_good_and_bad_requests(server: RunningServer) -> 
     reply = await conn.request({"op": "stats", "id": 5000, "queue": "mix"})
     assert reply["stats"]["total"] == 250, reply
     await conn.close()
+
+
+async def test_a_request_without_id_before_the_handshake_is_refused_and_closed(server: RunningServer) -> None:
+    conn = await Raw.connect(server.port, hello=False)
+    conn.send({"op": "hello", "versions": [1]}, {"op": "hello", "id": 1, "versions": [1]})
+    await conn.closed_after_error(ErrorCode.BAD_REQUEST, rid=None)

@@ -461,3 +461,68 @@ async def test_a_client_that_does_not_read_is_not_buffered_without_bound(tmp_pat
             got.extend(m[0] for m in reply["msgs"])
         assert sorted(got) == list(range(1, 201))
         await conn.close()
+
+
+async def test_a_refused_connection_gets_its_error_even_after_sending_a_hello(tmp_path: Path) -> None:
+    async with serving(tmp_path / "d", max_connections=1) as srv, replika.AsyncClient(srv.url):
+        for _ in range(5):
+            conn = await Raw.connect(srv.port, hello=False)
+            conn.send({"op": "hello", "id": 1, "versions": [1]})
+            [frame] = await conn.until_eof()
+            expect_error(frame, None, ErrorCode.TOO_MANY_CONNECTIONS)
+
+
+async def test_a_large_frame_right_behind_the_hello_is_accepted(tmp_path: Path) -> None:
+    async with serving(tmp_path / "d") as srv:
+        conn = await Raw.connect(srv.port, hello=False)
+        conn.send(
+            {"op": "hello", "id": 1, "versions": [1]},
+            {"op": "publish", "id": 2, "queue": "q", "payloads": [b"x" * 200_000]},
+        )
+        assert (await conn.reply())["ok"] is True
+        assert (await conn.reply())["count"] == 1
+        await conn.close()
+
+
+async def test_a_flood_of_small_bad_requests_from_a_client_that_does_not_read_stays_bounded(tmp_path: Path) -> None:
+    async with serving(tmp_path / "d") as srv:
+        conn = await Raw.connect(srv.port)
+        [server_conn] = srv.server.connections
+        junk = header(1) + b"\x80"  # {}: no id, so each gets an 88-byte BAD_REQUEST and the connection stays
+        for _ in range(40):
+            conn.writer.write(junk * 65536)  # 320 KiB a write, 12.5 MiB in all, never reading a reply
+            await asyncio.wait_for(conn.writer.drain(), WAIT)  # returns while the server keeps reading
+            transport = server_conn._transport
+            assert transport is not None
+            assert transport.get_write_buffer_size() + server_conn._out_size < 1024 * 1024
+            if not transport.is_reading():
+                break  # the server held back what it read and stopped reading: the flood is contained
+        assert not transport.is_reading()
+        await conn.close()
+
+
+async def test_a_closed_connection_that_never_reads_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("replika_server.server.CLOSE_GRACE", 0.2)
+    async with serving(tmp_path / "d", idle_timeout=0.3, max_payload=64 * 1024) as srv:
+        async with replika.AsyncClient(srv.url) as client:
+            await client.publish_many("q", [b"p" * 60_000] * 200)
+        conn = await Raw.connect(srv.port)
+        conn.send(*({"op": "fetch", "id": i, "queue": "q", "max": 50} for i in range(1, 5)))  # ~12 MB unread
+        [server_conn] = srv.server.connections
+        await asyncio.wait_for(server_conn.lost, WAIT)  # idle, closed, and cut off though it never read
+        assert not srv.server.connections
+        conn.writer.close()
+
+
+def test_the_blocking_client_keeps_its_connection_across_a_long_poll(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path / "d", "--idle-timeout", "1").start()
+    try:
+        with replika.Client(proc.url) as client:
+            client.publish("q", b"x")
+            [msg] = client.fetch("q")
+            sock = client._sock
+            assert client.fetch("other", wait=1.0) == []  # as long as the idle timeout, but not idle
+            msg.ack()  # the same connection: its lease did not end with a reconnect
+            assert client._sock is sock
+    finally:
+        proc.stop()

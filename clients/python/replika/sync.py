@@ -149,6 +149,7 @@ class Client:
             if not data:
                 self._drop()
                 raise ConnectionLost("the broker closed the connection")
+            self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
             try:
                 frames = self._core.decoder.feed(data)
             except ProtocolError as exc:
