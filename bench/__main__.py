@@ -35,7 +35,9 @@ _DRIVERS = {
 
 def start_replika(workdir: Path, durability: str) -> System:
     port_file = workdir / "replika.port"
-    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(workdir / "replika")]
+    # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
+    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--admin-port", "0"]
+    cmd += ["--data-dir", str(workdir / "replika"), "--admin-port-file", str(workdir / "replika.admin-port")]
     cmd += ["--port-file", str(port_file), "--durability", durability, "--log-level", "warning"]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 60
@@ -45,6 +47,9 @@ def start_replika(workdir: Path, durability: str) -> System:
             raise SystemExit("bench: the broker did not start")
         time.sleep(0.01)  # waiting on another process's file: nothing to await
     url = f"replika://127.0.0.1:{port_file.read_text()}"
+    admin_port = workdir / "replika.admin-port"
+    if admin_port.exists():
+        print(f"bench: the broker's live dashboard: http://127.0.0.1:{admin_port.read_text()}/", file=sys.stderr)
 
     async def stop() -> None:
         proc.send_signal(signal.SIGTERM)

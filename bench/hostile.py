@@ -61,7 +61,18 @@ class Report:
 
 def start_broker(data: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     port_file = data / "port"
-    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(data / "store")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "replika_server",
+        "serve",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        "--data-dir",
+        str(data / "store"),
+    ]
     proc = subprocess.Popen([*cmd, "--port-file", str(port_file), "--log-level", "error", *extra])
     deadline = time.monotonic() + 60
     while not (port_file.exists() and port_file.read_text()):

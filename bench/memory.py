@@ -40,7 +40,18 @@ def start(data: Path) -> tuple[subprocess.Popen[bytes], str, float]:
     port_file = data / "port"
     port_file.unlink(missing_ok=True)
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(data / "store")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "replika_server",
+        "serve",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        "--data-dir",
+        str(data / "store"),
+    ]
     proc = subprocess.Popen([*cmd, "--port-file", str(port_file), "--log-level", "warning"])
     while not (port_file.exists() and port_file.read_text()):
         if proc.poll() is not None or time.perf_counter() - started > 600:

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from replika_protocol import ErrorCode
+from replika_server.metrics import BATCH_OPS_BUCKETS, LATENCY_BUCKETS, Histogram
 from replika_server.store import Expire, Fetch, Op, Release, Store, StoreError
 
 __all__ = ["Broker", "Done"]
@@ -68,6 +69,8 @@ class Broker:
         self._deferred: dict[int, list[tuple[Op, Done]]] = {}
         self.batches = 0
         self.batched_ops = 0
+        self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
+        self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
 
     def limit_replies(self, room: Callable[[int], int], max_reply: int) -> None:
         """Bound what fetches produce for a client that does not read its replies: ``room(owner)`` is how many
@@ -134,6 +137,7 @@ class Broker:
                     batch = self._fit_fetches(batch, self._reply_room)
                     if not batch:
                         break
+                started = self._loop.time()
                 try:
                     result = await self._store.execute([op for op, _ in batch])
                 except Exception:
@@ -144,6 +148,8 @@ class Broker:
                     continue
                 self.batches += 1
                 self.batched_ops += len(batch)
+                self.batch_ops.observe(len(batch))
+                self.commit_seconds.observe(self._loop.time() - started)
                 self.dispatching = True
                 for (_, done), value in zip(batch, result.results, strict=True):
                     try:

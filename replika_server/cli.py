@@ -41,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-payload", help="largest message payload, e.g. 8M (default 8 MiB)")
     serve.add_argument("--max-batch", type=int, help="messages per publish/fetch/ack request (default 10000)")
     serve.add_argument("--max-store-size", help="largest the store may grow, e.g. 64G (default 64 GiB)")
+    admin = serve.add_argument_group("admin sidecar (dashboard, admin API, /metrics)")
+    admin.add_argument("--admin-port", type=int, help="HTTP port of the dashboard and admin API (default 8333)")
+    admin.add_argument("--admin-host", help="address of the admin sidecar (default 127.0.0.1)")
+    admin.add_argument("--no-admin", action="store_true", default=None, help="do not serve the admin sidecar")
+    admin.add_argument("--admin-port-file", help="write the admin sidecar's bound port to this file (--admin-port 0)")
+    admin.add_argument(
+        "--admin-cors-origin",
+        action="append",
+        dest="admin_cors_origins",
+        metavar="ORIGIN",
+        help="a browser origin (e.g. https://ops.example.com) allowed to call the admin API; repeatable",
+    )
     security = serve.add_argument_group("security (see SECURITY.md)")
     security.add_argument("--auth", metavar="FILE", help="TOML file of tokens and their permissions; SIGHUP reloads it")
     security.add_argument(
@@ -112,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "port_file")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "port_file", "admin_port_file", "no_admin")}
+    if args.no_admin:
+        flags["admin_port"] = "off"
+    if args.admin_cors_origins:
+        flags["admin_cors_origins"] = tuple(args.admin_cors_origins)
     try:
         config = Config.build(flags)
     except (ConfigError, TypeError) as exc:
@@ -124,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
     from replika_server.server import Server, run_server
 
     def report_port(server: Server) -> None:
+        # The admin port first: a script waiting for the broker's port file may then read both.
+        if args.admin_port_file and server.admin_port is not None:
+            with open(args.admin_port_file, "w") as f:
+                f.write(str(server.admin_port))
         if args.port_file:
             with open(args.port_file, "w") as f:
                 f.write(str(server.port))

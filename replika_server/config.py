@@ -45,6 +45,10 @@ class Config:
 
     host: str = "127.0.0.1"  # loopback unless told otherwise: a broker must be opened to a network on purpose
     port: int = DEFAULT_PORT
+    # The HTTP sidecar (dashboard, admin API, metrics), in the same process. admin_port None: no sidecar.
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = DEFAULT_ADMIN_PORT
+    admin_cors_origins: tuple[str, ...] = ()  # browser origins besides the dashboard's own that may call the API
     data_dir: Path = Path("replika-data")
     durability: str = "sync"
     max_frame: int = DEFAULT_MAX_FRAME
@@ -76,6 +80,11 @@ class Config:
             raise ConfigError("durability must be 'sync' or 'relaxed'")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be between 0 and 65535")
+        if self.admin_port is not None and not 0 <= self.admin_port <= 65535:
+            raise ConfigError("admin_port must be between 0 and 65535")
+        for origin in self.admin_cors_origins:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(f"admin_cors_origins: {origin!r} is not an origin like https://ops.example.com")
         if not 2 * FRAME_ROOM <= self.max_frame <= 1024**3:
             raise ConfigError(f"max_frame must be between {2 * FRAME_ROOM // 1024} KiB and 1 GiB")
         if not 1 <= self.max_batch <= 1_000_000:
@@ -142,6 +151,10 @@ def _convert(name: str, default: Any, raw: Any) -> Any:
             return Path(raw)
         if name in _SIZES:
             return parse_size(raw)
+        if name == "admin_cors_origins":
+            return tuple(o.strip() for o in raw.split(",") if o.strip())
+        if name == "admin_port":
+            return None if raw.lower() in ("", "none", "off") else int(raw)
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
@@ -172,11 +185,16 @@ def check_exposure(config: Config) -> None:
     """Refuse to serve a network with nobody checked at the door (Redis's protected mode): a bind beyond
     loopback needs ``--auth`` (tokens) or ``--tls-client-ca`` (client certificates), or an explicit
     ``--insecure``."""
-    if config.insecure or config.auth is not None or config.tls_client_ca is not None:
+    if config.insecure:
         return
-    if not is_loopback(config.host):
+    if config.auth is None and config.tls_client_ca is None and not is_loopback(config.host):
         raise ConfigError(
             f"refusing to listen on {config.host!r} without authentication: anyone who can reach it could "
             "read, publish and delete every message. Give --auth FILE (tokens, see SECURITY.md) or "
             "--tls-client-ca (client certificates); or --insecure if the network itself is trusted."
+        )
+    if config.auth is None and config.admin_port is not None and not is_loopback(config.admin_host):
+        raise ConfigError(
+            f"refusing to serve the admin API on {config.admin_host!r} without --auth: anyone who can reach it "
+            "could read, purge and delete every queue. Give --auth FILE, or --insecure if the network is trusted."
         )

@@ -9,11 +9,13 @@ buffered without limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import resource
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -32,8 +34,9 @@ from replika_server import __version__
 from replika_server.auth import AuthTable, Principal, anonymous, default_limit, load_auth
 from replika_server.broker import Broker
 from replika_server.config import Config, ConfigError, check_exposure
+from replika_server.metrics import LATENCY_BUCKETS, Histogram
 from replika_server.requests import Limits, RequestError, fetch_op, parse_op
-from replika_server.store import LmdbConfig, LmdbStore, QueueStats, StoreError
+from replika_server.store import Fetch, LmdbConfig, LmdbStore, QueueStats, StoreError
 
 __all__ = ["Connection", "Server", "run_server"]
 
@@ -115,6 +118,7 @@ class Connection(asyncio.Protocol):
             self._loop.call_later(REFUSE_GRACE, self._transport.abort)
             return
         self._registered = True
+        self._server.accepted += 1
         self._server.connections.add(self)
         self._server.by_owner[self.owner] = self
         self._transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, config.max_outbound // 2))
@@ -343,12 +347,10 @@ class Connection(asyncio.Protocol):
             self._error(rid, ErrorCode.BAD_REQUEST, "every request needs an 'op': a string")
             return
         try:
+            principal = self.principal
+            assert principal is not None
             if op == "fetch":
-                fetch, wait = fetch_op(frame, self.owner, self._limits)
-                principal = self.principal
-                assert principal is not None
-                if not principal.may_consume(fetch.queue):
-                    raise _forbidden(principal, "consume from", fetch.queue)
+                fetch, wait = self._server.prepare_fetch(principal, frame, self.owner)
                 self._begin()
                 self._broker.fetch(fetch, wait, lambda r: self._done(rid, r, _fetch_reply))
             elif op == "ping":
@@ -356,22 +358,13 @@ class Connection(asyncio.Protocol):
             elif op == "hello":
                 raise RequestError(ErrorCode.BAD_REQUEST, "the handshake was already done")
             else:
-                store_op = parse_op(op, frame, self.owner, self._limits)
-                fmt = _REPLIES[op]
-                principal = self.principal
-                assert principal is not None
-                if not principal.everything:
-                    fmt = _authorize(principal, op, store_op, fmt)
-                if principal.bucket is not None and op == "publish":
-                    wait = principal.bucket.take(len(store_op.payloads))
-                    if wait:
-                        raise RequestError(
-                            ErrorCode.RATE_LIMITED,
-                            f"token {principal.name!r} is over its publish rate; retry in {wait:.3f} s",
-                            {"retry_after": round(wait, 3)},
-                        )
+                store_op, fmt = self._server.prepare(principal, op, frame, self.owner)
                 self._begin()
-                self._broker.submit(store_op, lambda r: self._done(rid, r, fmt))
+                if op == "publish":
+                    done = functools.partial(self._published, rid, fmt, self._loop.time())
+                    self._broker.submit(store_op, done)
+                else:
+                    self._broker.submit(store_op, lambda r: self._done(rid, r, fmt))
         except RequestError as exc:
             self._error(rid, exc.code, exc.message, exc.extra)
 
@@ -425,6 +418,10 @@ class Connection(asyncio.Protocol):
         if self._inflight >= MAX_INFLIGHT_REQUESTS and not self._paused_by_inflight:
             self._paused_by_inflight = True
             self._update_reading()
+
+    def _published(self, rid: int, fmt: Any, started: float, result: Any) -> None:
+        self._server.publish_confirm.observe(self._loop.time() - started)
+        self._done(rid, result, fmt)
 
     def _done(self, rid: int, result: Any, fmt: Any) -> None:
         self._inflight -= 1
@@ -530,6 +527,10 @@ class Server:
         self.by_owner: dict[int, Connection] = {}
         self.dirty: list[Connection] = []  # connections with replies from the batch being handed out
         self.refused = 0  # connections refused at max_connections
+        self.accepted = 0  # connections accepted (past the limit check)
+        self.started_at = time.time()
+        self.publish_confirm = Histogram(LATENCY_BUCKETS)  # publish request received -> its commit confirmed
+        self.admin: Any = None  # the HTTP sidecar, when configured (replika_server.admin.AdminServer)
         self._refusal_logged = -1e9
         broker.after_dispatch = self._flush_dirty
         broker.limit_replies(self._reply_room, self.limits.max_reply_bytes)
@@ -538,6 +539,30 @@ class Server:
         self._anonymous = anonymous(default_limit(config.publish_rate, config.publish_burst))
         if config.auth is not None:
             self.auth = load_auth(config.auth, default_limit(config.publish_rate, config.publish_burst))
+
+    def prepare(self, principal: Principal, op: str, frame: Frame, owner: int) -> tuple[Any, Any]:
+        """The store op for request ``frame`` and the formatter of its reply, once validated, authorized and
+        admitted by the rate limit; or :class:`RequestError`. The same path for the TCP and HTTP APIs."""
+        store_op = parse_op(op, frame, owner, self.limits)
+        fmt = _REPLIES[op]
+        if not principal.everything:
+            fmt = _authorize(principal, op, store_op, fmt)
+        if principal.bucket is not None and op == "publish":
+            wait = principal.bucket.take(len(store_op.payloads))
+            if wait:
+                raise RequestError(
+                    ErrorCode.RATE_LIMITED,
+                    f"token {principal.name!r} is over its publish rate; retry in {wait:.3f} s",
+                    {"retry_after": round(wait, 3)},
+                )
+        return store_op, fmt
+
+    def prepare_fetch(self, principal: Principal, frame: Frame, owner: int) -> tuple[Fetch, float]:
+        """The fetch op and its long-poll wait for request ``frame``, or :class:`RequestError`."""
+        fetch, wait = fetch_op(frame, owner, self.limits)
+        if not principal.may_consume(fetch.queue):
+            raise _forbidden(principal, "consume from", fetch.queue)
+        return fetch, wait
 
     def authenticate(self, token: object) -> Principal | None:
         """Who ``token`` (from a hello) is; without ``--auth`` everybody is the anonymous principal."""
@@ -581,7 +606,9 @@ class Server:
 
     def _reply_room(self, owner: int) -> int:
         conn = self.by_owner.get(owner)
-        return conn.reply_room() if conn is not None else 0
+        # No connection: an HTTP fetch (its reply is bounded by the frame limit alone), or a closed
+        # connection's, whose leases its Release ends anyway.
+        return conn.reply_room() if conn is not None else self.limits.max_reply_bytes
 
     @classmethod
     async def start(cls, config: Config) -> Server:
@@ -602,6 +629,7 @@ class Server:
                 default_max_bytes=config.queue_max_bytes or None,
             )
         )
+        server: Server | None = None
         try:
             server = cls(config, Broker(store))
             loop = asyncio.get_running_loop()
@@ -614,7 +642,13 @@ class Server:
                 ssl=tls,
                 ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
             )
+            if config.admin_port is not None:
+                from replika_server.admin import AdminServer  # the HTTP stack loads only when it is used
+
+                server.admin = await AdminServer.start(server)
         except BaseException:
+            if server is not None and server._listener is not None:
+                server._listener.close()
             await store.close()
             raise
         log.info(
@@ -638,6 +672,22 @@ class Server:
                 log.exception("reply_write_failed", peer=conn.peer)
 
     @property
+    def version(self) -> str:
+        return str(__version__)
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin sidecar's bound port, None without one."""
+        return self.admin.port if self.admin is not None else None
+
+    def store_bytes(self) -> int:
+        """Size of the store's data file."""
+        try:
+            return (self.config.data_dir / "data.mdb").stat().st_size
+        except OSError:
+            return 0
+
+    @property
     def port(self) -> int:
         """The bound TCP port (useful when configured as 0)."""
         assert self._listener is not None
@@ -645,6 +695,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, finish the commit in progress, answer what is queued, close connections."""
+        if self.admin is not None:
+            await self.admin.stop()
         if self._listener is not None:
             self._listener.close()
         await self.broker.close()

@@ -50,6 +50,7 @@ async def serving(data_dir: Path, **config: Any) -> AsyncIterator[RunningServer]
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    config.setdefault("admin_port", None)  # the admin sidecar only where a test asks for it (admin_port=0)
     running = RunningServer(await Server.start(Config(host="127.0.0.1", port=0, data_dir=data_dir, **config)), data_dir)
     try:
         yield running
@@ -68,6 +69,7 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 async def restart(running: RunningServer, **config: Any) -> RunningServer:
     """Stop ``running`` and start a new broker on the same store."""
     await running.server.stop()
+    config.setdefault("admin_port", None)
     running.server = await Server.start(Config(host="127.0.0.1", port=0, data_dir=running.data_dir, **config))
     return running
 
@@ -90,7 +92,18 @@ class ServerProcess:
         port_file = self.data_dir.parent / "port"
         port_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(self.data_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "replika_server",
+            "serve",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+        ]
         cmd += ["--port-file", str(port_file), "--log-format", "json", *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)

@@ -278,7 +278,7 @@ async def test_consume_reconnects_after_the_server_restarts(server: RunningServe
     from replika_server.config import Config
     from replika_server.server import Server
 
-    server.server = await Server.start(Config(host="127.0.0.1", port=port, data_dir=server.data_dir))
+    server.server = await Server.start(Config(host="127.0.0.1", port=port, data_dir=server.data_dir, admin_port=None))
     async with replika.AsyncClient(server.url) as producer:
         await producer.publish("rc", b"after")
     msg = await asyncio.wait_for(anext(consumer), WAIT)

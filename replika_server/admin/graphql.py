@@ -1,0 +1,188 @@
+"""GraphQL at ``/graphql`` (Strawberry): queues, stats and peeked messages as queries; purge and redrive as
+mutations. Every field goes through the same operations, and so the same authorization, as the JSON API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import strawberry
+from fastapi import Depends, Request
+from strawberry.fastapi import BaseContext, GraphQLRouter
+from strawberry.scalars import JSON
+from strawberry.types import Info as ResolveInfo
+
+from replika_server.admin.ops import Ops, message_json
+from replika_server.admin.sampler import Sampler
+from replika_server.auth import Principal
+
+if TYPE_CHECKING:
+    from replika_server.server import Server
+
+__all__ = ["graphql_router"]
+
+
+@strawberry.type
+class Rates:
+    publish: float = strawberry.field(description="messages published per second (last sample)")
+    deliver: float
+    ack: float
+    nack: float
+
+
+@strawberry.type
+class Queue:
+    name: str
+    ready: int
+    in_flight: int
+    delayed: int
+    total: int
+    bytes: int
+    dead: int = strawberry.field(description="messages in this queue's dead-letter queue")
+    dead_letter: str
+    consumers: int = strawberry.field(description="fetches long-polling this queue now")
+    max_attempts: int | None
+    max_length: int | None
+    max_bytes: int | None
+    rates: Rates
+    counters: JSON
+
+
+@strawberry.type
+class Message:
+    id: int
+    queue: str
+    attempts: int
+    published_at: float
+    payload: str = strawberry.field(description="UTF-8 text, or base64 when encoding is base64")
+    encoding: str
+    headers: JSON
+
+
+@strawberry.type
+class BrokerInfo:
+    version: str
+    uptime_seconds: float
+    connections: int
+    durability: str
+    store_bytes: int
+    max_store_bytes: int
+    tls: bool
+    auth: bool
+
+
+def _queue(row: dict[str, Any]) -> Queue:
+    rates = row.get("rates") or {}
+    return Queue(
+        name=row["queue"],
+        ready=row["ready"],
+        in_flight=row["in_flight"],
+        delayed=row["delayed"],
+        total=row["total"],
+        bytes=row.get("bytes", 0),
+        dead=row.get("dead", 0),
+        dead_letter=row["dead_letter"],
+        consumers=row.get("consumers", 0),
+        max_attempts=row.get("max_attempts"),
+        max_length=row.get("max_length"),
+        max_bytes=row.get("max_bytes"),
+        rates=Rates(
+            publish=rates.get("publish", 0.0),
+            deliver=rates.get("deliver", 0.0),
+            ack=rates.get("ack", 0.0),
+            nack=rates.get("nack", 0.0),
+        ),
+        counters=row.get("counters", {}),
+    )
+
+
+def _message(m: dict[str, Any]) -> Message:
+    return Message(
+        id=m["id"],
+        queue=m["queue"],
+        attempts=m["attempts"],
+        published_at=m["published_at"],
+        payload=m["payload"],
+        encoding=m["encoding"],
+        headers=m["headers"],
+    )
+
+
+class _Context(BaseContext):
+    """What every resolver gets: the caller's principal and the broker's operations."""
+
+    def __init__(self, principal: Principal, ops: Ops, sampler: Sampler) -> None:
+        super().__init__()
+        self.principal = principal
+        self.ops = ops
+        self.sampler = sampler
+
+
+def _ctx(info: ResolveInfo[Any, Any]) -> _Context:
+    ctx: _Context = info.context
+    return ctx
+
+
+async def _row(ctx: _Context, name: str) -> dict[str, Any]:
+    reply = await ctx.ops.call(ctx.principal, "stats", queue=name)
+    return {**ctx.sampler.latest.get(name, {}), **reply["stats"]}
+
+
+async def _peek(ctx: _Context, name: str, max: int) -> list[Message]:
+    reply = await ctx.ops.call(ctx.principal, "peek", queue=name, max=max)
+    return [_message(message_json(name, m, leased=False)) for m in reply["msgs"]]
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="The broker: version, uptime, connections, store, durability")
+    def info(self, info: ResolveInfo[Any, Any]) -> BrokerInfo:
+        data = _ctx(info).ops.info()
+        return BrokerInfo(**{k: data[k] for k in BrokerInfo.__annotations__})
+
+    @strawberry.field(description="Every queue the token may see, with counts and rates")
+    async def queues(self, info: ResolveInfo[Any, Any]) -> list[Queue]:
+        ctx = _ctx(info)
+        await ctx.ops.call(ctx.principal, "queues")  # authorizes; the rows come from the latest sample
+        p = ctx.principal
+        return [_queue(r) for r in ctx.sampler.latest.values() if p.admin or p.may_see(r["queue"])]
+
+    @strawberry.field(description="One queue")
+    async def queue(self, info: ResolveInfo[Any, Any], name: str) -> Queue:
+        return _queue(await _row(_ctx(info), name))
+
+    @strawberry.field(description="Ready messages of a queue, read without leasing them")
+    async def peek(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:
+        return await _peek(_ctx(info), queue, max)
+
+    @strawberry.field(description="Messages in a queue's dead-letter queue, read without leasing them")
+    async def dead_letters(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:
+        ctx = _ctx(info)
+        row = await _row(ctx, queue)
+        return await _peek(ctx, row["dead_letter"], max)
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Delete every message of the queue that is not leased; how many")
+    async def purge(self, info: ResolveInfo[Any, Any], queue: str) -> int:
+        ctx = _ctx(info)
+        return int((await ctx.ops.call(ctx.principal, "purge", queue=queue))["purged"])
+
+    @strawberry.mutation(description="Move the queue's dead-lettered messages back where they came from; how many")
+    async def redrive(self, info: ResolveInfo[Any, Any], queue: str, max: int | None = None) -> int:
+        ctx = _ctx(info)
+        row = await _row(ctx, queue)
+        reply = await ctx.ops.call(ctx.principal, "redrive", queue=row["dead_letter"], max=max)
+        return int(reply["moved"])
+
+
+def graphql_router(
+    server: Server, ops: Ops, sampler: Sampler, principal: Callable[[Request], Principal]
+) -> GraphQLRouter[Any, Any]:
+    schema = strawberry.Schema(query=Query, mutation=Mutation)
+
+    async def context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
+        return _Context(p, ops, sampler)
+
+    return GraphQLRouter(schema, context_getter=context)

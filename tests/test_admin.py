@@ -1,0 +1,257 @@
+"""The admin sidecar through a real broker: JSON API, Prometheus metrics, live feed, GraphQL, auth and CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import replika
+from tests.conftest import WAIT, RunningServer, serving
+
+ADMIN = "admin-secret-0123456789"
+READER = "reader-secret-0123456789"
+AUTH = f"""
+[tokens.ops]
+secret = "{ADMIN}"
+publish = ["*"]
+consume = ["*"]
+admin = true
+
+[tokens.reader]
+secret = "{READER}"
+consume = ["jobs"]
+"""
+
+
+@pytest.fixture
+async def admin(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async with serving(tmp_path / "d", admin_port=0) as srv:
+        yield srv
+
+
+def http(srv: RunningServer, token: str | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.server.admin_port}", headers=headers, timeout=WAIT)
+
+
+async def next_sample(srv: RunningServer) -> None:
+    assert srv.server.admin is not None
+    await asyncio.wait_for(srv.server.admin.sampler.next_sample(), WAIT)
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------- JSON API
+async def test_health_and_info(admin: RunningServer) -> None:
+    async with http(admin) as h:
+        assert (await h.get("/healthz")).json() == {"status": "ok"}
+        assert (await h.get("/readyz")).json() == {"status": "ready"}
+        info = (await h.get("/api/info")).json()
+        assert info["durability"] == "sync" and info["port"] == admin.port and info["store_bytes"] > 0
+        assert isinstance(info["uptime_seconds"], float) and info["version"]
+
+
+async def test_publish_fetch_and_ack_over_http_meet_the_tcp_protocol(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        assert (await h.post("/api/queues/jobs/publish", content=b"from curl")).json() == {"id": 1}
+        batch = {
+            "messages": [
+                {"payload": "text", "headers": {"k": "v"}},
+                {"payload": base64.b64encode(b"\xff\x00").decode(), "encoding": "base64"},
+            ]
+        }
+        assert (await h.post("/api/queues/jobs/publish-batch", json=batch)).json() == {"ids": [2, 3]}
+        msgs = await client.fetch("jobs", max=10)
+        assert [(m.payload, m.headers) for m in msgs] == [
+            (b"from curl", {}),
+            (b"text", {"k": "v"}),
+            (b"\xff\x00", {}),
+        ]
+        await client.nack(msgs)
+        got = (await h.post("/api/queues/jobs/fetch", params={"max": 10, "lease": 60})).json()["messages"]
+        assert [m["id"] for m in got] == [1, 2, 3]
+        assert got[2]["encoding"] == "base64" and base64.b64decode(got[2]["payload"]) == b"\xff\x00"
+        assert got[0]["payload"] == "from curl" and got[0]["attempts"] == 2
+        reply = await h.post("/api/queues/jobs/ack", json={"leases": [[m["id"], m["lease"]] for m in got[:2]]})
+        assert reply.json() == {"failed": {}}
+        reply = await h.post("/api/queues/jobs/nack", json={"leases": [[3, got[2]["lease"]]], "delay": 60})
+        assert reply.json() == {"failed": {}}
+        again = await h.post("/api/queues/jobs/ack", json={"leases": [[1, got[0]["lease"]]]})
+        assert again.json() == {"failed": {"1": "STALE_LEASE"}}
+        stats = await client.stats("jobs")
+        assert (stats["ready"], stats["delayed"], stats["total"]) == (0, 1, 1)
+
+
+async def test_errors_carry_the_protocol_codes(admin: RunningServer) -> None:
+    async with http(admin) as h:
+        missing = await h.post("/api/queues/nope/purge")
+        assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+        bad = await h.post("/api/queues/bad name!/publish", content=b"x")
+        assert bad.status_code == 400 and bad.json()["code"] == "BAD_REQUEST"
+        big = await h.post("/api/queues/jobs/publish", content=b"x" * (9 * 1024 * 1024))
+        assert big.status_code == 413 and big.json()["code"] == "PAYLOAD_TOO_LARGE"
+        assert (await h.post("/api/queues/jobs/ack", json={"leases": []})).status_code == 400
+
+
+async def test_queue_list_detail_rates_purge_and_delete(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        await client.publish("orders", b"first")
+        await next_sample(admin)
+        await client.publish_many("orders", [b"x"] * 99)
+        await next_sample(admin)
+        [row] = (await h.get("/api/queues")).json()["queues"]
+        assert (row["queue"], row["ready"], row["dead"], row["consumers"]) == ("orders", 100, 0, 0)
+        assert row["rates"]["publish"] > 0 and row["counters"]["published"] == 100
+        detail = (await h.get("/api/queues/orders")).json()
+        assert detail["total"] == 100 and detail["history"] and detail["history"][-1][1] == 100
+        assert (await h.post("/api/queues/orders/purge")).json() == {"purged": 100}
+        assert (await h.delete("/api/queues/orders")).json() == {"deleted": "orders"}
+        assert (await h.get("/api/queues/orders")).status_code == 404
+
+
+async def test_openapi_docs(admin: RunningServer) -> None:
+    async with http(admin) as h:
+        docs = await h.get("/docs")
+        assert docs.status_code == 200 and "openapi.json" in docs.text
+        spec = (await h.get("/openapi.json")).json()
+        for path in ("/api/queues", "/api/queues/{queue}/publish", "/api/queues/{queue}/redrive", "/metrics"):
+            assert path in spec["paths"], path
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+async def test_prometheus_metrics(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        await client.publish_many("m", [b"abc"] * 5)
+        [msg, *_] = await client.fetch("m", max=2)
+        await msg.ack()
+        response = await h.get("/metrics")
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+        assert samples[("replika_messages_published_total", (("queue", "m"),))] == 5
+        assert samples[("replika_messages_delivered_total", (("queue", "m"),))] == 2
+        assert samples[("replika_messages_acked_total", (("queue", "m"),))] == 1
+        assert samples[("replika_queue_messages", (("queue", "m"), ("state", "in_flight")))] == 1
+        assert samples[("replika_queue_messages", (("queue", "m"), ("state", "ready")))] == 3
+        assert samples[("replika_queue_bytes", (("queue", "m"),))] == 12
+        assert samples[("replika_connections", ())] == 1
+        assert families["replika_publish_confirm_seconds"].type == "histogram"
+        assert samples[("replika_publish_confirm_seconds_count", ())] >= 1
+        assert samples[("replika_commit_batch_requests_count", ())] >= 3
+        assert samples[("replika_publish_confirm_seconds_bucket", (("le", "+Inf"),))] >= 1
+
+
+# ----------------------------------------------------------------------------------------------- live feed
+async def test_the_live_feed_sends_history_then_samples(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        await client.publish("live", b"1")
+        await next_sample(admin)
+        events: list[tuple[str, dict[str, Any]]] = []
+        async with h.stream("GET", "/api/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            event = ""
+            async for line in stream.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+                    if event == "sample" and any(
+                        q["queue"] == "live" and q["ready"] == 2 for q in events[-1][1]["queues"]
+                    ):
+                        break
+                    if len(events) == 2:
+                        await client.publish("live", b"2")  # the feed shows it within a sample or two
+        assert events[0][0] == "history" and "live" in events[0][1]["history"]
+        assert events[1][0] == "sample"
+
+
+# ----------------------------------------------------------------------------------------------- GraphQL
+async def test_graphql_queries_and_mutations(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        await client.publish_many("gq", [b"a", b"b"])
+        await next_sample(admin)
+        query = (
+            "{ info { version durability } queues { name ready total deadLetter rates { publish } } "
+            'queue(name: "gq") { ready bytes } }'
+        )
+        data = (await h.post("/graphql", json={"query": query})).json()
+        assert "errors" not in data, data
+        assert data["data"]["info"]["durability"] == "sync"
+        assert data["data"]["queues"] == [
+            {
+                "name": "gq",
+                "ready": 2,
+                "total": 2,
+                "deadLetter": "gq.dlq",
+                "rates": {"publish": data["data"]["queues"][0]["rates"]["publish"]},
+            }
+        ]
+        assert data["data"]["queue"] == {"ready": 2, "bytes": 2}
+        purged = (await h.post("/graphql", json={"query": 'mutation { purge(queue: "gq") }'})).json()
+        assert purged == {"data": {"purge": 2}}
+        missing = (await h.post("/graphql", json={"query": '{ queue(name: "nope") { ready } }'})).json()
+        assert missing["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+
+# ----------------------------------------------------------------------------------------------- auth, CORS
+async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.toml"
+    write(auth, AUTH)
+    async with serving(tmp_path / "d", admin_port=0, auth=auth) as srv:
+        async with replika.AsyncClient(srv.url, token=ADMIN) as client:
+            await client.publish("jobs", b"1")
+            await client.publish("secret", b"2")
+        async with http(srv) as anonymous:
+            assert (await anonymous.get("/healthz")).status_code == 200  # probes need no token
+            for method, path in (("GET", "/api/queues"), ("GET", "/metrics"), ("POST", "/api/queues/jobs/purge")):
+                response = await anonymous.request(method, path)
+                assert response.status_code == 401 and response.json()["code"] == "UNAUTHORIZED", path
+            assert (await anonymous.post("/graphql", json={"query": "{ info { version } }"})).status_code == 401
+            assert (await anonymous.get("/api/info", params={"token": READER})).status_code == 200  # for EventSource
+        async with http(srv, READER) as reader:
+            await next_sample(srv)
+            assert [q["queue"] for q in (await reader.get("/api/queues")).json()["queues"]] == ["jobs"]
+            assert (await reader.post("/api/queues/jobs/purge")).json()["code"] == "FORBIDDEN"
+            assert (await reader.post("/api/queues/jobs/publish", content=b"x")).status_code == 403
+            assert (await reader.get("/api/queues/secret")).status_code == 403
+            assert (await reader.get("/metrics")).status_code == 403
+            got = (await reader.post("/api/queues/jobs/fetch")).json()["messages"]
+            assert [m["payload"] for m in got] == ["1"]
+            mutation = (await reader.post("/graphql", json={"query": 'mutation { purge(queue: "jobs") }'})).json()
+            assert mutation["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+        async with http(srv, ADMIN) as ops:
+            assert (await ops.post("/api/queues/secret/purge")).json() == {"purged": 1}
+            assert (await ops.get("/metrics")).status_code == 200
+
+
+async def test_other_origins_and_foreign_hosts_are_refused(tmp_path: Path) -> None:
+    config: dict[str, Any] = {"admin_port": 0, "admin_cors_origins": ("https://ops.example.com",)}
+    async with serving(tmp_path / "d", **config) as srv, http(srv) as h:
+        evil = await h.post("/api/queues/jobs/publish", content=b"x", headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403 and "--admin-cors-origin" in evil.json()["message"]
+        own = f"http://127.0.0.1:{srv.server.admin_port}"
+        assert (await h.post("/api/queues/jobs/publish", content=b"x", headers={"Origin": own})).status_code == 200
+        listed = await h.get("/api/info", headers={"Origin": "https://ops.example.com"})
+        assert listed.status_code == 200
+        assert listed.headers["access-control-allow-origin"] == "https://ops.example.com"
+        rebound = await h.get("/api/info", headers={"Host": f"attacker.example:{srv.server.admin_port}"})
+        assert rebound.status_code == 403  # DNS rebinding: a loopback sidecar answers loopback names only
+
+
+async def test_the_sidecar_can_be_turned_off_and_an_exposed_one_needs_auth(tmp_path: Path) -> None:
+    async with serving(tmp_path / "d", admin_port=None) as srv:
+        assert srv.server.admin_port is None
+    from replika_server.config import Config, ConfigError, check_exposure
+
+    with pytest.raises(ConfigError, match="admin"):
+        check_exposure(Config(admin_host="0.0.0.0"))
