@@ -82,6 +82,7 @@ class ServerProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.admin_port = 0
         self.log = data_dir.parent / "server.log"
 
     @property
@@ -90,20 +91,12 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         port_file = self.data_dir.parent / "port"
+        admin_port_file = self.data_dir.parent / "admin-port"
         port_file.unlink(missing_ok=True)
+        admin_port_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [
-            sys.executable,
-            "-m",
-            "replika_server",
-            "serve",
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-        ]
+        cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--data-dir", str(self.data_dir)]
+        cmd += ["--admin-port", "0", "--admin-port-file", str(admin_port_file)]
         cmd += ["--port-file", str(port_file), "--log-format", "json", *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
@@ -115,6 +108,8 @@ class ServerProcess:
                 raise TimeoutError("server did not start")
             time.sleep(0.01)  # polling a file another process writes: there is nothing to await
         self.port = int(port_file.read_text())
+        if admin_port_file.exists():  # written before the port file, unless the sidecar is off
+            self.admin_port = int(admin_port_file.read_text())
         return self
 
     def kill(self) -> None:

@@ -1,0 +1,95 @@
+"""The dashboard in a real headless browser (Debian's chromium and chromedriver, which ``./dev test`` installs):
+live numbers change as messages are published, and a click redrives dead letters."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import replika
+from tests.conftest import WAIT, ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs chromium and chromedriver (./dev test installs them: apt-get install chromium chromium-driver)",
+)
+
+if CHROMIUM is not None and CHROMEDRIVER is not None:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,900"):
+        options.add_argument(arg)
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "data").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def cell(driver: WebDriver, queue: str, field: str) -> str:
+    found = driver.find_elements(By.CSS_SELECTOR, f'tr[data-queue="{queue}"] [data-field="{field}"]')
+    return str(found[0].text) if found else ""
+
+
+def wait_for(driver: WebDriver, what: str, check: object) -> None:
+    WebDriverWait(driver, WAIT, poll_frequency=0.1).until(lambda d: check(d), message=what)  # type: ignore[operator]
+
+
+def test_the_dashboard_shows_queues_filling_and_draining_live(
+    browser: WebDriver, broker: ServerProcess, tmp_path: Path
+) -> None:
+    browser.get(f"http://127.0.0.1:{broker.admin_port}/")
+    wait_for(browser, "the live feed connects", lambda d: "on" in d.find_element(By.ID, "live").get_attribute("class"))
+    with replika.Client(broker.url) as client:
+        client.declare("jobs", max_attempts=1)
+        client.publish_many("jobs", [b"job %d" % i for i in range(5)])
+        wait_for(browser, "jobs shows 5 ready", lambda d: cell(d, "jobs", "ready") == "5")
+        client.publish_many("jobs", [b"more"] * 10)
+        wait_for(browser, "jobs shows 15 ready", lambda d: cell(d, "jobs", "ready") == "15")
+        msgs = client.fetch("jobs", max=3)
+        wait_for(browser, "3 in flight", lambda d: cell(d, "jobs", "in_flight") == "3")
+        client.reject(msgs)
+        wait_for(browser, "3 dead-lettered", lambda d: cell(d, "jobs", "dead") == "3")
+        browser.save_screenshot(str(tmp_path / "overview.png"))
+
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-queue="jobs"]').click()
+        wait_for(browser, "the queue page", lambda d: d.find_element(By.ID, "q-name").text == "jobs")
+        redrive = browser.find_element(By.ID, "btn-redrive")
+        wait_for(browser, "the redrive button offers 3", lambda d: redrive.text == "Redrive 3 dead letters")
+        wait_for(
+            browser, "peeked messages listed", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peek-rows tr")) == 12
+        )
+        redrive.click()
+        status = browser.find_element(By.ID, "action-status")
+        wait_for(browser, "the redrive reports", lambda d: status.text == "moved 3 messages back")
+        wait_for(
+            browser, "no dead letters left", lambda d: d.find_element(By.CSS_SELECTOR, '[data-q="dead"]').text == "0"
+        )
+        wait_for(browser, "15 ready again", lambda d: d.find_element(By.CSS_SELECTOR, '[data-q="ready"]').text == "15")
+        assert client.stats("jobs")["ready"] == 15
+        browser.save_screenshot(str(tmp_path / "queue.png"))
