@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         "--publish-rate", type=float, help="messages/s per token that sets none in --auth; 0: unlimited (default)"
     )
     limits.add_argument("--publish-burst", type=int, help="burst of --publish-rate (default: one second's worth)")
+    serve.add_argument(
+        "--no-text-protocol",
+        dest="text_protocol",
+        action="store_false",
+        default=None,
+        help="refuse the debug text protocol (lines typed with nc) on the broker port",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("auto", "json", "console"), help="auto: JSON unless on a TTY")
     serve.add_argument(

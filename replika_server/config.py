@@ -49,6 +49,7 @@ class Config:
     admin_host: str = "127.0.0.1"
     admin_port: int | None = DEFAULT_ADMIN_PORT
     admin_cors_origins: tuple[str, ...] = ()  # browser origins besides the dashboard's own that may call the API
+    text_protocol: bool = True  # connections starting with a letter speak the debug line protocol (nc)
     data_dir: Path = Path("replika-data")
     durability: str = "sync"
     max_frame: int = DEFAULT_MAX_FRAME

@@ -37,6 +37,7 @@ from replika_server.config import Config, ConfigError, check_exposure
 from replika_server.metrics import LATENCY_BUCKETS, Histogram
 from replika_server.requests import Limits, RequestError, fetch_op, parse_op
 from replika_server.store import Fetch, LmdbConfig, LmdbStore, QueueStats, StoreError
+from replika_server.text import TextSession, is_text_start
 
 __all__ = ["Connection", "Server", "run_server"]
 
@@ -80,6 +81,8 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._out_large = False  # _out holds a large reply: write it without joining
         self._out_size = 0  # bytes in _out
+        self._text: TextSession | None = None  # set when the connection turned out to speak the text protocol
+        self._first_data = True
         self._parked: list[Frame] = []  # decoded, held back until the replies drain (at most FRAMES_PER_TURN)
         self._more = False  # the decoder may hold more complete frames, to be decoded on a later turn
         self._flush_scheduled = False
@@ -141,7 +144,61 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return  # refused or closing: nothing more is read
         self._last_active = self._loop.time()
+        if self._text is not None:
+            self._text.feed(data)
+            return
+        if self._first_data and data:
+            self._first_data = False
+            if self._server.config.text_protocol and is_text_start(data[0]):
+                self._start_text(data)
+                return
         self._consume(data)
+
+    # ----------------------------------------------------------------------------------------------- text mode
+    def _start_text(self, data: bytes) -> None:
+        """A person (or a script) typing lines: hand the connection to a text session (replika_server.text)."""
+        self._ready = True
+        if self._timer is not None:  # a text session logs in with AUTH, at a person's pace: only idleness counts
+            self._timer.cancel()
+            self._timer = None
+        if self._server.config.idle_timeout > 0:
+            self._timer = self._loop.call_later(self._server.config.idle_timeout, self._on_timer)
+        if self._server.auth is None:
+            self.principal = self._server.authenticate(None)
+        self._text = TextSession(self, self._server)
+        self._text.feed(data)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send_text(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._out.append(data)
+        self._out_size += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._broker.dispatching:
+                self._server.dirty.append(self)
+            else:
+                self._loop.call_soon(self._flush)
+
+    def set_text_backlog(self, full: bool) -> None:
+        """A text session has many lines waiting: stop reading until it catches up."""
+        if full != self._more:
+            self._more = full  # the same switch as undecoded binary frames: reading pauses while it is set
+            self._update_reading()
+        if not full:
+            self._maybe_finish()
+
+    def begin_request(self) -> None:
+        self._begin()
+
+    def end_request(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._last_active = self._loop.time()
 
     def _consume(self, data: bytes) -> None:
         """Decode and answer up to FRAMES_PER_TURN frames. The rest stay undecoded in the decoder and reading
@@ -167,6 +224,8 @@ class Connection(asyncio.Protocol):
         self._maybe_finish()
 
     def _consume_more(self) -> None:
+        if self._text is not None:
+            return  # the text session reads its own lines; _more is its backlog switch
         if self._more and not self._parked and not self._closed and not self._paused_by_writes:
             self._consume(b"")
 
@@ -198,6 +257,8 @@ class Connection(asyncio.Protocol):
     def _maybe_finish(self) -> None:
         """Once everything received is answered: close a broken or half-closed connection."""
         if self._inflight or self._parked or self._more or self._closed:
+            return
+        if self._text is not None and self._text.pending:
             return
         if self._broken is not None:
             self._fatal(self._broken.code, str(self._broken))

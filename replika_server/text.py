@@ -1,0 +1,298 @@
+"""The debug text protocol: what a person typing into ``nc localhost 8777`` speaks (SPEC.md §12).
+
+A connection whose first byte is an ASCII letter is a text session (a binary frame's first byte is the top byte
+of its length, which is never a letter for a frame the server would accept). Commands are lines, replies are lines:
+``OK ...``, ``ERR CODE message``, ``PONG``, and for multi-line replies ``OK <n>`` followed by n entries. Every
+command becomes the binary protocol's request and goes down the same path (validation, permissions, rate limits,
+group commit, leases held by this connection), answered one at a time in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from replika_protocol import ErrorCode, Frame
+from replika_server.requests import RequestError
+from replika_server.store import StoreError
+
+if TYPE_CHECKING:
+    from replika_server.server import Connection, Server
+
+__all__ = ["TextSession", "is_text_start"]
+
+#: Longest line before AUTH (when authentication is configured): nothing long is needed to log in.
+MAX_LINE_UNAUTHENTICATED = 4096
+#: Lines received but not yet answered before the session stops reading from the socket.
+MAX_PENDING_LINES = 1024
+
+HELP = [
+    "HELP                            this text",
+    "PING                            PONG",
+    "AUTH token                      authenticate (when the broker runs with --auth)",
+    "PUB queue text                  publish the rest of the line as one message: OK <id>",
+    "FETCH queue [n] [wait]          lease up to n messages (default 1), waiting up to wait s (default 0):",
+    "                                OK <count>, then per message: MSG <id>:<token> attempts=<a> bytes=<b>",
+    "                                and the payload on the next line",
+    "ACK queue id:token [...]        delete processed messages (id:token as printed by FETCH)",
+    "NACK queue id:token [delay]     make a message ready again, after delay seconds",
+    "STATS [queue]                   one queue's counts, or the broker's",
+    "QUEUES                          every queue with its counts: OK <n>, then a line per queue",
+    "QUIT                            close the connection",
+]
+
+
+def is_text_start(first: int) -> bool:
+    """Whether a connection whose first byte is ``first`` speaks the text protocol."""
+    return 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
+
+
+class TextSession:
+    def __init__(self, conn: Connection, server: Server) -> None:
+        self._conn = conn
+        self._server = server
+        self._buf = bytearray()
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._busy = False
+        self._closing = False
+        self._commands: dict[str, Callable[[list[str], bytes], None]] = {
+            "HELP": self._help,
+            "PING": self._ping,
+            "AUTH": self._auth,
+            "PUB": self._pub,
+            "FETCH": self._fetch,
+            "ACK": self._ack,
+            "NACK": self._nack,
+            "STATS": self._stats,
+            "QUEUES": self._queues,
+            "QUIT": self._quit,
+        }
+
+    # ----------------------------------------------------------------------------------------------- input
+    @property
+    def pending(self) -> bool:
+        """Lines received and not yet answered."""
+        return self._busy or bool(self._lines)
+
+    @property
+    def _max_line(self) -> int:
+        if self._conn.principal is None:
+            return MAX_LINE_UNAUTHENTICATED
+        return self._server.config.max_payload + 1024  # PUB carries a payload on its line
+
+    def feed(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buf += data
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(self._buf[start:end])
+            start = end + 1
+            self._lines.append(line[:-1] if line.endswith(b"\r") else line)
+        del self._buf[:start]
+        if len(self._buf) > self._max_line:
+            self._fatal(ErrorCode.FRAME_TOO_LARGE, f"line longer than {self._max_line} bytes")
+            return
+        self._next()
+        self._conn.set_text_backlog(len(self._lines) >= MAX_PENDING_LINES)
+
+    def _next(self) -> None:
+        while self._lines and not self._busy and not self._closing:
+            line = self._lines.popleft()
+            self._run(line)
+        if not self._busy:
+            self._conn.set_text_backlog(len(self._lines) >= MAX_PENDING_LINES)
+
+    def _run(self, line: bytes) -> None:
+        head, _, rest = line.partition(b" ")
+        try:
+            name = head.decode("ascii").upper()
+        except UnicodeDecodeError:
+            name = ""
+        if not name:
+            if line.strip():
+                self._err(ErrorCode.UNKNOWN_OP, "commands are ASCII words; try HELP")
+            return  # an empty line: nothing to answer
+        command = self._commands.get(name)
+        if command is None:
+            self._err(ErrorCode.UNKNOWN_OP, f"unknown command {name!r}; try HELP")
+            return
+        if self._conn.principal is None and name not in ("HELP", "PING", "AUTH", "QUIT"):
+            self._err(ErrorCode.UNAUTHORIZED, "this broker needs a token: AUTH <token> first")
+            return
+        args = rest.decode("utf-8", "replace").split()
+        try:
+            command(args, rest)
+        except RequestError as exc:
+            self._err(exc.code, exc.message, exc.extra)
+
+    # ----------------------------------------------------------------------------------------------- output
+    def _write(self, *lines: bytes | str) -> None:
+        self._conn.send_text(b"".join((x.encode() if isinstance(x, str) else x) + b"\r\n" for x in lines))
+
+    def _err(self, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
+        suffix = "".join(f" {k}={v}" for k, v in (extra or {}).items())
+        self._write(f"ERR {code.value} {message}{suffix}")
+
+    def _fatal(self, code: ErrorCode, message: str) -> None:
+        self._err(code, message)
+        self._closing = True
+        self._conn.close()
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def _request(self, op: str, frame: Frame, reply: Callable[[Any], None]) -> None:
+        """Send ``frame`` down the binary protocol's path; ``reply`` gets the formatted reply map."""
+        principal = self._conn.principal
+        assert principal is not None
+        frame = {"op": op, **frame}
+        broker = self._server.broker
+        if op == "fetch":
+            fetch, wait = self._server.prepare_fetch(principal, frame, self._conn.owner)
+            fmt: Any = lambda msgs: {"msgs": msgs}  # noqa: E731
+            self._busy = True
+            self._conn.begin_request()
+            broker.fetch(fetch, wait, lambda result: self._done(result, fmt, reply))
+            return
+        store_op, fmt = self._server.prepare(principal, op, frame, self._conn.owner)
+        self._busy = True
+        self._conn.begin_request()
+        broker.submit(store_op, lambda result: self._done(result, fmt, reply))
+
+    def _done(self, result: Any, fmt: Any, reply: Callable[[Any], None]) -> None:
+        self._busy = False
+        self._conn.end_request()
+        if self._conn.closed:
+            return
+        if isinstance(result, StoreError):
+            self._err(result.code, result.message)
+        else:
+            reply(fmt(result))
+        self._next()
+
+    # ----------------------------------------------------------------------------------------------- commands
+    def _help(self, args: list[str], rest: bytes) -> None:
+        self._write(f"OK {len(HELP)}", *HELP)
+
+    def _ping(self, args: list[str], rest: bytes) -> None:
+        self._write("PONG")
+
+    def _quit(self, args: list[str], rest: bytes) -> None:
+        self._write("OK bye")
+        self._closing = True
+        self._conn.close()
+
+    def _auth(self, args: list[str], rest: bytes) -> None:
+        if len(args) != 1:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: AUTH <token>")
+        principal = self._server.authenticate(args[0])
+        if principal is None:
+            self._fatal(ErrorCode.UNAUTHORIZED, "unknown token")
+            return
+        self._conn.principal = principal
+        self._write(f"OK authenticated as {principal.name}")
+
+    def _pub(self, args: list[str], rest: bytes) -> None:
+        queue, _, payload = rest.partition(b" ")
+        if not queue:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: PUB <queue> <text>")
+        self._request(
+            "publish",
+            {"queue": queue.decode("utf-8", "replace"), "payloads": [payload]},
+            lambda r: self._write(f"OK {r['first_id']}"),
+        )
+
+    def _fetch(self, args: list[str], rest: bytes) -> None:
+        if not 1 <= len(args) <= 3:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: FETCH <queue> [n] [wait]")
+        frame: Frame = {"queue": args[0]}
+        if len(args) > 1:
+            frame["max"] = _int(args[1], "n")
+        if len(args) > 2:
+            frame["wait"] = _float(args[2], "wait")
+
+        def reply(r: Frame) -> None:
+            lines: list[bytes | str] = [f"OK {len(r['msgs'])}"]
+            for mid, token, attempts, _published_at, payload, _headers in r["msgs"]:
+                lines.append(f"MSG {mid}:{token} attempts={attempts} bytes={len(payload)}")
+                lines.append(payload)
+            self._write(*lines)
+
+        self._request("fetch", frame, reply)
+
+    def _settle(self, op: str, queue: str, handles: list[str], **extra: Any) -> None:
+        ids, tokens = [], []
+        for handle in handles:
+            mid, sep, token = handle.partition(":")
+            if not sep or not mid.isdigit() or not token.isdigit():
+                raise RequestError(ErrorCode.BAD_REQUEST, f"{handle!r} is not a lease id:token as FETCH prints")
+            ids.append(int(mid))
+            tokens.append(int(token))
+
+        def reply(r: Frame) -> None:
+            failed = r["failed"]
+            if not failed:
+                self._write("OK")
+            else:
+                stale = " ".join(f"{mid}:{t}" for mid, t in zip(ids, tokens, strict=True) if mid in failed)
+                self._write(f"ERR STALE_LEASE not current (already settled, or delivered again): {stale}")
+
+        self._request(op, {"queue": queue, "ids": ids, "tokens": tokens, **extra}, reply)
+
+    def _ack(self, args: list[str], rest: bytes) -> None:
+        if len(args) < 2:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: ACK <queue> <id:token> [<id:token> ...]")
+        self._settle("ack", args[0], args[1:])
+
+    def _nack(self, args: list[str], rest: bytes) -> None:
+        if len(args) not in (2, 3):
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: NACK <queue> <id:token> [delay]")
+        delay = _float(args[2], "delay") if len(args) == 3 else 0.0
+        self._settle("nack", args[0], args[1:2], delay=delay)
+
+    def _stats(self, args: list[str], rest: bytes) -> None:
+        if len(args) > 1:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: STATS [queue]")
+        if args:
+            self._request("stats", {"queue": args[0]}, lambda r: self._write("OK " + _fields(r["stats"])))
+            return
+        server = self._server
+        info = {
+            "version": server.version,
+            "uptime": f"{time.time() - server.started_at:.1f}",
+            "connections": len(server.connections),
+            "durability": server.config.durability,
+        }
+        self._write("OK " + " ".join(f"{k}={v}" for k, v in info.items()))
+
+    def _queues(self, args: list[str], rest: bytes) -> None:
+        def reply(r: Frame) -> None:
+            self._write(f"OK {len(r['queues'])}", *(_fields(s) for s in r["queues"]))
+
+        self._request("queues", {}, reply)
+
+
+def _fields(stats: dict[str, Any]) -> str:
+    keys = ("queue", "ready", "in_flight", "delayed", "total", "bytes", "dead_letter", "max_attempts")
+    return " ".join(f"{k}={'-' if stats.get(k) is None else stats.get(k)}" for k in keys if k in stats)
+
+
+def _int(text: str, name: str) -> int:
+    if not text.isdigit():
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{name} must be a whole number, not {text!r}")
+    return int(text)
+
+
+def _float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{name} must be a number of seconds, not {text!r}")
+    return value
