@@ -123,6 +123,9 @@ async def test_openapi_docs(admin: RunningServer) -> None:
     async with http(admin) as h:
         docs = await h.get("/docs")
         assert docs.status_code == 200 and "openapi.json" in docs.text
+        assert "cdn" not in docs.text  # no internet needed: the page's assets come from the broker
+        for asset in ("/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"):
+            assert asset in docs.text and (await h.get(asset)).status_code == 200
         spec = (await h.get("/openapi.json")).json()
         for path in ("/api/queues", "/api/queues/{queue}/publish", "/api/queues/{queue}/redrive", "/metrics"):
             assert path in spec["paths"], path

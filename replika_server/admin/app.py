@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from swagger_ui_bundle import swagger_ui_path
 
 from replika_protocol import ErrorCode
 from replika_server.admin.graphql import graphql_router
@@ -69,7 +71,7 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
             "<token>`; permissions are those of the TCP protocol (SPEC.md). Errors carry the protocol's stable "
             "`code`. Payloads are UTF-8 text, or base64 as `encoding` says."
         ),
-        docs_url="/docs",
+        docs_url=None,  # served below from swagger-ui-bundle's files, so the docs work without internet access
         redoc_url=None,
     )
     loopback_only = is_loopback(config.admin_host)
@@ -319,6 +321,23 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    # ------------------------------------------------------------------------------------------- API docs
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Replika admin API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in _DOCS_ASSETS:
+            return _error(ApiError(ErrorCode.NOT_FOUND, f"no asset {name!r}"))
+        return FileResponse(str(swagger_ui_path / name), media_type=_DOCS_ASSETS[name])
+
     # ------------------------------------------------------------------------------------------- graphql, dashboard
     app.include_router(graphql_router(server, ops, sampler, principal), prefix="/graphql")
 
@@ -338,6 +357,7 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
     return app
 
 
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
 _ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
 
 
