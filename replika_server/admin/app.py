@@ -82,6 +82,14 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
         host = _hostname(request.headers.get("host", ""))
         if loopback_only and host not in _LOOPBACK_HOSTS:
             return _error(ApiError(ErrorCode.FORBIDDEN, f"host {host!r} is not this loopback-only admin sidecar"))
+        if request.method in ("POST", "PUT", "PATCH"):
+            # Bodies are read whole before anything can refuse them: bound them by the header, up front.
+            if "chunked" in request.headers.get("transfer-encoding", "").lower():
+                return _error(ApiError(ErrorCode.BAD_REQUEST, "send a Content-Length (chunked bodies are refused)"))
+            length = request.headers.get("content-length", "0")
+            if not length.isdigit() or int(length) > config.max_frame:
+                message = f"request bodies are limited to {config.max_frame} bytes (--max-frame)"
+                return _error(ApiError(ErrorCode.PAYLOAD_TOO_LARGE, message))
         origin = request.headers.get("origin")
         if origin is not None and origin not in allowed_origins:
             own = f"{request.url.scheme}://{request.headers.get('host', '')}"
