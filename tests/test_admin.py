@@ -103,7 +103,8 @@ async def test_errors_carry_the_protocol_codes(admin: RunningServer) -> None:
         assert (await h.post("/api/queues/jobs/ack", json={"leases": []})).status_code == 400
         # A declared 2 GiB body is refused on its header, before any of it is read (raw: httpx would not send it).
         reader, writer = await asyncio.open_connection("127.0.0.1", admin.server.admin_port)
-        writer.write(b"POST /api/queues/jobs/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2147483648\r\n\r\nx")
+        writer.write(b"POST /api/queues/jobs/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        writer.write(b"Content-Length: 2147483648\r\n\r\nx")
         status = await asyncio.wait_for(reader.readline(), WAIT)
         assert status.split()[1] == b"413", status
         writer.close()
