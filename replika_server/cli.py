@@ -1,31 +1,71 @@
-"""The ``replika`` command line. ``replika serve`` runs the broker."""
+"""The ``replika`` command line: ``serve`` runs the broker, ``backup`` copies its store while it serves, the
+client commands (:mod:`replika_server.cli_client`) talk to a broker, ``bench`` runs the benchmark harness.
+
+Exit codes are the same for every command: see :data:`replika_server.cli_client.EXIT_CODES`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from replika_server import __version__
-from replika_server.config import DEFAULT_PORT, Config, ConfigError
+from replika_server import __version__, cli_client
+from replika_server.cli_client import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from replika_server.config import DEFAULT_PORT, Config, ConfigError, load_config_file, render_toml
 from replika_server.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "serve_flags"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="replika", description="Replika: a durable message broker.")
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``replika`` command (``bench`` passes its arguments on to the harness)."""
+    parser = argparse.ArgumentParser(
+        prog="replika",
+        description="Replika: a durable message broker.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"replika {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_backup(sub)
+    cli_client.add_commands(sub)
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark harness (from a source checkout)",
+        description="Run the benchmark harness in bench/ of the source checkout; see `replika bench --help`.",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the broker",
-        description="Run the broker. Every flag may also come from the REPLIKA_<FLAG> environment variable "
-        "(e.g. REPLIKA_PORT, REPLIKA_DATA_DIR); a flag given on the command line wins.",
+        description="Run the broker. Every setting comes, in this order of precedence, from its flag, from the "
+        "REPLIKA_<SETTING> environment variable (REPLIKA_PORT, REPLIKA_DATA_DIR, ...), from the TOML file of "
+        "--config (keys named as the settings: port, data_dir, ...), or its default. --print-config shows the "
+        "result as such a file.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="TOML file of settings (default $REPLIKA_CONFIG); flags and environment win"
+    )
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings as a TOML file for --config, each with where it came from, and exit",
     )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -96,16 +136,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", choices=("auto", "json", "console"), help="auto: JSON unless on a TTY")
     serve.add_argument(
+        "--log-stream", choices=("stderr", "stdout"), help="where logs go (default stderr; stdout in containers)"
+    )
+    serve.add_argument(
         "--port-file", help="write the bound port to this file once listening (for scripts using --port 0)"
     )
-    bench = sub.add_parser(
-        "bench",
-        help="run the benchmark harness (from a source checkout)",
-        description="Run the benchmark harness in bench/ of the source checkout; see `replika bench --help`.",
-        add_help=False,
+
+
+def _add_backup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    backup = sub.add_parser(
+        "backup",
+        help="copy the store while the broker serves",
+        description="Write a consistent copy of the store to DIR (new or empty) while the broker keeps serving: "
+        "every message whose publish was confirmed before the backup began, compacted. It reads the data "
+        "directory directly (LMDB lets a reader in another process see one committed snapshot while the broker "
+        "writes), so run it on the broker's host as a user who can open the store (docker exec, kubectl exec, "
+        "sudo -u replika). Restore: replika serve --data-dir DIR.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    return parser
+    backup.add_argument("dir", metavar="DIR", help="where to write the copy (created; must be empty if it exists)")
+    backup.add_argument(
+        "--data-dir", help="the broker's store (default as for serve: $REPLIKA_DATA_DIR, --config, ./replika-data)"
+    )
+    backup.add_argument("--config", metavar="FILE", help="take data_dir from this serve config file")
 
 
 def _bench(args: list[str]) -> int:
@@ -124,36 +178,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # every flag after it belongs to the harness, whose parser knows them
         return _bench(argv[1:])
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return 2
+    if args.command == "backup":
+        return _backup(args)
+    return cli_client.run(args)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "port_file", "admin_port_file", "no_admin")}
+def serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``replika serve``'s parsed ``args`` give, by :class:`Config` field (None: not given)."""
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
     if args.no_admin:
         flags["admin_port"] = "off"
     if args.admin_cors_origins:
         flags["admin_cors_origins"] = tuple(args.admin_cors_origins)
+    return flags
+
+
+def _load(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Config, dict[str, str], str | None]:
+    config_file = args.config or os.environ.get("REPLIKA_CONFIG") or None
+    file = load_config_file(Path(config_file)) if config_file else None
+    config, origins = Config.build_with_origins(flags, file=file)
+    return config, origins, config_file
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        config = Config.build(flags)
+        config, origins, config_file = _load(args, serve_flags(args))
     except (ConfigError, TypeError) as exc:
         print(f"replika: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level, config.log_format)
+        return EXIT_USAGE
+    if args.print_config:
+        if config_file:
+            sys.stdout.write(f"# with config file {config_file}\n")
+        sys.stdout.write(render_toml(config, origins))
+        return EXIT_OK
+    configure_logging(config.log_level, config.log_format, config.log_stream)
     import uvloop
 
     from replika_server.server import Server, run_server
 
     def report_port(server: Server) -> None:
         # The admin port first: a script waiting for the broker's port file may then read both.
-        if args.admin_port_file and server.admin_port is not None:
-            with open(args.admin_port_file, "w") as f:
-                f.write(str(server.admin_port))
-        if args.port_file:
-            with open(args.port_file, "w") as f:
-                f.write(str(server.port))
+        if config.admin_port_file is not None and server.admin_port is not None:
+            config.admin_port_file.write_text(str(server.admin_port))
+        if config.port_file is not None:
+            config.port_file.write_text(str(server.port))
 
     async def serve() -> None:
         await run_server(config, on_ready=report_port)
@@ -162,8 +233,27 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.run(serve())
     except ConfigError as exc:  # what only shows when starting: an unreadable auth file, an exposed bind
         print(f"replika: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as exc:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from replika_server.backup import BackupError, hot_copy  # lmdb loads only for this command
+
+    try:
+        config = _load(args, {"data_dir": args.data_dir})[0]
+    except (ConfigError, TypeError) as exc:
+        print(f"replika: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = hot_copy(config.data_dir, Path(args.dir))
+    except BackupError as exc:
+        print(f"replika: backup failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    print(f"{result.path}: {result.size} bytes, copied from {config.data_dir} in {result.seconds:.2f} s")
+    return EXIT_OK

@@ -1,14 +1,20 @@
-"""The one validated, frozen configuration of a broker process, built from defaults, environment and flags.
+"""The one validated, frozen configuration of a broker process, built from flags, environment, a file and defaults.
 
-Precedence, highest first: command-line flag, ``REPLIKA_*`` environment variable, built-in default.
+Precedence, highest first: command-line flag, ``REPLIKA_<SETTING>`` environment variable, TOML config file
+(``--config``), built-in default. Each setting has one name: the field of :class:`Config`, which is the flag without
+its dashes (``--data-dir``: ``data_dir``), the environment variable's suffix (``REPLIKA_DATA_DIR``) and the key in
+the file (``data_dir = "/var/lib/replika"``).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,7 +22,7 @@ from typing import Any
 
 from replika_protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD, FRAME_ROOM
 
-__all__ = ["Config", "ConfigError", "check_exposure", "is_loopback", "parse_size"]
+__all__ = ["Config", "ConfigError", "check_exposure", "is_loopback", "load_config_file", "parse_size", "render_toml"]
 
 DEFAULT_PORT = 8777
 DEFAULT_ADMIN_PORT = 8333
@@ -58,7 +64,11 @@ class Config:
     max_store_size: int = 64 * 1024**3
     sync_interval: float = 1.0
     log_level: str = "info"
-    log_format: str = "auto"  # auto: JSON unless stderr is a terminal
+    log_format: str = "auto"  # auto: JSON unless the log stream is a terminal
+    log_stream: str = "stderr"  # or stdout, where container runtimes expect a service's logs
+    # Files a script reads to learn the ports bound (useful with port 0); None: not written.
+    port_file: Path | None = None
+    admin_port_file: Path | None = None
     # Security (SECURITY.md). None: not configured.
     auth: Path | None = None  # TOML file of tokens and their permissions
     insecure: bool = False  # allow a non-loopback bind without authentication
@@ -103,6 +113,8 @@ class Config:
             raise ConfigError("sync_interval must be positive")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
+        if self.log_stream not in ("stderr", "stdout"):
+            raise ConfigError("log_stream must be stderr or stdout")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -125,23 +137,44 @@ class Config:
             raise ConfigError("publish_rate and publish_burst must be 0 (unlimited / default) or positive")
 
     @classmethod
-    def build(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-        """Merge ``flags`` (None means not given) over ``REPLIKA_<NAME>`` variables over defaults."""
+    def build(
+        cls,
+        flags: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+        file: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Merge ``flags`` (None means not given) over ``REPLIKA_<NAME>`` variables over ``file`` (from
+        :func:`load_config_file`) over defaults."""
+        return cls.build_with_origins(flags, environ, file)[0]
+
+    @classmethod
+    def build_with_origins(
+        cls,
+        flags: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+        file: Mapping[str, Any] | None = None,
+    ) -> tuple[Config, dict[str, str]]:
+        """:meth:`build`, and where each setting came from: ``flag``, ``env REPLIKA_X``, ``file`` or ``default``."""
         environ = os.environ if environ is None else environ
+        file = file or {}
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         for f in fields(cls):
-            raw = flags.get(f.name)
-            if raw is None:
-                raw = environ.get("REPLIKA_" + f.name.upper())
-            if raw is None:
-                continue
-            values[f.name] = _convert(f.name, f.default, raw)
-        return cls(**values)
+            env_name = "REPLIKA_" + f.name.upper()
+            if flags.get(f.name) is not None:
+                values[f.name], origins[f.name] = _convert(f.name, f.default, flags[f.name]), "flag"
+            elif environ.get(env_name) is not None:
+                values[f.name], origins[f.name] = _convert(f.name, f.default, environ[env_name]), f"env {env_name}"
+            elif f.name in file:
+                values[f.name], origins[f.name] = file[f.name], "file"
+            else:
+                origins[f.name] = "default"
+        return cls(**values), origins
 
 
 #: Settings given in bytes (accepting units such as 64M), and settings that are paths.
 _SIZES = frozenset({"max_frame", "max_payload", "max_store_size", "max_outbound", "queue_max_bytes"})
-_PATHS = frozenset({"data_dir", "auth", "tls_cert", "tls_key", "tls_client_ca"})
+_PATHS = frozenset({"data_dir", "auth", "tls_cert", "tls_key", "tls_client_ca", "port_file", "admin_port_file"})
 
 
 def _convert(name: str, default: Any, raw: Any) -> Any:
@@ -165,6 +198,97 @@ def _convert(name: str, default: Any, raw: Any) -> Any:
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return raw
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file, converted and checked for type, for :meth:`Config.build`.
+
+    Keys are :class:`Config`'s field names at the top level of the file; an unknown key is an error naming it.
+    Sizes are a number of bytes or a string with a unit (``"64M"``), durations are seconds, ``admin_port`` may
+    be ``"off"``. A relative path is relative to the file's own directory, so that a file and the files it names
+    can move together. Ranges are checked when the :class:`Config` is built."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    defaults = {f.name: f.default for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key.replace("-", "_"), defaults, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+        try:
+            values[key] = _from_file(key, defaults[key], value, path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    return values
+
+
+def _from_file(name: str, default: Any, value: Any, base: Path) -> Any:
+    if name in _PATHS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a path (a non-empty string)")
+        return base / value  # an absolute value stays as it is
+    if name == "admin_port" and value is False:
+        return None
+    if name == "admin_cors_origins" and isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings")
+        return tuple(value)
+    if isinstance(value, str):
+        return _convert(name, default, value)  # as in the environment: "64M", "off", "true"
+    expected: tuple[type, ...]
+    if isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    elif isinstance(default, int):
+        expected = (int,)
+    else:
+        expected = (str,)
+    if isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {' or '.join(t.__name__ for t in expected)}, not {type(value).__name__}")
+    return float(value) if float in expected else value
+
+
+def render_toml(config: Config, origins: Mapping[str, str] | None = None) -> str:
+    """``config`` as a TOML file that :func:`load_config_file` reads back to the same settings: paths absolute,
+    sizes in bytes, an unset path as a comment. ``origins`` (from :meth:`Config.build_with_origins`) adds a comment
+    per line saying where the value came from."""
+    lines = [
+        "# replika serve settings. Precedence: flag > REPLIKA_* environment > this file (--config) > default.",
+    ]
+    for f in fields(Config):
+        value = getattr(config, f.name)
+        origin = f"  # {origins[f.name]}" if origins else ""
+        if value is None and f.name != "admin_port":
+            lines.append(f"# {f.name} = (not set){origin}")
+        else:
+            lines.append(f"{f.name} = {_toml_value(f.name, value)}{origin}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(name: str, value: Any) -> str:
+    if name == "admin_port" and value is None:
+        return '"off"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value.absolute())
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_string(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    # JSON's string escapes are a subset of TOML's basic-string escapes; DEL is the one control character JSON
+    # leaves bare and TOML does not allow.
+    return json.dumps(text).replace("\x7f", "\\u007f")
 
 
 def is_loopback(host: str) -> bool:
