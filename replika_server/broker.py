@@ -71,6 +71,8 @@ class Broker:
         self.batched_ops = 0
         self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
         self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
+        # Leases, delays and TTLs that ran out while the broker was down are handled now, not at the first request.
+        self._arm_timer()
 
     def limit_replies(self, room: Callable[[int], int], max_reply: int) -> None:
         """Bound what fetches produce for a client that does not read its replies: ``room(owner)`` is how many

@@ -14,18 +14,25 @@ from typing import Any
 from replika_protocol import MAX_HEADERS_BYTES, ErrorCode, Frame, is_valid_queue_name
 from replika_server.store import (
     Ack,
+    Bind,
     Declare,
     DeleteQueue,
     Fetch,
     Nack,
+    Peek,
     Publish,
+    PublishTopic,
     Purge,
     QueueOptions,
+    Redrive,
     Reject,
     Settle,
     Stats,
     Touch,
+    Unbind,
 )
+from replika_server.store._topics import is_valid_pattern
+from replika_server.store.base import DEFAULT_DEDUP_WINDOW, DEFAULT_RETRY_BACKOFF
 
 __all__ = ["Limits", "RequestError", "parse_op"]
 
@@ -34,9 +41,21 @@ __all__ = ["Limits", "RequestError", "parse_op"]
 MAX_WAIT = 300.0
 #: Longest lease, in seconds (12 h): a consumer needing more should touch() as it goes.
 MAX_LEASE = 12 * 3600.0
-#: Longest nack delay, in seconds (30 days).
+#: Longest nack or publish delay, and longest retry delay, in seconds (30 days).
 MAX_DELAY = 30 * 86400.0
 MAX_ATTEMPTS = 1_000_000
+#: Longest message TTL, in seconds (10 years): any real retention, and still a finite expiry time.
+MAX_TTL = 3650 * 86400.0
+#: Shortest TTL, in seconds: a TTL is a deadline to deliver by, not "never".
+MIN_TTL = 0.001
+#: Largest retry backoff factor: 100 already reaches any retry_max_delay within a handful of attempts.
+MAX_BACKOFF = 100.0
+#: Longest dedup window, in seconds (7 days): the index holds every id seen within it.
+MAX_DEDUP_WINDOW = 7 * 86400.0
+#: Longest dedup id, in UTF-8 bytes.
+MAX_DEDUP_ID = 255
+#: Priorities: 0 (the default, lowest) to 9.
+MAX_PRIORITY = 9
 _U64 = 2**64
 
 
@@ -105,8 +124,33 @@ def _headers(value: Any) -> dict[str, str] | None:
     return value or None
 
 
-def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
-    queue = queue_field(frame)
+def _choice(frame: Frame, key: str, choices: tuple[str, ...]) -> str:
+    value = frame.get(key)
+    if value is None:
+        return choices[0]
+    if value not in choices or not isinstance(value, str):
+        raise _bad(f"field {key!r} must be one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def _optional_number(frame: Frame, key: str, lo: float, hi: float) -> float | None:
+    return None if frame.get(key) is None else _number(frame, key, 0.0, lo, hi)
+
+
+def _dedup_ids(frame: Frame, n: int) -> list[str | None] | None:
+    ids = frame.get("dedup_ids")
+    if ids is None:
+        return None
+    if type(ids) is not list or len(ids) != n:
+        raise _bad("field 'dedup_ids' must be an array with one entry (str or nil) per payload")
+    for dedup_id in ids:
+        if dedup_id is not None and (not isinstance(dedup_id, str) or not 1 <= len(dedup_id.encode()) <= MAX_DEDUP_ID):
+            raise _bad(f"each dedup id must be nil or a str of 1 to {MAX_DEDUP_ID} UTF-8 bytes")
+    return ids if any(dedup_id is not None for dedup_id in ids) else None
+
+
+def _messages(frame: Frame, limits: Limits) -> Publish:
+    """The fields a publish and a publish_topic share, as a Publish to no queue yet."""
     payloads = frame.get("payloads")
     if not isinstance(payloads, list) or not payloads:
         raise _bad("field 'payloads' must be a non-empty array of bin")
@@ -129,7 +173,42 @@ def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
         headers = [_headers(h) for h in headers]
         if not any(headers):
             headers = None
-    return Publish(queue, payloads, headers)
+    priority = _int(frame, "priority", 0, 0, MAX_PRIORITY)
+    assert priority is not None
+    delay = _number(frame, "delay", 0.0, 0.0, MAX_DELAY)
+    ttl = _optional_number(frame, "ttl", MIN_TTL, MAX_TTL)
+    return Publish("", payloads, headers, priority, delay, ttl, _dedup_ids(frame, len(payloads)))
+
+
+def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
+    queue = queue_field(frame)
+    op = _messages(frame, limits)
+    op.queue = queue
+    return op
+
+
+def _publish_topic(frame: Frame, owner: int, limits: Limits) -> PublishTopic:
+    topic = frame.get("topic")
+    if not is_valid_queue_name(topic):
+        raise _bad("field 'topic' must be 1-255 characters of [A-Za-z0-9._:-] (words separated by dots)")
+    assert isinstance(topic, str)
+    m = _messages(frame, limits)
+    return PublishTopic(topic, m.payloads, m.headers, m.priority, m.delay, m.ttl, m.dedup_ids)
+
+
+def _binding(cls: type[Bind] | type[Unbind]) -> Any:
+    def parse(frame: Frame, owner: int, limits: Limits) -> Bind | Unbind:
+        queue = queue_field(frame)
+        pattern = frame.get("pattern")
+        if not is_valid_pattern(pattern):
+            raise _bad(
+                "field 'pattern' must be 1-255 characters of [A-Za-z0-9._:-] and the wildcards * and #, each a whole "
+                "dot-separated word"
+            )
+        assert isinstance(pattern, str)
+        return cls(queue, pattern)
+
+    return parse
 
 
 def fetch_op(frame: Frame, owner: int, limits: Limits) -> tuple[Fetch, float]:
@@ -179,7 +258,7 @@ def _settle(cls: type[Settle]) -> Any:
 
 
 def _nack(frame: Frame, owner: int, limits: Limits) -> Nack:
-    delay = _number(frame, "delay", 0.0, 0.0, MAX_DELAY)
+    delay = _optional_number(frame, "delay", 0.0, MAX_DELAY)
     unseen = frame.get("unseen", False)
     if unseen is None:
         unseen = False
@@ -201,7 +280,37 @@ def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
         raise _bad("a queue cannot be its own dead-letter queue")
     max_length = _int(frame, "max_length", None, 1, _U64 - 1)
     max_bytes = _int(frame, "max_bytes", None, 1, _U64 - 1)
-    return Declare(queue, QueueOptions(max_attempts, dead_letter, max_length, max_bytes))
+    options = QueueOptions(
+        max_attempts,
+        dead_letter,
+        max_length,
+        max_bytes,
+        overflow=_choice(frame, "overflow", ("reject", "drop_oldest", "dead_letter")),  # type: ignore[arg-type]
+        retry_delay=_number(frame, "retry_delay", 0.0, 0.0, MAX_DELAY),
+        retry_backoff=_number(frame, "retry_backoff", DEFAULT_RETRY_BACKOFF, 1.0, MAX_BACKOFF),
+        retry_max_delay=_optional_number(frame, "retry_max_delay", 0.0, MAX_DELAY),
+        message_ttl=_optional_number(frame, "message_ttl", MIN_TTL, MAX_TTL),
+        expired=_choice(frame, "expired", ("dead_letter", "drop")),  # type: ignore[arg-type]
+        dedup_window=_number(frame, "dedup_window", DEFAULT_DEDUP_WINDOW, 0.0, MAX_DEDUP_WINDOW),
+    )
+    return Declare(queue, options)
+
+
+def _peek(frame: Frame, owner: int, limits: Limits) -> Peek:
+    queue = queue_field(frame)
+    count = _int(frame, "max", 1, 1, _U64 - 1)
+    assert count is not None
+    return Peek(queue, min(count, limits.max_batch), limits.max_reply_bytes)
+
+
+def _redrive(frame: Frame, owner: int, limits: Limits) -> Redrive:
+    queue = queue_field(frame)
+    to = queue_field(frame, "to") if frame.get("to") is not None else None
+    if to == queue:
+        raise _bad("'to' must name another queue than 'queue'")
+    count = _int(frame, "max", limits.max_batch, 1, _U64 - 1)
+    assert count is not None
+    return Redrive(queue, to, min(count, limits.max_batch))
 
 
 def _stats(frame: Frame, owner: int, limits: Limits) -> Stats:
@@ -223,6 +332,11 @@ _PARSERS: dict[str, Any] = {
     "purge": lambda frame, owner, limits: Purge(queue_field(frame)),
     "stats": _stats,
     "queues": _queues,
+    "peek": _peek,
+    "redrive": _redrive,
+    "publish_topic": _publish_topic,
+    "bind": _binding(Bind),
+    "unbind": _binding(Unbind),
 }
 
 

@@ -512,7 +512,14 @@ def _forbidden(principal: Principal, verb: str, queue: str) -> RequestError:
 
 
 #: Ops that need the ``admin`` permission, and what the refusal says they do.
-_ADMIN_OPS = {"declare": "declare", "delete_queue": "delete", "purge": "purge"}
+_ADMIN_OPS = {
+    "declare": "declare",
+    "delete_queue": "delete",
+    "purge": "purge",
+    "redrive": "redrive",
+    "bind": "bind",
+    "unbind": "unbind",
+}
 _CONSUME_OPS = frozenset({"ack", "nack", "reject", "touch"})
 
 
@@ -523,12 +530,19 @@ def _authorize(principal: Principal, op: str, store_op: Any, fmt: Any) -> Any:
     if op == "publish":
         allowed = principal.may_publish(queue)
         verb = "publish to"
+    elif op == "publish_topic":
+        # Which queues the topic reaches is known only in the store: it checks each against this, all or none.
+        store_op.may_publish = principal.may_publish
+        return fmt
     elif op in _CONSUME_OPS:
         allowed = principal.may_consume(queue)
         verb = f"{op} messages of"
     elif op in _ADMIN_OPS:
         allowed = principal.admin
         verb = _ADMIN_OPS[op]
+    elif op == "peek":
+        allowed = principal.admin or principal.may_consume(queue)
+        verb = "peek at"
     elif op == "stats":
         allowed = principal.may_see(queue)
         verb = "see the stats of"
@@ -551,8 +565,11 @@ def _queues_reply(result: list[QueueStats]) -> Frame:
     return {"queues": [s.as_dict() for s in result]}
 
 
-def _publish_reply(result: tuple[int, int]) -> Frame:
-    return {"first_id": result[0], "count": result[1]}
+def _publish_reply(result: tuple[int, ...]) -> Frame:
+    reply: Frame = {"first_id": result[0], "count": result[1]}
+    if len(result) > 2:  # the request had dedup_ids: one id per payload, an earlier message's for a repeat
+        reply["ids"] = result[2]
+    return reply
 
 
 def _settle_reply(result: dict[int, str]) -> Frame:
@@ -572,6 +589,11 @@ _REPLIES: dict[str, Any] = {
     "declare": _empty_reply,
     "delete_queue": _empty_reply,
     "purge": lambda n: {"purged": n},
+    "peek": lambda msgs: {"msgs": msgs},
+    "redrive": lambda n: {"moved": n},
+    "publish_topic": lambda ids: {"ids": ids},
+    "bind": _empty_reply,
+    "unbind": _empty_reply,
     "stats": _stats_reply,
     "queues": _queues_reply,
 }
@@ -608,7 +630,8 @@ class Server:
         fmt = _REPLIES[op]
         if not principal.everything:
             fmt = _authorize(principal, op, store_op, fmt)
-        if principal.bucket is not None and op == "publish":
+        if principal.bucket is not None and op in ("publish", "publish_topic"):
+            # A topic publish counts its messages once, however many queues the topic reaches.
             wait = principal.bucket.take(len(store_op.payloads))
             if wait:
                 raise RequestError(
@@ -805,13 +828,14 @@ def _raise_fd_limit(max_connections: int) -> None:
 async def run_server(config: Config, on_ready: Callable[[Server], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening."""
     server = await Server.start(config)
-    if on_ready is not None:
-        on_ready(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
+    # Only now tell whoever waits for us (a port file): a SIGTERM sent as soon as it appears must stop us cleanly.
+    if on_ready is not None:
+        on_ready(server)
     await stop.wait()
     log.info("shutting_down")
     await server.stop()

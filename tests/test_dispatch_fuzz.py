@@ -20,7 +20,24 @@ from replika_protocol import ErrorCode, Frame, FrameDecoder, encode_frame
 from replika_server.requests import Limits, RequestError, fetch_op, parse_op
 from tests.conftest import WAIT, serving
 
-OPS = ["publish", "fetch", "ack", "nack", "reject", "touch", "declare", "delete_queue", "purge", "stats", "queues"]
+OPS = [
+    "publish",
+    "fetch",
+    "ack",
+    "nack",
+    "reject",
+    "touch",
+    "declare",
+    "delete_queue",
+    "purge",
+    "stats",
+    "queues",
+    "peek",
+    "redrive",
+    "publish_topic",
+    "bind",
+    "unbind",
+]
 FIELDS = [
     "queue",
     "payloads",
@@ -37,6 +54,19 @@ FIELDS = [
     "dead_letter",
     "max_length",
     "max_bytes",
+    "overflow",
+    "expired",
+    "priority",
+    "ttl",
+    "message_ttl",
+    "retry_delay",
+    "retry_backoff",
+    "retry_max_delay",
+    "dedup_ids",
+    "dedup_window",
+    "topic",
+    "pattern",
+    "to",
 ]
 CODES = {c.value for c in ErrorCode}
 
@@ -47,7 +77,7 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.binary(max_size=16)
     | st.text(max_size=12)
-    | st.sampled_from(["q", "fuzz", "fuzz.dlq", "", "a" * 256, "bad name", "ü"])
+    | st.sampled_from(["q", "fuzz", "fuzz.dlq", "", "a" * 256, "bad name", "ü", "a.*", "#", "drop_oldest"])
 )
 values = st.recursive(
     scalars,

@@ -574,7 +574,24 @@ async def test_stats_none_lists_every_queue(store: LmdbStore) -> None:
         "bytes": 2,
         "max_length": None,
         "max_bytes": None,
-        "counters": {"published": 2, "delivered": 1, "acked": 0, "nacked": 0, "expired": 0, "dead_lettered": 0},
+        "overflow": "reject",
+        "retry_delay": 0.0,
+        "retry_backoff": 2.0,
+        "retry_max_delay": None,
+        "message_ttl": None,
+        "expired": "dead_letter",
+        "dedup_window": 120.0,
+        "bindings": [],
+        "counters": {
+            "published": 2,
+            "delivered": 1,
+            "acked": 0,
+            "nacked": 0,
+            "expired": 0,
+            "dead_lettered": 0,
+            "dropped": 0,
+            "deduplicated": 0,
+        },
     }
     assert (by_name["c"].max_attempts, by_name["c"].dead_letter, by_name["c"].total) == (4, "c-dead", 0)
 

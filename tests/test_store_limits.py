@@ -429,7 +429,16 @@ async def test_counters_count_each_event_once(store: LmdbStore) -> None:
     again = await fetch(store, "c", max=4)  # the nacked and the expired one, second attempts
     await one(store, Release(1))  # their connection goes: ended leases at max_attempts move to the DLQ
     c = (await stats(store, "c")).counters
-    assert c == {"published": 4, "delivered": 4 + len(again), "acked": 1, "nacked": 1, "expired": 3, "dead_lettered": 3}
+    assert c == {
+        "published": 4,
+        "delivered": 4 + len(again),
+        "acked": 1,
+        "nacked": 1,
+        "expired": 3,
+        "dead_lettered": 3,
+        "dropped": 0,
+        "deduplicated": 0,
+    }
     assert len(again) == 2
     dlq = (await stats(store, "c.dlq")).counters
     assert dlq["published"] == 0 and (await stats(store, "c.dlq")).total == 3

@@ -3,6 +3,7 @@
 from replika_server.store.base import (
     Ack,
     BatchResult,
+    Bind,
     DeadLetterReason,
     Declare,
     DeleteQueue,
@@ -11,10 +12,14 @@ from replika_server.store.base import (
     Fetch,
     Nack,
     Op,
+    Peek,
+    Peeked,
     Publish,
+    PublishTopic,
     Purge,
     QueueOptions,
     QueueStats,
+    Redrive,
     Reject,
     Release,
     Settle,
@@ -22,12 +27,14 @@ from replika_server.store.base import (
     Store,
     StoreError,
     Touch,
+    Unbind,
 )
 from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 
 __all__ = [
     "Ack",
     "BatchResult",
+    "Bind",
     "DeadLetterReason",
     "Declare",
     "DeleteQueue",
@@ -38,10 +45,14 @@ __all__ = [
     "LmdbStore",
     "Nack",
     "Op",
+    "Peek",
+    "Peeked",
     "Publish",
+    "PublishTopic",
     "Purge",
     "QueueOptions",
     "QueueStats",
+    "Redrive",
     "Reject",
     "Release",
     "Settle",
@@ -49,4 +60,5 @@ __all__ = [
     "Store",
     "StoreError",
     "Touch",
+    "Unbind",
 ]

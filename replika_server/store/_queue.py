@@ -1,9 +1,21 @@
 """The LMDB engine's in-memory index of one queue.
 
-Only messages that have been delivered or delayed are *tracked* (an object each); a never-delivered backlog costs
-no memory at all: it is the run of ids from ``cursor`` up to ``visible_hi`` in LMDB, read with a cursor when
-fetched. Ready tracked messages (nacked, expired, recovered) wait in a min-heap of ids so that delivery stays FIFO
-by id across both kinds.
+Only messages that have been delivered, delayed or given a TTL are *tracked* (an object each); a never-delivered
+backlog costs no memory at all: it is the run of ids from a lane's ``cursor`` up to ``visible_hi`` in LMDB, read
+with a cursor when fetched.
+
+**Priorities** are *lanes*. Each priority in use (0-9) has its own storage key prefix, its own never-delivered run
+and cursor, and its own heap of ready tracked messages; ids stay unique per queue (one ``next_id`` for all lanes),
+so a message is named by its id alone. Priority 0's prefix is the queue's own number, so a queue that never uses
+priorities is laid out exactly as before lanes existed. A fetch takes from the highest lane that has something
+ready and, within a lane, the lowest id first, whether never delivered or back after a nack, an ended lease or a
+delay: FIFO within a priority.
+
+Messages published with a delay or a TTL of their own go under one more prefix, the queue's *side* storage, and are
+tracked from their publish (their due time and expiry live in their state record); the lanes' never-delivered runs
+therefore only ever hold messages that need nothing but their position. That keeps the invariant the cursors rely
+on: every tracked message of a lane's prefix has an id below the lane's cursor, so removing a tracked message can
+never leave a stale copy for a never-delivered scan (which reads committed data) to find within the same batch.
 """
 
 from __future__ import annotations
@@ -12,7 +24,8 @@ import enum
 import heapq
 
 from replika_protocol import MAX_QUEUE_NAME
-from replika_server.store.base import QueueOptions, QueueStats
+from replika_server.store._dedup import DedupIndex
+from replika_server.store.base import MAX_RETRY_DELAY, QueueOptions, QueueStats
 
 
 class Status(enum.IntEnum):
@@ -28,10 +41,22 @@ READY, LEASED, DELAYED = Status.READY, Status.LEASED, Status.DELAYED
 class Tracked:
     """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
 
-    __slots__ = ("attempts", "deadline", "due", "mid", "owner", "qnum", "size", "status", "token")
+    __slots__ = ("attempts", "deadline", "due", "expires", "mid", "owner", "prio", "qnum", "size", "status", "token")
 
-    def __init__(self, qnum: int, mid: int, attempts: int, token: int, due: float, status: Status, size: int) -> None:
-        # qnum and mid let lease groups and owner sets hold the object itself, with no key tuple per lease.
+    def __init__(
+        self,
+        qnum: int,
+        mid: int,
+        attempts: int,
+        token: int,
+        due: float,
+        status: Status,
+        size: int,
+        prio: int = 0,
+        expires: float = 0.0,
+    ) -> None:
+        # qnum (the storage prefix its key is under) and mid let lease groups and owner sets hold the object
+        # itself, with no key tuple per lease.
         self.qnum = qnum
         self.mid = mid
         self.attempts = attempts
@@ -42,43 +67,78 @@ class Tracked:
         self.status = status
         # Payload plus packed headers bytes (see QueueState.bytes): removing the message needs no LMDB read.
         self.size = size
+        self.prio = prio
+        self.expires = expires  # unix seconds of its own TTL's end, 0.0 when it has none
+
+
+class Lane:
+    """The messages of one priority: the never-delivered run under ``qnum`` and the ready tracked ones."""
+
+    __slots__ = ("cursor", "last", "prio", "qnum", "ready_heap")
+
+    def __init__(self, prio: int, qnum: int, last: int = 0) -> None:
+        self.prio = prio
+        self.qnum = qnum
+        self.cursor = 1  # every never-delivered message of this lane has an id >= cursor
+        # One past the highest id ever put under qnum as never delivered (a hint: cursor >= last means the run
+        # is empty without reading LMDB; after a restart it is the queue's next_id until a scan finds out).
+        self.last = last
+        self.ready_heap: list[int] = []  # ids of READY tracked messages; entries may be stale, checked on pop
+
+    def peek_ready(self, tracked: dict[int, Tracked]) -> int | None:
+        """The lowest id of a READY tracked message of this lane, dropping stale heap entries."""
+        heap = self.ready_heap
+        while heap:
+            mid = heap[0]
+            t = tracked.get(mid)
+            if t is not None and t.status == READY:
+                return mid
+            heapq.heappop(heap)
+        return None
 
 
 class QueueCounters:
     """What happened to one queue's messages: counted where it happens, so that every path (dead-lettering at
     fetch time, expiry, a closed connection) is counted once."""
 
-    __slots__ = ("acked", "dead_lettered", "delivered", "expired", "nacked", "published")
+    __slots__ = ("acked", "dead_lettered", "deduplicated", "delivered", "dropped", "expired", "nacked", "published")
 
     def __init__(self) -> None:
-        self.published = 0  # messages stored by publish (dead-lettered arrivals are not publishes)
+        self.published = 0  # messages stored by publish (dead-lettered and redriven arrivals are not publishes)
         self.delivered = 0  # deliveries: messages in fetch replies
         self.acked = 0
         self.nacked = 0
         self.expired = 0  # leases that ended at their deadline or with their connection, without a settle
         self.dead_lettered = 0  # messages moved out of this queue to its dead-letter queue
+        self.dropped = 0  # messages deleted unacked: TTL ran out with expired="drop", or overflow="drop_oldest"
+        self.deduplicated = 0  # published messages not stored: their dedup id was seen within the window
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
 class QueueState:
-    """One queue: durable counters mirrored from its meta record, and the delivery index."""
+    """One queue: durable counters mirrored from its meta record, its lanes and the delivery index."""
 
     __slots__ = (
+        "bindings",
         "bytes",
         "count",
         "counters",
-        "cursor",
+        "dedup",
+        "lane0",
+        "lanes",
         "n_delayed",
         "n_leased",
         "n_ready",
         "name",
         "next_id",
         "options",
+        "order",
         "qnum",
-        "ready_heap",
+        "side",
         "tracked",
+        "ttl_sweep",
         "visible_hi",
     )
 
@@ -93,14 +153,27 @@ class QueueState:
         self.options = options
         # Ids below visible_hi are committed; a fetch never reads past it, so it never sees an uncommitted publish.
         self.visible_hi = next_id
-        self.cursor = 1  # every never-delivered message has an id >= cursor
+        self.lane0 = Lane(0, qnum, next_id)
+        self.lanes: dict[int, Lane] = {0: self.lane0}
+        self.order: list[Lane] = [self.lane0]  # highest priority first
+        self.side = 0  # storage prefix of messages published with a delay or TTL; 0 until first needed
         self.tracked: dict[int, Tracked] = {}
-        self.ready_heap: list[int] = []  # ids of READY tracked messages; entries may be stale, checked on pop
         # Events since this process opened the store (not persisted; Prometheus counters may reset on restart).
         self.counters = QueueCounters()
         self.n_ready = 0
         self.n_leased = 0
         self.n_delayed = 0
+        self.dedup = DedupIndex()
+        self.bindings: set[str] = set()
+        self.ttl_sweep = 0.0  # unix s of the next message_ttl sweep of the lanes' fronts; 0: none scheduled
+
+    def add_lane(self, lane: Lane) -> None:
+        self.lanes[lane.prio] = lane
+        self.order = sorted(self.lanes.values(), key=lambda lane: -lane.prio)
+
+    def storage(self) -> list[int]:
+        """Every key prefix this queue's messages may be stored under."""
+        return [lane.qnum for lane in self.order] + ([self.side] if self.side else [])
 
     @property
     def dead_letter(self) -> str:
@@ -109,6 +182,18 @@ class QueueState:
             return self.options.dead_letter
         name = f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
         return name if name != self.name else f"{self.name[: MAX_QUEUE_NAME - 5]}_.dlq"  # never its own DLQ
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds before a message whose lease ended after ``attempts`` deliveries is ready again."""
+        o = self.options
+        if not o.retry_delay:
+            return 0.0
+        cap = MAX_RETRY_DELAY if o.retry_max_delay is None else o.retry_max_delay
+        try:
+            delay = o.retry_delay * o.retry_backoff ** max(attempts - 1, 0)
+        except OverflowError:  # a large factor to a large power: the cap, whatever it is
+            return cap
+        return min(delay, cap)
 
     def set_status(self, t: Tracked, status: Status) -> None:
         old = t.status
@@ -132,7 +217,7 @@ class QueueState:
         self.tracked[mid] = t
         if t.status == READY:
             self.n_ready += 1
-            heapq.heappush(self.ready_heap, mid)
+            heapq.heappush(self.lanes[t.prio].ready_heap, mid)
         elif t.status == LEASED:
             self.n_leased += 1
         else:
@@ -151,19 +236,7 @@ class QueueState:
 
     def make_ready(self, mid: int, t: Tracked) -> None:
         self.set_status(t, READY)
-        heapq.heappush(self.ready_heap, mid)
-
-    def peek_ready(self) -> int | None:
-        """The lowest id of a READY tracked message, dropping stale heap entries."""
-        heap = self.ready_heap
-        tracked = self.tracked
-        while heap:
-            mid = heap[0]
-            t = tracked.get(mid)
-            if t is not None and t.status == READY:
-                return mid
-            heapq.heappop(heap)
-        return None
+        heapq.heappush(self.lanes[t.prio].ready_heap, mid)
 
     def limits(self, default_length: int | None, default_bytes: int | None) -> tuple[int | None, int | None]:
         """The (max_length, max_bytes) in force: the queue's own, else the store's default; None is unlimited."""
@@ -189,10 +262,12 @@ class QueueState:
             max_length=max_length,
             max_bytes=max_bytes,
             counters=self.counters.as_dict(),
+            options=self.options,
+            bindings=sorted(self.bindings),
         )
 
     def meta(self) -> dict[str, object]:
-        return {
+        meta: dict[str, object] = {
             "qnum": self.qnum,
             "next_id": self.next_id,
             "count": self.count,
@@ -202,3 +277,39 @@ class QueueState:
             "max_length": self.options.max_length,
             "max_bytes": self.options.max_bytes,
         }
+        # The newer settings only when they differ from the default: the record is rewritten by every batch
+        # that touches the queue, so it stays as small as it was for queues that do not use them.
+        default = _DEFAULT_OPTIONS
+        for name in _NEWER_OPTIONS:
+            value = getattr(self.options, name)
+            if value != getattr(default, name):
+                meta[name] = value
+        if len(self.lanes) > 1:
+            meta["lanes"] = [[lane.prio, lane.qnum] for lane in self.order if lane.prio]  # pairs: str map keys only
+        if self.side:
+            meta["side"] = self.side
+        return meta
+
+
+_DEFAULT_OPTIONS = QueueOptions()
+_NEWER_OPTIONS = (
+    "overflow",
+    "retry_delay",
+    "retry_backoff",
+    "retry_max_delay",
+    "message_ttl",
+    "expired",
+    "dedup_window",
+)
+
+
+def options_from_meta(meta: dict[str, object]) -> QueueOptions:
+    """A queue's options from its meta record; settings absent from it (older records) take their defaults."""
+    fields = {name: meta[name] for name in _NEWER_OPTIONS if name in meta}
+    return QueueOptions(
+        meta["max_attempts"],  # type: ignore[arg-type]
+        meta["dead_letter"],  # type: ignore[arg-type]
+        meta.get("max_length"),  # type: ignore[arg-type]
+        meta.get("max_bytes"),  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )

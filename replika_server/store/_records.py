@@ -20,11 +20,32 @@ VALUE_HEAD_SIZE = _VALUE_HEAD.size
 _pack_head = _VALUE_HEAD.pack
 _unpack_head = _VALUE_HEAD.unpack_from
 
-# state value, present only for messages delivered at least once or delayed: attempts (u32), current lease token
-# (u64), due time (unix s, f64; 0 when not delayed).
+# state value, present only for messages delivered at least once, delayed or given a TTL: attempts (u32), current
+# lease token (u64), due time (unix s, f64; 0 when not delayed). The extended form adds the message's own expiry
+# (unix s, f64; 0: none) and its priority (u8); it is written only when either is set, so that the common record
+# stays 20 bytes and stores written before priorities and TTLs read unchanged. The length tells them apart.
 STATE = struct.Struct(">IQd")
 pack_state = STATE.pack
 unpack_state = STATE.unpack
+STATE_EXT = struct.Struct(">IQddB")
+pack_state_ext = STATE_EXT.pack
+unpack_state_ext = STATE_EXT.unpack
+
+# dedup key: queue number (u32) then the dedup id's UTF-8 bytes; value: when it was first seen (unix s, f64) and
+# the id of the message stored then (u64).
+DEDUP = struct.Struct(">dQ")
+pack_dedup = DEDUP.pack
+unpack_dedup = DEDUP.unpack
+
+
+def dedup_key(qnum: int, dedup_id: str) -> bytes:
+    return QNUM.pack(qnum) + dedup_id.encode()
+
+
+def published_at_of(value: bytes | memoryview) -> float:
+    """The publish time (unix s) of a stored message value, without decoding the rest."""
+    published_at: float = _unpack_head(value)[0]
+    return published_at
 
 
 def encode_message(published_at: float, payload: bytes, headers: dict[str, str] | None) -> bytes:

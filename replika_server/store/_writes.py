@@ -17,6 +17,7 @@ from replika_server.store._records import QNUM, unpack_key
 PUT = 0
 DELETE = 1
 RANGE_DELETE = 2
+PREFIX_DELETE = 3
 
 _MAX_ID = 2**64 - 1
 
@@ -59,6 +60,11 @@ class Writes:
         for db in dbs:
             self.segments.append((RANGE_DELETE, db, (qnum, keep, below)))
 
+    def prefix_delete(self, db: Any, prefix: bytes) -> None:
+        """Delete every key of ``db`` that starts with ``prefix``."""
+        self._last = None
+        self.segments.append((PREFIX_DELETE, db, prefix))
+
 
 def replay(txn: lmdb.Transaction, writes: Writes, meta_db: Any) -> None:
     """Apply ``writes`` inside ``txn`` in the order they were logged."""
@@ -73,8 +79,10 @@ def replay(txn: lmdb.Transaction, writes: Writes, meta_db: Any) -> None:
                 if cur.key() != key and not cur.set_key(key):
                     continue
                 cur.delete()
-        else:
+        elif kind == RANGE_DELETE:
             _range_delete(txn.cursor(db), *items)
+        else:
+            _prefix_delete(txn.cursor(db), items)
     for key, value in writes.meta.items():
         if value is None:
             txn.delete(key, db=meta_db)
@@ -97,4 +105,12 @@ def _range_delete(cur: lmdb.Cursor, qnum: int, keep: frozenset[int], below: int)
             if not cur.next():
                 return
         elif not cur.delete():
+            return
+
+
+def _prefix_delete(cur: lmdb.Cursor, prefix: bytes) -> None:
+    if not cur.set_range(prefix):
+        return
+    while cur.key()[: len(prefix)] == prefix:
+        if not cur.delete():
             return

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from replika_protocol import ErrorCode
 
 __all__ = [
+    "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_RETRY_BACKOFF",
+    "MAX_RETRY_DELAY",
     "Ack",
     "BatchResult",
+    "Bind",
     "DeadLetterReason",
     "Declare",
     "DeleteQueue",
@@ -27,10 +31,14 @@ __all__ = [
     "Fetch",
     "Nack",
     "Op",
+    "Peek",
+    "Peeked",
     "Publish",
+    "PublishTopic",
     "Purge",
     "QueueOptions",
     "QueueStats",
+    "Redrive",
     "Reject",
     "Release",
     "Settle",
@@ -38,11 +46,22 @@ __all__ = [
     "Store",
     "StoreError",
     "Touch",
+    "Unbind",
 ]
+
+#: Seconds a dedup id is remembered unless the queue says otherwise: long enough to cover a producer's retries
+#: across a reconnect or a broker restart, short enough that the index stays small.
+DEFAULT_DEDUP_WINDOW = 120.0
+#: Factor by which the retry delay grows per attempt unless the queue says otherwise (exponential backoff).
+DEFAULT_RETRY_BACKOFF = 2.0
+#: Longest retry delay, in seconds (30 days, the longest nack delay), when the queue sets no retry_max_delay.
+MAX_RETRY_DELAY = 30 * 86400.0
 
 #: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).
 #: A tuple, not an object, because it goes straight onto the wire as a msgpack array.
 Delivery = tuple[int, int, int, float, bytes, "dict[str, str] | None"]
+#: A message read by :class:`Peek`, without a lease: (id, attempts, published_at unix s, payload, headers or None).
+Peeked = tuple[int, int, float, bytes, "dict[str, str] | None"]
 
 
 class StoreError(Exception):
@@ -59,21 +78,42 @@ class DeadLetterReason(enum.StrEnum):
 
     MAX_ATTEMPTS = "max_attempts"
     REJECTED = "rejected"
+    EXPIRED = "expired"  # its TTL (own or the queue's message_ttl) ran out before it was acked
+    OVERFLOW = "overflow"  # pushed out by a publish to its full queue declared with overflow="dead_letter"
+
+
+Overflow = Literal["reject", "drop_oldest", "dead_letter"]
+Expired = Literal["dead_letter", "drop"]
 
 
 @dataclass(frozen=True, slots=True)
 class QueueOptions:
-    """Durable per-queue settings. ``max_attempts`` None means unlimited deliveries.
+    """Durable per-queue settings. Durations in seconds. ``max_attempts`` None means unlimited deliveries.
 
     ``max_length`` (messages) and ``max_bytes`` (payload plus packed headers bytes) bound what the queue holds,
-    whatever the messages' status; a publish that would pass either is refused whole with ``QUEUE_FULL``. None uses
-    the store's default.
+    whatever the messages' status; None uses the store's default. What a publish that would pass either does is
+    ``overflow``'s: ``reject`` refuses it whole with ``QUEUE_FULL``; ``drop_oldest`` deletes the oldest ready
+    messages (lowest ids) to make room, ``dead_letter`` moves them to the dead-letter queue (reason ``overflow``);
+    when the ready messages are not enough, the publish is refused with ``QUEUE_FULL`` all the same.
+
+    A nack without a delay, or a lease that ends at its deadline or with its connection, makes the message ready
+    after ``min(retry_delay * retry_backoff ** (attempts - 1), retry_max_delay)`` (0: at once). ``message_ttl``
+    bounds every message's life from its publish; an expired message is never delivered, it is dead-lettered
+    (reason ``expired``) or, with ``expired="drop"``, deleted. A publish repeating a dedup id seen less than
+    ``dedup_window`` seconds before stores nothing (0: no deduplication).
     """
 
     max_attempts: int | None = None
     dead_letter: str | None = None  # None: "<queue>.dlq"
     max_length: int | None = None
     max_bytes: int | None = None
+    overflow: Overflow = "reject"
+    retry_delay: float = 0.0
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF
+    retry_max_delay: float | None = None  # None: MAX_RETRY_DELAY
+    message_ttl: float | None = None
+    expired: Expired = "dead_letter"
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
 
 
 @dataclass(slots=True)
@@ -84,9 +124,48 @@ class Declare:
 
 @dataclass(slots=True)
 class Publish:
+    """Store ``payloads`` (and their ``headers``) in ``queue``, all with ``priority`` (0-9, higher first), ready
+    after ``delay`` seconds, expiring ``ttl`` seconds after now (None: only the queue's message_ttl). ``dedup_ids``
+    has one entry (a str or None) per payload."""
+
     queue: str
     payloads: list[bytes]
     headers: list[dict[str, str] | None] | None = None
+    priority: int = 0
+    delay: float = 0.0
+    ttl: float | None = None
+    dedup_ids: list[str | None] | None = None
+
+
+@dataclass(slots=True)
+class PublishTopic:
+    """Publish one copy of the messages to every queue bound by a pattern matching ``topic``, in one commit and
+    all-or-nothing. ``may_publish`` (when set) must allow every one of those queues, else ``FORBIDDEN``."""
+
+    topic: str
+    payloads: list[bytes]
+    headers: list[dict[str, str] | None] | None = None
+    priority: int = 0
+    delay: float = 0.0
+    ttl: float | None = None
+    dedup_ids: list[str | None] | None = None
+    may_publish: Callable[[str], bool] | None = None
+
+
+@dataclass(slots=True)
+class Bind:
+    """Route topics matching ``pattern`` to ``queue`` (created if absent); binding twice is a no-op."""
+
+    queue: str
+    pattern: str
+
+
+@dataclass(slots=True)
+class Unbind:
+    """Remove the binding of ``pattern`` to ``queue``; a binding that does not exist is a no-op."""
+
+    queue: str
+    pattern: str
 
 
 @dataclass(slots=True)
@@ -114,7 +193,7 @@ class Ack(Settle):
 
 @dataclass(slots=True)
 class Nack(Settle):
-    delay: float = 0.0  # seconds before the message is ready again
+    delay: float | None = None  # seconds before the message is ready again; None: the queue's retry delay
     unseen: bool = False  # handed back unprocessed by a client library: this delivery is not an attempt
 
 
@@ -151,11 +230,49 @@ class Expire:
 
 
 @dataclass(slots=True)
+class Peek:
+    """Read up to ``max`` ready messages in delivery order without leasing them or changing anything."""
+
+    queue: str
+    max: int
+    max_bytes: int = 2**62  # as Fetch.max_bytes: the peeked messages' size stops before this; at least one
+
+
+@dataclass(slots=True)
+class Redrive:
+    """Move up to ``max`` ready messages of the dead-letter queue ``queue`` back: each to ``to`` if given, else to
+    the queue named by its ``replika-dead-letter-queue`` header (messages without one stay). A moved message is a
+    new message there, published now, with its payload and its headers less the ``replika-dead-letter-*`` ones."""
+
+    queue: str
+    to: str | None
+    max: int
+
+
+@dataclass(slots=True)
 class Stats:
     queue: str | None  # None: every queue
 
 
-Op = Declare | Publish | Fetch | Ack | Nack | Reject | Touch | Purge | DeleteQueue | Release | Expire | Stats
+Op = (
+    Declare
+    | Publish
+    | Fetch
+    | Ack
+    | Nack
+    | Reject
+    | Touch
+    | Purge
+    | DeleteQueue
+    | Release
+    | Expire
+    | Stats
+    | Peek
+    | Redrive
+    | PublishTopic
+    | Bind
+    | Unbind
+)
 
 
 @dataclass(slots=True)
@@ -176,10 +293,14 @@ class QueueStats:
     bytes: int
     max_length: int | None
     max_bytes: int | None
-    #: Events since the broker started: published, delivered, acked, nacked, expired, dead_lettered.
+    #: Events since the broker started: published, delivered, acked, nacked, expired (leases), dead_lettered,
+    #: dropped (TTL or overflow deletions) and deduplicated (publishes answered with an earlier message's id).
     counters: dict[str, int] = field(default_factory=dict)
+    options: QueueOptions = field(default_factory=QueueOptions)
+    bindings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        o = self.options
         return {
             "queue": self.name,
             "ready": self.ready,
@@ -191,6 +312,14 @@ class QueueStats:
             "bytes": self.bytes,
             "max_length": self.max_length,
             "max_bytes": self.max_bytes,
+            "overflow": o.overflow,
+            "retry_delay": o.retry_delay,
+            "retry_backoff": o.retry_backoff,
+            "retry_max_delay": o.retry_max_delay,
+            "message_ttl": o.message_ttl,
+            "expired": o.expired,
+            "dedup_window": o.dedup_window,
+            "bindings": self.bindings,
             "counters": self.counters,
         }
 
@@ -212,7 +341,10 @@ class Store(abc.ABC):
 
         Each entry of ``results`` is the op's value or a :class:`StoreError`: Publish -> (first_id, count),
         Fetch -> list[Delivery], Settle -> dict of id -> error code for the leases that failed (empty when all
-        applied), Purge -> count removed, Stats -> list[QueueStats], others -> None. Returns only after the
+        applied), Purge -> count removed, Stats -> list[QueueStats], Peek -> list[Peeked], Redrive -> count moved,
+        PublishTopic -> dict of queue -> ids (one per payload), others -> None. A Publish with ``dedup_ids`` gives
+        (first_id, count, ids): first_id and count describe the messages it stored, ids has one id per payload,
+        an earlier message's for a repeat. Returns only after the
         commit is durable as the durability mode promises.
         """
 

@@ -8,7 +8,7 @@
             await msg.ack()
 """
 
-from replika._message import Message, MessageData, SyncMessage
+from replika._message import Message, MessageData, PeekedMessage, SyncMessage
 from replika.aio import AsyncClient
 from replika.errors import (
     BadRequest,
@@ -47,6 +47,7 @@ __all__ = [
     "MessageData",
     "NotFound",
     "PayloadTooLarge",
+    "PeekedMessage",
     "ProtocolViolation",
     "QueueFull",
     "RateLimited",

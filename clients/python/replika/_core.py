@@ -111,9 +111,15 @@ class ClientCore:
         queue: str,
         payloads: Sequence[bytes | bytearray | memoryview],
         headers: list[dict[str, str] | None] | None,
+        dedup_ids: list[str | None] | None = None,
+        op: str = "publish",
+        **extra: Any,
     ) -> Iterator[tuple[int, bytes]]:
-        """Publish requests for ``payloads``, split to respect the server's batch and frame limits."""
-        check_queue(queue)
+        """Publish requests for ``payloads``, split to respect the server's batch and frame limits; ``extra``
+        fields (priority, delay, ttl) go in every one. ``op`` "publish_topic" sends ``queue`` as the topic."""
+        if op == "publish":
+            check_queue(queue)
+        extra = {k: v for k, v in extra.items() if v is not None}
         budget = self.max_frame - _FRAME_OVERHEAD
         start = 0
         n = len(payloads)
@@ -125,14 +131,19 @@ class ClientCore:
                 hdrs = headers[stop] if headers is not None else None
                 if hdrs:
                     item += sum(len(k.encode()) + len(v.encode()) + 10 for k, v in hdrs.items())
+                if dedup_ids is not None and dedup_ids[stop] is not None:
+                    item += len(str(dedup_ids[stop]).encode()) + 5
                 if stop > start and size + item > budget:
                     break
                 size += item
                 stop += 1
-            fields: dict[str, Any] = {"queue": queue, "payloads": payloads[start:stop]}
+            fields: dict[str, Any] = {"topic" if op == "publish_topic" else "queue": queue, **extra}
+            fields["payloads"] = payloads[start:stop]
             if headers is not None:
                 fields["headers"] = headers[start:stop]
-            yield self.request("publish", **fields)
+            if dedup_ids is not None:
+                fields["dedup_ids"] = dedup_ids[start:stop]
+            yield self.request(op, **fields)
             start = stop
 
     def settle_chunks(self, op: str, msgs: Iterable[MessageData], **extra: Any) -> Iterator[tuple[int, bytes]]:
@@ -164,9 +175,35 @@ def check(reply: Frame) -> Frame:
 
 
 def publish_ids(reply: Frame) -> list[int]:
+    """The id of each payload of a publish: ``ids`` when the server sent them (dedup ids), else the range."""
     check(reply)
+    if reply.get("ids") is not None:
+        return [int(i) for i in reply["ids"]]
     first = int(reply["first_id"])
     return list(range(first, first + int(reply["count"])))
+
+
+def topic_ids(replies: Iterable[Frame]) -> dict[str, list[int]]:
+    """Queue -> ids (one per payload, in order) from the replies of a topic publish's requests."""
+    out: dict[str, list[int]] = {}
+    for reply in replies:
+        check(reply)
+        for queue, ids in (reply.get("ids") or {}).items():
+            out.setdefault(str(queue), []).extend(int(i) for i in ids)
+    return out
+
+
+def publish_options(
+    priority: int | None, delay: float | None, ttl: float | None, dedup_ids: Sequence[str | None] | None, n: int
+) -> tuple[dict[str, Any], list[str | None] | None]:
+    """The extra fields of a publish, checked here so that a mistake fails before anything is sent."""
+    if priority is not None and (isinstance(priority, bool) or not 0 <= priority <= 9):
+        raise ValueError("priority must be an int from 0 to 9")
+    if dedup_ids is not None and len(dedup_ids) != n:
+        raise ValueError("dedup_ids needs one entry per payload")
+    return {"priority": priority or None, "delay": delay or None, "ttl": ttl}, (
+        list(dedup_ids) if dedup_ids is not None else None
+    )
 
 
 def settle_failures(replies: Iterable[Frame]) -> None:

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from replika.aio import AsyncClient
     from replika.sync import Client
 
-__all__ = ["Message", "MessageData", "SyncMessage"]
+__all__ = ["Message", "MessageData", "PeekedMessage", "SyncMessage"]
 
 
 class MessageData:
@@ -50,7 +50,7 @@ class Message(MessageData):
         await self._client.ack(self)
 
     async def nack(self, delay: float | None = None) -> None:
-        """Make the message ready again, after ``delay`` seconds if given."""
+        """Make the message ready again, after ``delay`` seconds if given (else the queue's retry delay)."""
         await self._client.nack(self, delay=delay)
 
     async def reject(self) -> None:
@@ -73,7 +73,7 @@ class SyncMessage(MessageData):
         self._client.ack(self)
 
     def nack(self, delay: float | None = None) -> None:
-        """Make the message ready again, after ``delay`` seconds if given."""
+        """Make the message ready again, after ``delay`` seconds if given (else the queue's retry delay)."""
         self._client.nack(self, delay=delay)
 
     def reject(self) -> None:
@@ -83,3 +83,26 @@ class SyncMessage(MessageData):
     def touch(self, lease: float = 30.0) -> None:
         """Extend the lease to ``lease`` seconds from now."""
         self._client.touch(self, lease=lease)
+
+
+class PeekedMessage:
+    """A ready message read by ``peek()``: not leased, so it has no token and cannot be settled.
+
+    ``attempts`` is its deliveries so far (0 if never delivered); the other fields are as in :class:`MessageData`.
+    """
+
+    __slots__ = ("attempts", "headers", "id", "payload", "published_at", "queue")
+
+    def __init__(self, queue: str, wire: list[Any]) -> None:
+        self.queue = queue
+        self.id: int = wire[0]
+        self.attempts: int = wire[1]
+        self.published_at: float = wire[2]
+        self.payload: bytes = wire[3]
+        self.headers: dict[str, str] = wire[4] or {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<PeekedMessage queue={self.queue!r} id={self.id} attempts={self.attempts} "
+            f"payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''}>"
+        )

@@ -18,10 +18,12 @@ from replika._core import (
     hand_back_request,
     parse_url,
     publish_ids,
+    publish_options,
     settle_failures,
     tls_context,
+    topic_ids,
 )
-from replika._message import Message
+from replika._message import Message, PeekedMessage
 from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
 from replika_protocol import Frame, ProtocolError
 
@@ -299,13 +301,30 @@ class AsyncClient:
         dead_letter: str | None = None,
         max_length: int | None = None,
         max_bytes: int | None = None,
+        overflow: str | None = None,
+        retry_delay: float | None = None,
+        retry_backoff: float | None = None,
+        retry_max_delay: float | None = None,
+        message_ttl: float | None = None,
+        expired: str | None = None,
+        dedup_window: float | None = None,
     ) -> None:
-        """Create ``queue`` or change its options (idempotent).
+        """Create ``queue`` or change its options (idempotent: options are replaced as a whole, so an option left
+        out goes back to its default). Durations are float seconds.
 
         ``max_attempts``: deliveries after which a nacked or expired message goes to the dead-letter queue
         (None: unlimited). ``dead_letter``: that queue's name (None: ``<queue>.dlq``). ``max_length`` (messages)
-        and ``max_bytes`` (payload and header bytes): beyond them publishes fail with :class:`~replika.QueueFull`
-        (None: the broker's ``--queue-max-length``/``--queue-max-bytes``, unlimited unless set).
+        and ``max_bytes`` (payload and header bytes) bound the queue (None: the broker's
+        ``--queue-max-length``/``--queue-max-bytes``, unlimited unless set); ``overflow`` says what a publish past
+        them does: ``"reject"`` (default: :class:`~replika.QueueFull`), ``"drop_oldest"`` (the oldest ready
+        messages are deleted to make room) or ``"dead_letter"`` (they are moved to the dead-letter queue).
+
+        ``retry_delay``, ``retry_backoff`` (default 2.0) and ``retry_max_delay`` (default 30 days): a nack without
+        a delay, or a lease that expires or whose connection closes, makes the message ready again after
+        ``min(retry_delay * retry_backoff ** (attempts - 1), retry_max_delay)`` (no retry_delay: at once).
+        ``message_ttl``: seconds a message may live from its publish; an expired one is never delivered, it is
+        dead-lettered (reason ``expired``) or, with ``expired="drop"``, deleted. ``dedup_window`` (default 120):
+        seconds a publish's ``dedup_id`` is remembered (0: no deduplication).
         """
         check_queue(queue)
         await self._call(
@@ -315,6 +334,13 @@ class AsyncClient:
             dead_letter=dead_letter,
             max_length=max_length,
             max_bytes=max_bytes,
+            overflow=overflow,
+            retry_delay=retry_delay,
+            retry_backoff=retry_backoff,
+            retry_max_delay=retry_max_delay,
+            message_ttl=message_ttl,
+            expired=expired,
+            dedup_window=dedup_window,
         )
 
     async def delete_queue(self, queue: str) -> None:
@@ -336,10 +362,62 @@ class AsyncClient:
         check_queue(queue)
         return dict((await self._call("stats", queue=queue))["stats"])
 
+    async def peek(self, queue: str, *, max: int = 1) -> list[PeekedMessage]:
+        """Read up to ``max`` ready messages of ``queue`` in delivery order without leasing them (nothing
+        changes; attempts are not counted). Lowered to the server's batch limit and its reply size."""
+        check_queue(queue)
+        reply = await self._call("peek", queue=queue, max=min(max, self._core.max_batch))
+        return [PeekedMessage(queue, m) for m in reply["msgs"]]
+
+    async def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:
+        """Move ready messages of ``dead_letter_queue`` back: to ``to`` if given, else each to the queue named by
+        its ``replika-dead-letter-queue`` header (messages without one stay). Each becomes a new message there,
+        with its payload and its headers less the ``replika-dead-letter-*`` ones. Moves at most ``max`` (None: all
+        there are, in requests of the server's batch limit); returns how many moved."""
+        check_queue(dead_letter_queue)
+        if to is not None:
+            check_queue(to)
+        if max is None:
+            # What is there now, not what keeps arriving: a consumer that dead-letters redriven messages at once
+            # must not keep this loop going for ever.
+            max = int((await self.stats(dead_letter_queue))["total"])
+        moved = 0
+        while moved < max:
+            want = min(max - moved, self._core.max_batch)
+            reply = await self._call("redrive", queue=dead_letter_queue, to=to, max=want)
+            moved += int(reply["moved"])
+            if int(reply["moved"]) < want:
+                break
+        return moved
+
     # ----------------------------------------------------------------------------------------------- messages
-    async def publish(self, queue: str, payload: Payload, *, headers: dict[str, str] | None = None) -> int:
-        """Store one message durably; return its id once the broker confirms the commit."""
-        ids = await self.publish_many(queue, [payload], headers=None if headers is None else [headers])
+    async def publish(
+        self,
+        queue: str,
+        payload: Payload,
+        *,
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+    ) -> int:
+        """Store one message durably; return its id once the broker confirms the commit.
+
+        ``priority`` 0-9 (default 0): higher priorities are fetched first, FIFO within one. ``delay``: seconds
+        before it can be fetched. ``ttl``: seconds after which it expires unfetched (see :meth:`declare`).
+        ``dedup_id``: a repeat of an id the queue saw within its ``dedup_window`` stores nothing and returns the
+        first message's id.
+        """
+        ids = await self.publish_many(
+            queue,
+            [payload],
+            headers=None if headers is None else [headers],
+            priority=priority,
+            delay=delay,
+            ttl=ttl,
+            dedup_ids=None if dedup_id is None else [dedup_id],
+        )
         return ids[0]
 
     async def publish_many(
@@ -348,21 +426,61 @@ class AsyncClient:
         payloads: Sequence[Payload],
         *,
         headers: Sequence[dict[str, str] | None] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Store many messages; return their ids in order. Split into requests as the server's limits need,
-        all pipelined."""
+        all pipelined. ``priority``, ``delay`` and ``ttl`` apply to every message (see :meth:`publish`);
+        ``dedup_ids`` has one entry (str or None) per payload."""
         items = [_as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
+        extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
         if not items:
             return []
         await self._ensure()
-        chunks = list(self._core.publish_chunks(queue, items, list(headers) if headers is not None else None))
+        hdrs = list(headers) if headers is not None else None
+        chunks = list(self._core.publish_chunks(queue, items, hdrs, dedup, **extra))
         replies = await self._send_all(chunks)
         ids: list[int] = []
         for reply in replies:
             ids.extend(publish_ids(reply))
         return ids
+
+    async def publish_topic(
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+    ) -> dict[str, int]:
+        """Store one copy of a message in every queue bound (:meth:`bind`) by a pattern matching ``topic``, in one
+        commit, all or nothing; return each queue's new message id (empty when no binding matches). The options
+        are :meth:`publish`'s; a ``dedup_id`` is checked per queue."""
+        check_queue(topic)
+        extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
+        await self._ensure()
+        item = [_as_bytes(payload, self._core.max_payload)]
+        hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
+        chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
+        return {queue: ids[0] for queue, ids in topic_ids(await self._send_all(chunks)).items()}
+
+    async def bind(self, queue: str, pattern: str) -> None:
+        """Route topics matching ``pattern`` to ``queue`` (created if absent): ``*`` matches one dot-separated
+        word, ``#`` zero or more. Durable; binding twice is a no-op."""
+        check_queue(queue)
+        await self._call("bind", queue=queue, pattern=pattern)
+
+    async def unbind(self, queue: str, pattern: str) -> None:
+        """Remove a binding made by :meth:`bind` (no-op if there is none)."""
+        check_queue(queue)
+        await self._call("unbind", queue=queue, pattern=pattern)
 
     async def fetch(self, queue: str, *, max: int = 1, wait: float = 0.0, lease: float = 30.0) -> list[Message]:
         """Lease up to ``max`` ready messages (lowered to the server's batch limit), waiting up to ``wait``
@@ -388,8 +506,12 @@ class AsyncClient:
         await self._settle("ack", msgs)
 
     async def nack(self, msgs: Message | Iterable[Message], delay: float | None = None) -> None:
-        """Make messages ready again, after ``delay`` seconds if given."""
-        await self._settle("nack", msgs, delay=delay or 0.0)
+        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay (at
+        once unless it was declared with ``retry_delay``)."""
+        if delay is None:
+            await self._settle("nack", msgs)
+        else:
+            await self._settle("nack", msgs, delay=delay)
 
     async def reject(self, msgs: Message | Iterable[Message]) -> None:
         """Move messages to their queue's dead-letter queue now."""

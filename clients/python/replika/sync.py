@@ -18,10 +18,12 @@ from replika._core import (
     hand_back_request,
     parse_url,
     publish_ids,
+    publish_options,
     settle_failures,
     tls_context,
+    topic_ids,
 )
-from replika._message import SyncMessage
+from replika._message import PeekedMessage, SyncMessage
 from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
 from replika.errors import ConnectionLost, ProtocolViolation, ReplikaError, error_from_reply
 from replika_protocol import Frame, ProtocolError
@@ -203,6 +205,13 @@ class Client:
         dead_letter: str | None = None,
         max_length: int | None = None,
         max_bytes: int | None = None,
+        overflow: str | None = None,
+        retry_delay: float | None = None,
+        retry_backoff: float | None = None,
+        retry_max_delay: float | None = None,
+        message_ttl: float | None = None,
+        expired: str | None = None,
+        dedup_window: float | None = None,
     ) -> None:
         """Create ``queue`` or change its options (idempotent). See :meth:`AsyncClient.declare`."""
         check_queue(queue)
@@ -213,6 +222,13 @@ class Client:
             dead_letter=dead_letter,
             max_length=max_length,
             max_bytes=max_bytes,
+            overflow=overflow,
+            retry_delay=retry_delay,
+            retry_backoff=retry_backoff,
+            retry_max_delay=retry_max_delay,
+            message_ttl=message_ttl,
+            expired=expired,
+            dedup_window=dedup_window,
         )
 
     def delete_queue(self, queue: str) -> None:
@@ -234,10 +250,52 @@ class Client:
         check_queue(queue)
         return dict(self._call("stats", queue=queue)["stats"])
 
+    def peek(self, queue: str, *, max: int = 1) -> list[PeekedMessage]:
+        """Read up to ``max`` ready messages without leasing them. See :meth:`AsyncClient.peek`."""
+        check_queue(queue)
+        reply = self._call("peek", queue=queue, max=min(max, self._core.max_batch))
+        return [PeekedMessage(queue, m) for m in reply["msgs"]]
+
+    def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:
+        """Move dead-lettered messages back; how many moved. See :meth:`AsyncClient.redrive`."""
+        check_queue(dead_letter_queue)
+        if to is not None:
+            check_queue(to)
+        if max is None:
+            # What is there now, not what keeps arriving: a consumer that dead-letters redriven messages at once
+            # must not keep this loop going for ever.
+            max = int((self.stats(dead_letter_queue))["total"])
+        moved = 0
+        while moved < max:
+            want = min(max - moved, self._core.max_batch)
+            reply = self._call("redrive", queue=dead_letter_queue, to=to, max=want)
+            moved += int(reply["moved"])
+            if int(reply["moved"]) < want:
+                break
+        return moved
+
     # ----------------------------------------------------------------------------------------------- messages
-    def publish(self, queue: str, payload: Payload, *, headers: dict[str, str] | None = None) -> int:
-        """Store one message durably; return its id once the broker confirms the commit."""
-        return self.publish_many(queue, [payload], headers=None if headers is None else [headers])[0]
+    def publish(
+        self,
+        queue: str,
+        payload: Payload,
+        *,
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+    ) -> int:
+        """Store one message durably; return its id. Options as :meth:`AsyncClient.publish`."""
+        return self.publish_many(
+            queue,
+            [payload],
+            headers=None if headers is None else [headers],
+            priority=priority,
+            delay=delay,
+            ttl=ttl,
+            dedup_ids=None if dedup_id is None else [dedup_id],
+        )[0]
 
     def publish_many(
         self,
@@ -245,19 +303,55 @@ class Client:
         payloads: Sequence[Payload],
         *,
         headers: Sequence[dict[str, str] | None] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """Store many messages; return their ids in order."""
+        """Store many messages; return their ids in order. Options as :meth:`AsyncClient.publish_many`."""
         items = [_as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
+        extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
         if not items:
             return []
         self._ensure()
-        chunks = list(self._core.publish_chunks(queue, items, list(headers) if headers is not None else None))
+        hdrs = list(headers) if headers is not None else None
+        chunks = list(self._core.publish_chunks(queue, items, hdrs, dedup, **extra))
         ids: list[int] = []
         for reply in self._pipeline(chunks):
             ids.extend(publish_ids(reply))
         return ids
+
+    def publish_topic(
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+    ) -> dict[str, int]:
+        """One copy per bound queue; queue -> id. See :meth:`AsyncClient.publish_topic`."""
+        check_queue(topic)
+        extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
+        self._ensure()
+        item = [_as_bytes(payload, self._core.max_payload)]
+        hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
+        chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
+        return {queue: ids[0] for queue, ids in topic_ids(self._pipeline(chunks)).items()}
+
+    def bind(self, queue: str, pattern: str) -> None:
+        """Route topics matching ``pattern`` to ``queue``. See :meth:`AsyncClient.bind`."""
+        check_queue(queue)
+        self._call("bind", queue=queue, pattern=pattern)
+
+    def unbind(self, queue: str, pattern: str) -> None:
+        """Remove a binding (no-op if there is none)."""
+        check_queue(queue)
+        self._call("unbind", queue=queue, pattern=pattern)
 
     def fetch(self, queue: str, *, max: int = 1, wait: float = 0.0, lease: float = 30.0) -> list[SyncMessage]:
         """Lease up to ``max`` ready messages, waiting up to ``wait`` seconds for the first."""
@@ -288,8 +382,11 @@ class Client:
         self._settle("ack", msgs)
 
     def nack(self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None) -> None:
-        """Make messages ready again, after ``delay`` seconds if given."""
-        self._settle("nack", msgs, delay=delay or 0.0)
+        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay."""
+        if delay is None:
+            self._settle("nack", msgs)
+        else:
+            self._settle("nack", msgs, delay=delay)
 
     def reject(self, msgs: SyncMessage | Iterable[SyncMessage]) -> None:
         """Move messages to their queue's dead-letter queue now."""

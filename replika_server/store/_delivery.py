@@ -1,0 +1,385 @@
+"""Handing messages out and taking them back: fetch, the settle ops, ended leases, and the timer-driven work
+(expired leases, delays that ran out, TTLs, dedup entries to forget)."""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterable, Sequence
+
+from replika_protocol import ErrorCode
+from replika_server.store._engine import DELIVERY_OVERHEAD, EngineCore, state_value
+from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
+from replika_server.store._records import (
+    VALUE_HEAD_SIZE,
+    decode_message,
+    dedup_key,
+    pack_key,
+    pack_state,
+    published_at_of,
+    unpack_key,
+)
+from replika_server.store.base import (
+    Ack,
+    DeadLetterReason,
+    Delivery,
+    Expire,
+    Fetch,
+    Nack,
+    Reject,
+    Release,
+    Settle,
+    Touch,
+)
+
+__all__ = ["DEDUP_PRUNE_SLACK", "SWEEP_BATCH", "Delivering"]
+
+#: Expired messages one timer run removes from the fronts of one queue's lanes before it lets other work in; the
+#: rest go on the next run, moments later.
+SWEEP_BATCH = 10_000
+#: Seconds added to a dedup entry's end before it is forgotten, so that one timer run forgets many at once.
+DEDUP_PRUNE_SLACK = 1.0
+
+
+class Delivering(EngineCore):
+    """Fetch, ack, nack, reject, touch, release and expire; see the module docstring."""
+
+    # ----------------------------------------------------------------------------------------------- fetch
+    def _fetch(self, op: Fetch) -> list[Delivery]:
+        q = self._get_or_create(op.queue)
+        if q.count == len(q.tracked) and not q.n_ready:
+            return []  # nothing ready: skip the read transaction entirely
+        deadline = time.monotonic() + op.lease
+        if not q.options.message_ttl and q.lane0.peek_ready(q.tracked) is None and self._lane0_only(q):
+            return self._fetch_fresh(q, op, deadline)
+        return self._fetch_lanes(q, op, deadline)
+
+    def _lane0_only(self, q: QueueState) -> bool:
+        """Whether only lane 0 can have anything ready (true of every queue that never used priorities)."""
+        if len(q.order) == 1:
+            return True
+        tracked = q.tracked
+        return all(
+            lane is q.lane0 or (lane.peek_ready(tracked) is None and not self._has_fresh(q, lane)) for lane in q.order
+        )
+
+    def _fetch_lanes(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
+        """The general path: highest lane first, lowest id first within it, records and never-delivered alike;
+        expired messages and those at max_attempts are moved out on the way."""
+        out: list[Delivery] = []
+        group: list[Tracked] = []
+        limit = q.options.max_attempts
+        now = time.time()
+        budget = op.max_bytes
+        state_db = self._state_db
+        writes = self._writes
+        for lane in q.order:
+            for mid, value, t in self._walk(q, lane):
+                published_at, payload, headers = decode_message(value)
+                if self._expired(q, t, published_at, now):
+                    if t is None:
+                        lane.cursor = mid + 1
+                    self._expire_message(q, mid, lane.qnum if t is None else t.qnum, lane.prio, value)
+                    continue
+                if t is not None and limit is not None and t.attempts >= limit:
+                    self._dead_letter(q, mid, t.qnum, DeadLetterReason.MAX_ATTEMPTS, t.prio, value)
+                    continue
+                budget -= len(value) + DELIVERY_OVERHEAD
+                if budget < 0 and out:
+                    break  # the reply must fit in one frame; the rest waits for the next fetch
+                if t is None:
+                    lane.cursor = mid + 1
+                    t = Tracked(lane.qnum, mid, 1, 0, 0.0, LEASED, len(value) - VALUE_HEAD_SIZE, lane.prio)
+                    q.track(mid, t)
+                else:
+                    t.attempts += 1
+                self._token_seq += 1
+                t.token = self._token_seq
+                t.due = 0.0
+                self._lease(q, t, deadline, op.owner)
+                group.append(t)
+                writes.put(state_db, pack_key(t.qnum, mid), state_value(t))
+                out.append((mid, t.token, t.attempts, published_at, payload, headers))
+                if len(out) >= op.max:
+                    break
+            if len(out) >= op.max or (budget < 0 and out):
+                break
+        if group:
+            self._lease_group(deadline, group)
+            q.counters.delivered += len(group)
+        return out
+
+    def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
+        """The hot path of consuming a backlog: one lane, no TTL, and only never-delivered messages ready, so they
+        are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_message`
+        inlined, and each stored key reused as its delivery record's key."""
+        out: list[Delivery] = []
+        lane = q.lane0
+        cur = self._read_txn().cursor()
+        if not cur.set_range(pack_key(q.qnum, lane.cursor)):
+            return out
+        qnum, hi, tracked, owner, limit = q.qnum, q.visible_hi, q.tracked, op.owner, op.max
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = self._owners[owner] = set()
+        budget = op.max_bytes
+        token = self._token_seq
+        head = VALUE_HEAD_SIZE
+        group: list[Tracked] = []
+        records: list[tuple[bytes | memoryview, bytes]] = []
+        last = 0
+        for key, value in cur:
+            kq, mid = unpack_key(key)
+            if kq != qnum or mid >= hi:
+                break
+            if mid in tracked:
+                continue
+            size = len(value)
+            budget -= size + DELIVERY_OVERHEAD
+            if budget < 0 and out:
+                break  # the reply must fit in one frame; the rest waits for the next fetch
+            token += 1
+            t = Tracked(qnum, mid, 1, token, 0.0, LEASED, size - head)
+            t.deadline = deadline
+            t.owner = owner
+            tracked[mid] = t
+            owned.add(t)
+            group.append(t)
+            records.append((key, pack_state(1, token, 0.0)))
+            published_at, payload, headers = decode_message(value)
+            out.append((mid, token, 1, published_at, payload, headers))
+            last = mid
+            if len(out) >= limit:
+                break
+        if group:
+            q.n_leased += len(group)
+            q.counters.delivered += len(group)
+            lane.cursor = last + 1
+            self._token_seq = token
+            self._writes.put_many(self._state_db, records)
+            self._lease_group(deadline, group)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- settle
+    def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> dict[int, str]:
+        """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs."""
+        failed: dict[int, str] = {}
+        tracked = q.tracked
+        owners = self._owners
+        unleased = self._unleased
+        keys: list[bytes] = []
+        size = 0
+        for mid, token in leases:
+            t = tracked.get(mid)
+            if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
+                failed[mid] = ErrorCode.STALE_LEASE.value
+                continue
+            del tracked[mid]
+            size += t.size
+            if t.status == LEASED:
+                q.n_leased -= 1
+                unleased.append(t)
+                owned = owners.get(t.owner)
+                if owned is not None:
+                    owned.discard(t)
+            elif t.status == READY:
+                q.n_ready -= 1
+            else:
+                q.n_delayed -= 1
+            keys.append(pack_key(t.qnum, mid))
+        if keys:
+            self._writes.delete_many(self._msgs_db, keys)
+            self._writes.delete_many(self._state_db, keys)
+            self._writes.deletes += len(keys)
+            q.count -= len(keys)
+            q.counters.acked += len(keys)
+            q.bytes -= size
+            self._touched[q.qnum] = q
+        return failed
+
+    def _settle(self, op: Settle) -> dict[int, str]:
+        q = self._queue(op.queue)
+        if isinstance(op, Ack):
+            return self._ack(q, op.leases)
+        failed: dict[int, str] = {}
+        tracked = q.tracked
+        now = time.monotonic()
+        for mid, token in op.leases:
+            t = tracked.get(mid)
+            if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
+                failed[mid] = ErrorCode.STALE_LEASE.value
+                continue
+            if isinstance(op, Nack):
+                self._nack(q, t, op.delay, op.unseen)
+            elif isinstance(op, Reject):
+                self._dead_letter(q, mid, t.qnum, DeadLetterReason.REJECTED, t.prio)
+            elif isinstance(op, Touch):
+                self._unlease(t)
+                if t.due:
+                    # Its lease had ended into a retry delay: taken back, it must not wait that out again after a
+                    # restart (which makes leased messages ready), so the record loses its due time too.
+                    t.due = 0.0
+                    self._writes.put(self._state_db, pack_key(t.qnum, mid), state_value(t))
+                self._lease(q, t, now + op.lease, op.owner)
+                self._lease_group(now + op.lease, [t])
+        return failed
+
+    def _nack(self, q: QueueState, t: Tracked, delay: float | None, unseen: bool = False) -> None:
+        q.counters.nacked += 1
+        if unseen:
+            if t.attempts > 0:
+                t.attempts -= 1  # persisted with the settled token
+            if delay is None:
+                delay = 0.0  # never processed: no reason to back off
+        self._lease_ended(q, t, delay, settle=True)
+
+    def _lease_ended(self, q: QueueState, t: Tracked, delay: float | None = None, settle: bool = False) -> None:
+        """A lease ended without an ack (nack, expiry, closed connection). At max_attempts the message goes to the
+        dead-letter queue; past its TTL it expires; else it is ready again after ``delay`` seconds (None: the
+        queue's retry delay for its attempts). ``settle`` (a nack) also makes its token stale."""
+        self._unlease(t)
+        limit = q.options.max_attempts
+        if limit is not None and t.attempts >= limit:
+            self._dead_letter(q, t.mid, t.qnum, DeadLetterReason.MAX_ATTEMPTS, t.prio)
+            return
+        now = time.time()
+        published_at: float | None = None
+        if t.expires or q.options.message_ttl:
+            value = self._read_txn().get(pack_key(t.qnum, t.mid))
+            if value is not None:
+                published_at = published_at_of(value)
+                if self._expired(q, t, published_at, now):
+                    self._expire_message(q, t.mid, t.qnum, t.prio, value)
+                    return
+        if delay is None:
+            delay = q.retry_delay(t.attempts)
+        if settle:
+            # Settled: this delivery's token may not ack, nack or touch any more, even after a restart.
+            t.token = 0
+        if delay > 0:
+            t.due = now + delay
+            q.set_status(t, DELAYED)
+            heapq.heappush(self._delay_heap, (t.due, t.qnum, t.mid))
+            self._writes.put(self._state_db, pack_key(t.qnum, t.mid), state_value(t))
+        else:
+            t.due = 0.0
+            q.make_ready(t.mid, t)
+            self._readied.add(q.name)
+            if settle:
+                self._writes.put(self._state_db, pack_key(t.qnum, t.mid), state_value(t))
+        if published_at is not None:
+            self._watch(q, t, published_at)
+
+    def _current(self, t: Tracked) -> QueueState | None:
+        """The queue of ``t`` if ``t`` is still the live record of its message (not settled, queue not gone)."""
+        q = self._by_qnum.get(t.qnum)
+        return q if q is not None and q.tracked.get(t.mid) is t else None
+
+    def _release(self, op: Release) -> None:
+        for t in self._owners.pop(op.owner, ()):
+            q = self._current(t)
+            if q is not None and t.status == LEASED and t.owner == op.owner:
+                q.counters.expired += 1
+                self._lease_ended(q, t)
+
+    # ----------------------------------------------------------------------------------------------- timers
+    def _expire(self, op: Expire) -> None:
+        now = time.monotonic()
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            deadline, _, group = heapq.heappop(heap)
+            for t in group:
+                if t.status != LEASED or t.deadline != deadline:
+                    continue  # settled, touched or re-leased since
+                q = self._current(t)
+                if q is not None:
+                    q.counters.expired += 1
+                    self._lease_ended(q, t)
+        wall = time.time()
+        delays = self._delay_heap
+        while delays and delays[0][0] <= wall:
+            due, qnum, mid = heapq.heappop(delays)
+            dq = self._by_qnum.get(qnum)
+            delayed = dq.tracked.get(mid) if dq is not None else None
+            if dq is None or delayed is None or delayed.status != DELAYED or delayed.due != due:
+                continue
+            dq.make_ready(mid, delayed)
+            self._readied.add(dq.name)
+        self._expire_ttls(wall)
+        self._run_sweeps(wall)
+        self._run_prunes(wall)
+
+    def _expire_ttls(self, wall: float) -> None:
+        """Ready and delayed messages whose TTL ran out leave their queue."""
+        heap = self._ttl_heap
+        later: list[tuple[float, int, int]] = []
+        txn = self._read_txn()
+        while heap and heap[0][0] <= wall:
+            entry = heapq.heappop(heap)
+            _, qnum, mid = entry
+            q = self._by_qnum.get(qnum)
+            t = q.tracked.get(mid) if q is not None else None
+            if q is None or t is None or t.qnum != qnum or t.status == LEASED:
+                continue  # gone, or leased: checked when the lease ends
+            if mid >= q.visible_hi:
+                later.append(entry)  # published by this very batch: not readable before its commit
+                continue
+            value = txn.get(pack_key(qnum, mid))
+            if value is not None and self._expired(q, t, published_at_of(value), wall):
+                self._expire_message(q, mid, qnum, t.prio, value)
+        for entry in later:
+            heapq.heappush(heap, entry)
+
+    def _run_sweeps(self, wall: float) -> None:
+        sweeps = self._sweeps
+        while sweeps and sweeps[0][0] <= wall:
+            when, qnum = heapq.heappop(sweeps)
+            q = self._by_qnum.get(qnum)
+            if q is None or q.qnum != qnum or q.ttl_sweep != when:
+                continue  # queue gone, or rescheduled since
+            q.ttl_sweep = 0.0
+            self._sweep(q, wall)
+
+    def _sweep(self, q: QueueState, wall: float) -> None:
+        """Remove the never-delivered messages past the queue's message_ttl from the fronts of its lanes (they are
+        in publish order, so the first that has not expired ends a lane's sweep) and schedule the next sweep."""
+        ttl = q.options.message_ttl
+        if not ttl:
+            return
+        nxt: float | None = None
+        budget = SWEEP_BATCH
+        for lane in q.order:
+            if not self._has_fresh(q, lane):
+                continue
+            for mid, value in self._fresh(q, lane):
+                ends = published_at_of(value) + ttl
+                if ends > wall:
+                    nxt = ends if nxt is None else min(nxt, ends)
+                    break
+                if budget == 0:
+                    nxt = wall
+                    break
+                budget -= 1
+                lane.cursor = mid + 1
+                self._expire_message(q, mid, lane.qnum, lane.prio, value)
+        if nxt is None and q.count > len(q.tracked):
+            nxt = wall + ttl  # never-delivered messages this batch cannot see yet: they expire by then
+        if nxt is not None:
+            self._schedule_sweep(q, nxt)
+
+    def _run_prunes(self, wall: float) -> None:
+        prunes = self._prunes
+        while prunes and prunes[0][0] <= wall:
+            _, qnum = heapq.heappop(prunes)
+            q = self._by_qnum.get(qnum)
+            if q is not None and q.qnum == qnum:
+                self._prune(q, wall)
+
+    def _prune(self, q: QueueState, wall: float) -> None:
+        """Forget ``q``'s dedup ids older than its window, in LMDB too, and schedule the next prune."""
+        window = q.options.dedup_window
+        for dedup_id in q.dedup.prune(wall, window):
+            self._writes.delete(self._dedup_db, dedup_key(q.qnum, dedup_id))
+        oldest = q.dedup.oldest()
+        if oldest is not None:
+            heapq.heappush(self._prunes, (oldest + window + DEDUP_PRUNE_SLACK, q.qnum))
