@@ -265,14 +265,17 @@ class Broker:
         self._closing = True  # first, so that a steady stream of requests cannot keep the drain going
         while self._task is not None:
             await self._task
+        callbacks = [w.done for parked in self._waiters.values() for w in parked]
         for parked in list(self._waiters.values()):
             for waiter in list(parked):
                 self._finish_waiter(waiter)
-                waiter.done([])
         deferred, self._deferred = self._deferred, {}
-        for held in deferred.values():
-            for _, done in held:
-                done([])  # a long poll's callback sees the broker closing and ends it, as at its deadline
+        callbacks += [done for held in deferred.values() for _, done in held]
+        for done in callbacks:
+            try:
+                done([])  # a long poll ends empty, as at its deadline
+            except Exception:  # one broken callback must not keep the store from closing
+                log.exception("reply_callback_failed")
         if self._timer is not None:
             self._timer.cancel()
         await self._store.close()

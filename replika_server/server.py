@@ -157,16 +157,31 @@ class Connection(asyncio.Protocol):
     # ----------------------------------------------------------------------------------------------- text mode
     def _start_text(self, data: bytes) -> None:
         """A person (or a script) typing lines: hand the connection to a text session (replika_server.text)."""
+        self._text = TextSession(self, self._server)
+        if self._server.auth is None:
+            self.principal = self._server.authenticate(None)
+            self.text_authenticated()
+        # With --auth the handshake deadline stays: AUTH within --handshake-timeout, as a binary hello.
+        self._text.feed(data)
+
+    def text_authenticated(self) -> None:
+        """The text session is logged in: from now on only idleness counts, as after a binary hello."""
         self._ready = True
-        if self._timer is not None:  # a text session logs in with AUTH, at a person's pace: only idleness counts
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._server.config.idle_timeout > 0:
             self._timer = self._loop.call_later(self._server.config.idle_timeout, self._on_timer)
-        if self._server.auth is None:
-            self.principal = self._server.authenticate(None)
-        self._text = TextSession(self, self._server)
-        self._text.feed(data)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def write_pressure(self) -> bool:
+        """Replies are not being taken: the socket is full, or this turn's replies passed the high-water mark."""
+        if self._out_size >= WRITE_HIGH_WATER:
+            self._flush()
+        return self._paused_by_writes
 
     @property
     def closed(self) -> bool:
@@ -185,7 +200,7 @@ class Connection(asyncio.Protocol):
                 self._loop.call_soon(self._flush)
 
     def set_text_backlog(self, full: bool) -> None:
-        """A text session has many lines waiting: stop reading until it catches up."""
+        """A text session has lines waiting: stop reading until it catches up."""
         if full != self._more:
             self._more = full  # the same switch as undecoded binary frames: reading pauses while it is set
             self._update_reading()
@@ -269,6 +284,7 @@ class Connection(asyncio.Protocol):
         """Send what is buffered, then close; a peer that will not read it is cut off after CLOSE_GRACE."""
         self._flush()
         self._closed = True  # nothing more may be written to a closing transport
+        self._parked.clear()  # nor may anything held back run
         if self._transport is not None:
             self._transport.close()
             if self._transport.get_write_buffer_size():
@@ -292,6 +308,10 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_by_writes = False
+        if self._closed:
+            return  # a closing transport drains: nothing held back may run any more
+        if self._text is not None:
+            self._text.resume()
         if self._parked:
             parked = list(self._parked)
             self._parked.clear()
@@ -380,6 +400,9 @@ class Connection(asyncio.Protocol):
     def _fatal(self, code: ErrorCode, message: str, rid: int | None = None) -> None:
         """The byte stream is unusable: say why, then close."""
         log.info("connection_protocol_error", peer=self.peer, code=code.value, message=message)
+        if self._text is not None:
+            self._text.fatal(code, message)  # a text session is told in a line, as everything else
+            return
         self._error(rid, code, message)
         self.close()
 

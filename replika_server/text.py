@@ -26,8 +26,8 @@ __all__ = ["TextSession", "is_text_start"]
 
 #: Longest line before AUTH (when authentication is configured): nothing long is needed to log in.
 MAX_LINE_UNAUTHENTICATED = 4096
-#: Lines received but not yet answered before the session stops reading from the socket.
-MAX_PENDING_LINES = 1024
+#: Lines answered per loop turn before the session lets other connections run.
+LINES_PER_TURN = 128
 
 HELP = [
     "HELP                            this text",
@@ -96,20 +96,35 @@ class TextSession:
             start = end + 1
             self._lines.append(line[:-1] if line.endswith(b"\r") else line)
         del self._buf[:start]
-        if len(self._buf) > self._max_line:
-            self._fatal(ErrorCode.FRAME_TOO_LARGE, f"line longer than {self._max_line} bytes")
-            return
         self._next()
-        self._conn.set_text_backlog(len(self._lines) >= MAX_PENDING_LINES)
+        # After the complete lines ran (an AUTH among them raises the limit), the unfinished one must fit.
+        if not self._closing and len(self._buf) > self._max_line:
+            self._fatal(ErrorCode.FRAME_TOO_LARGE, f"line longer than {self._max_line} bytes")
 
     def _next(self) -> None:
+        """Answer waiting lines in order: at most LINES_PER_TURN per loop turn, none while the replies are not
+        being read (the connection resumes us), so that a client that floods lines and never reads cannot make
+        us buffer more than about the high-water mark."""
+        done = 0
         while self._lines and not self._busy and not self._closing:
-            line = self._lines.popleft()
-            self._run(line)
-        if not self._busy:
-            self._conn.set_text_backlog(len(self._lines) >= MAX_PENDING_LINES)
+            if self._conn.write_pressure():
+                break  # resume_writing calls resume()
+            if done >= LINES_PER_TURN:
+                self._conn.loop.call_soon(self._next)
+                break
+            self._run(self._lines.popleft())
+            done += 1
+        # Reading pauses while lines wait: what is buffered stays within one read.
+        self._conn.set_text_backlog(bool(self._lines))
+
+    def resume(self) -> None:
+        """The connection's replies drained: go on answering."""
+        self._next()
 
     def _run(self, line: bytes) -> None:
+        if len(line) > self._max_line:
+            self._fatal(ErrorCode.FRAME_TOO_LARGE, f"line longer than {self._max_line} bytes")
+            return
         head, _, rest = line.partition(b" ")
         try:
             name = head.decode("ascii").upper()
@@ -141,8 +156,13 @@ class TextSession:
         self._write(f"ERR {code.value} {message}{suffix}")
 
     def _fatal(self, code: ErrorCode, message: str) -> None:
+        self.fatal(code, message)
+
+    def fatal(self, code: ErrorCode, message: str) -> None:
+        """Say why as a line, then close (timeouts and revocation come from the connection through here)."""
         self._err(code, message)
         self._closing = True
+        self._lines.clear()
         self._conn.close()
 
     # ----------------------------------------------------------------------------------------------- requests
@@ -195,6 +215,7 @@ class TextSession:
             self._fatal(ErrorCode.UNAUTHORIZED, "unknown token")
             return
         self._conn.principal = principal
+        self._conn.text_authenticated()
         self._write(f"OK authenticated as {principal.name}")
 
     def _pub(self, args: list[str], rest: bytes) -> None:

@@ -271,3 +271,23 @@ async def test_the_sidecar_can_be_turned_off_and_an_exposed_one_needs_auth(tmp_p
 
     with pytest.raises(ConfigError, match="admin"):
         check_exposure(Config(admin_host="0.0.0.0"))
+
+
+async def test_bodies_are_not_read_before_the_token_is_checked_and_revoked_feeds_end(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.toml"
+    write(auth, AUTH)
+    async with serving(tmp_path / "d", admin_port=0, auth=auth) as srv, http(srv) as anonymous:
+        refused = await anonymous.post(
+            "/api/queues/jobs/ack", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert refused.status_code == 401  # not 422: the body was never parsed
+        async with http(srv, READER) as reader, reader.stream("GET", "/api/events") as stream:
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "event: history"
+            write(auth, AUTH[: AUTH.index("[tokens.reader]")])
+            assert srv.server.reload_auth()
+            async for line in lines:
+                if line == "event: revoked":
+                    break
+            else:
+                raise AssertionError("the feed of a revoked token went on")

@@ -129,3 +129,36 @@ async def test_the_text_protocol_can_be_turned_off(tmp_path: Path) -> None:
         session.writer.write(b"PING\r\n")
         data = await session.eof()  # taken as a binary frame of a huge length: refused, closed
         assert b"FRAME_TOO_LARGE" in data
+
+
+async def test_a_flood_of_lines_from_a_client_that_does_not_read_stays_bounded(server: RunningServer) -> None:
+    session = await Lines.connect(server.port)
+    session.writer.write(b"PING\n")
+    assert await session.line() == "PONG"
+    [conn] = server.server.connections
+    for _ in range(40):
+        session.writer.write(b"HELP\n" * 50_000)  # about 1 KiB of reply per 5 bytes sent, never read
+        await asyncio.wait_for(session.writer.drain(), WAIT)
+        transport = conn._transport
+        assert transport is not None
+        assert transport.get_write_buffer_size() + conn._out_size < 1024 * 1024
+        if not transport.is_reading():
+            break
+    assert not transport.is_reading()  # held back until the client reads
+    await session.close()
+
+
+async def test_timeouts_are_said_in_a_line(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[tokens.w]\nsecret = "writer-secret-0123456"\npublish = ["*"]\n')
+    async with serving(tmp_path / "d", auth=auth, handshake_timeout=0.3, idle_timeout=0.5) as srv:
+        session = await Lines.connect(srv.port)
+        assert await session.ask("PING") == "PONG"  # typing is not logging in
+        assert (await session.line()).startswith("ERR HANDSHAKE_TIMEOUT ")
+        assert await session.eof() == b""
+        session = await Lines.connect(srv.port)
+        big = b"x" * 300_000
+        session.writer.write(b"AUTH writer-secret-0123456\nPUB q " + big + b"\n")  # the limit rises with AUTH
+        assert (await session.line()).startswith("OK authenticated")
+        assert await session.line() == "OK 1"
+        assert (await session.line()).startswith("ERR IDLE_TIMEOUT ")

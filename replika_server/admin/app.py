@@ -82,6 +82,12 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
         host = _hostname(request.headers.get("host", ""))
         if loopback_only and host not in _LOOPBACK_HOSTS:
             return _error(ApiError(ErrorCode.FORBIDDEN, f"host {host!r} is not this loopback-only admin sidecar"))
+        if request.url.path.startswith(_GUARDED):
+            # Authenticate before anything reads the body: a route's body model is parsed before its dependencies.
+            try:
+                request.state.principal = _authenticate(server, request)
+            except ApiError as exc:
+                return _error(exc)
         if request.method in ("POST", "PUT", "PATCH"):
             # Bodies are read whole before anything can refuse them: bound them by the header, up front.
             if "chunked" in request.headers.get("transfer-encoding", "").lower():
@@ -115,18 +121,16 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
         return _error(exc)
 
     def principal(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        token: str | None = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token")
-        found = server.authenticate(token)
-        if found is None:
-            message = "a token is required (Authorization: Bearer ...)" if token is None else "unknown token"
-            raise ApiError(ErrorCode.UNAUTHORIZED, message)
-        return found
+        found: Principal | None = getattr(request.state, "principal", None)
+        return found if found is not None else _authenticate(server, request)
 
     Who = Annotated[Principal, Depends(principal)]
 
     def visible(p: Principal, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return rows if p.admin else [r for r in rows if p.may_see(r["queue"])]
+        if p.admin:
+            return rows
+        # A dead-letter queue the token may not see is not counted for it either.
+        return [r if p.may_see(r["dead_letter"]) else {**r, "dead": None} for r in rows if p.may_see(r["queue"])]
 
     async def queue_row(p: Principal, queue: str) -> dict[str, Any]:
         reply = await ops.call(p, "stats", queue=queue)  # authorizes, and says NOT_FOUND for a missing queue
@@ -145,7 +149,7 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
     @app.get("/readyz", tags=["health"], summary="The broker accepts clients and its store answers")
     async def readyz() -> Response:
         try:
-            await asyncio.wait_for(ops.all_stats(), 5.0)
+            await asyncio.wait_for(ops.store_answers(), 5.0)
         except (ApiError, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc) or "store timeout"}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -224,18 +228,21 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
     )
     async def redrive(p: Who, queue: Queue, max: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
         row = await queue_row(p, queue)
+        dlq = row["dead_letter"]
+        try:
+            # What is there now, and no more: a consumer that rejects at once must not keep this going for ever.
+            budget = (await ops.call(p, "stats", queue=dlq))["stats"]["total"] if max is None else max
+        except ApiError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+            return {"moved": 0, "dead_letter": dlq}
         moved = 0
-        while True:
-            try:
-                reply = await ops.call(p, "redrive", queue=row["dead_letter"], max=max)
-            except ApiError as exc:
-                if exc.code != ErrorCode.NOT_FOUND:
-                    raise
+        while moved < budget:
+            reply = await ops.call(p, "redrive", queue=dlq, max=min(budget - moved, server.config.max_batch))
+            if not reply["moved"]:
                 break
             moved += reply["moved"]
-            if max is not None or not reply["moved"]:
-                break
-        return {"moved": moved, "dead_letter": row["dead_letter"]}
+        return {"moved": moved, "dead_letter": dlq}
 
     # ------------------------------------------------------------------------------------------- messages
     @app.post(
@@ -310,6 +317,7 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
         feed = sampler.subscribe()
 
         async def stream() -> AsyncIterator[bytes]:
+            nonlocal p  # replaced by its successor when the auth file is reloaded
             try:
                 history = {q: list(h) for q, h in sampler.history.items() if p.may_see(q)}
                 yield _sse("history", {"history": history, "info": ops.info()})
@@ -319,6 +327,12 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
                     event = await feed.get()
                     if event is None:
                         return
+                    if server.auth is not None:  # an auth reload applies to open feeds too
+                        successor = server.auth.successor(p)
+                        if successor is None:
+                            yield _sse("revoked", {"code": "UNAUTHORIZED", "message": "the token was revoked"})
+                            return
+                        p = successor
                     yield _sse("sample", {**event, "queues": visible(p, event["queues"])})
             finally:
                 sampler.unsubscribe(feed)
@@ -363,6 +377,20 @@ def create_app(server: "Server", ops: Ops, sampler: Sampler) -> FastAPI:
         return FileResponse(str(path), media_type=_ASSETS[name])
 
     return app
+
+
+#: Paths that need a token when the broker runs with --auth (health checks, docs and the dashboard's files do not).
+_GUARDED = ("/api", "/graphql", "/metrics")
+
+
+def _authenticate(server: "Server", request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    token: str | None = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token")
+    found = server.authenticate(token)
+    if found is None:
+        message = "a token is required (Authorization: Bearer ...)" if token is None else "unknown token"
+        raise ApiError(ErrorCode.UNAUTHORIZED, message)
+    return found
 
 
 _DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}

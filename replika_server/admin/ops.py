@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,12 @@ class ApiError(Exception):
         return {"code": self.code.value, "message": self.message, **self.extra}
 
 
+def _settle(done: asyncio.Future[Any], result: Any) -> None:
+    """Hand a broker result to an HTTP request that may have gone (a client that hung up, a shutdown)."""
+    if not done.done():
+        done.set_result(result)
+
+
 def message_json(queue: str, m: list[Any] | tuple[Any, ...], leased: bool) -> dict[str, Any]:
     """A delivered (``leased``: with its lease token) or peeked message as JSON. The payload is text when it is
     UTF-8, else base64, as ``encoding`` says."""
@@ -103,11 +110,11 @@ class Ops:
         try:
             if op == "fetch":
                 fetch, wait = self.server.prepare_fetch(principal, frame, HTTP_OWNER)
-                self.broker.fetch(fetch, wait, done.set_result)
+                self.broker.fetch(fetch, wait, functools.partial(_settle, done))
                 fmt: Any = lambda msgs: {"msgs": msgs}  # noqa: E731
             else:
                 store_op, fmt = self.server.prepare(principal, op, frame, HTTP_OWNER)
-                self.broker.submit(store_op, done.set_result)
+                self.broker.submit(store_op, functools.partial(_settle, done))
         except RequestError as exc:
             raise ApiError(exc.code, exc.message, exc.extra) from None
         result = await done
@@ -120,11 +127,19 @@ class Ops:
         """Every queue's stats, unfiltered (for the sampler; callers filter by principal)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
-        self.broker.submit(Stats(None), done.set_result)
+        self.broker.submit(Stats(None), functools.partial(_settle, done))
         result = await done
         if isinstance(result, StoreError):
             raise ApiError(result.code, result.message)
         return list(result)
+
+    async def store_answers(self) -> None:
+        """A round trip through the broker's batch loop and the store, as cheap as one can be (for /readyz)."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.broker.submit(Stats("replika-readyz-probe"), functools.partial(_settle, done))
+        result = await done
+        if isinstance(result, StoreError) and result.code != ErrorCode.NOT_FOUND:
+            raise ApiError(result.code, result.message)
 
     def info(self) -> dict[str, Any]:
         server = self.server

@@ -180,7 +180,7 @@ class AsyncClient:
             return
         if asyncio.get_running_loop().time() - self._last_write >= interval * 0.9:
             rid, data = self._core.request("ping")
-            self._pending[rid] = (asyncio.get_running_loop().create_future(), None)  # its reply needs no one
+            self._pending[rid] = (_unawaited_future(), None)  # its reply needs no one
             self._write(data)
         self._arm_keepalive()
 
@@ -239,7 +239,7 @@ class AsyncClient:
     def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
         """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
         rid, data = hand_back_request(self._core, queue, msgs)
-        self._pending[rid] = (asyncio.get_running_loop().create_future(), None)
+        self._pending[rid] = (_unawaited_future(), None)
         self._write(data)
 
     # ----------------------------------------------------------------------------------------------- requests
@@ -567,6 +567,14 @@ class AsyncClient:
                 buffer.clear()
                 with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
                     await self._settle("nack", rest, delay=0.0, unseen=True)
+
+
+def _unawaited_future() -> asyncio.Future[Frame]:
+    """A future for a reply nobody waits for (a keep-alive ping, a hand-back): its failure, when the connection
+    drops, is expected and must not be reported as an exception never retrieved."""
+    fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    return fut
 
 
 def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:
