@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import uvloop
 
 from replika_server.config import Config
 from replika_server.server import Server
+from replika_server.store import LmdbConfig, LmdbStore
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
 WAIT = 30.0
@@ -136,3 +137,41 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+# ----------------------------------------------------------------------------------------------- stores
+@dataclass
+class Opener:
+    """Opens stores on one path; every store it opened is closed at teardown (close is idempotent)."""
+
+    path: Path
+    opened: list[LmdbStore] = field(default_factory=list)
+
+    async def __call__(self, **config: Any) -> LmdbStore:
+        store = await LmdbStore.open(LmdbConfig(path=self.path, **config))
+        self.opened.append(store)
+        return store
+
+    async def reopen(self, store: LmdbStore, **config: Any) -> LmdbStore:
+        await store.close()
+        return await self(**config)
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
+    """Stores on one path, closed at teardown; any unhandled event-loop exception fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    opener = Opener(tmp_path / "s")
+    try:
+        yield opener
+    finally:
+        for store in opener.opened:
+            await store.close()
+    assert not errors, f"unhandled event loop errors: {errors}"
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> LmdbStore:
+    return await open_store()

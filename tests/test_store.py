@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import pytest
@@ -20,7 +17,6 @@ from replika_server.store import (
     Delivery,
     Expire,
     Fetch,
-    LmdbConfig,
     LmdbStore,
     Nack,
     Op,
@@ -34,7 +30,7 @@ from replika_server.store import (
     StoreError,
     Touch,
 )
-from tests.conftest import WAIT
+from tests.conftest import WAIT, Opener
 
 # Positions in a Delivery tuple.
 ID: Final = 0
@@ -54,42 +50,6 @@ DLQ_ID = "replika-dead-letter-id"
 DLQ_ATTEMPTS = "replika-dead-letter-attempts"
 
 MIB = 1024 * 1024
-
-
-@dataclass
-class Opener:
-    """Opens stores on one path; every store it opened is closed at teardown (close is idempotent)."""
-
-    path: Path
-    opened: list[LmdbStore] = field(default_factory=list)
-
-    async def __call__(self, **config: Any) -> LmdbStore:
-        store = await LmdbStore.open(LmdbConfig(path=self.path, **config))
-        self.opened.append(store)
-        return store
-
-    async def reopen(self, store: LmdbStore, **config: Any) -> LmdbStore:
-        await store.close()
-        return await self(**config)
-
-
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-    opener = Opener(tmp_path / "s")
-    try:
-        yield opener
-    finally:
-        for store in opener.opened:
-            await store.close()
-    assert not errors, f"unhandled event loop errors: {errors}"
-
-
-@pytest.fixture
-async def store(open_store: Opener) -> LmdbStore:
-    return await open_store()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

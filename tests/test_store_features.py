@@ -3,10 +3,7 @@ priorities, overflow, deduplication and topics, and what of each survives a reop
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import lmdb
@@ -36,6 +33,7 @@ from replika_server.store import (
 )
 from replika_server.store._publishing import MAX_BINDINGS
 from replika_server.store._topics import is_valid_pattern, topic_matches
+from tests.conftest import Opener
 from tests.test_store import (
     ATTEMPTS,
     DLQ_ATTEMPTS,
@@ -47,7 +45,6 @@ from tests.test_store import (
     LONG,
     PAYLOAD,
     SHORT,
-    Opener,
     ack,
     counts,
     execute,
@@ -60,26 +57,6 @@ from tests.test_store import (
     run,
     stats,
 )
-
-
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
-    """As in test_store: stores on one path, closed at teardown; any unhandled loop exception fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-    opener = Opener(tmp_path / "s")
-    try:
-        yield opener
-    finally:
-        for store in opener.opened:
-            await store.close()
-    assert not errors, f"unhandled event loop errors: {errors}"
-
-
-@pytest.fixture
-async def store(open_store: Opener) -> LmdbStore:
-    return await open_store()
 
 
 async def refused(store: LmdbStore, op: Any, code: ErrorCode) -> StoreError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,12 @@ from replika_server.store import (
     StoreError,
 )
 from replika_server.store._records import KEY, VALUE_HEAD_SIZE
+from tests.conftest import Opener
 from tests.test_store import (
     ATTEMPTS,
     ID,
     LONG,
     PAYLOAD,
-    Opener,
     ack,
     counts,
     fetch,
@@ -56,26 +55,6 @@ from tests.test_store import (
     publish,
     stats,
 )
-
-
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
-    """As in test_store: stores on one path, closed at teardown; any unhandled loop exception fails the test."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-    opener = Opener(tmp_path / "s")
-    try:
-        yield opener
-    finally:
-        for store in opener.opened:
-            await store.close()
-    assert not errors, f"unhandled event loop errors: {errors}"
-
-
-@pytest.fixture
-async def store(open_store: Opener) -> LmdbStore:
-    return await open_store()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
