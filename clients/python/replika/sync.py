@@ -40,7 +40,10 @@ class Client:
     threads; give each thread its own. Multi-request calls (``publish_many``, ``ack`` of many) are pipelined.
     Durations are float seconds. ``token``, ``replikas://`` and ``ssl=`` work as for :class:`AsyncClient`. A
     blocking client cannot ping while the caller is busy elsewhere: when its connection has been quiet for
-    longer than the broker's idle timeout allows, the next call opens a new one first.
+    longer than the broker's idle timeout allows, the next call opens a new one first. The old connection's leases
+    end with it (the broker would have closed it anyway): a message held longer than about 0.9 x the broker's
+    ``idle_timeout`` (270 s by default) without a call, ``touch`` included, may be delivered again and its ack
+    fail with :class:`~replika.StaleLease`.
     """
 
     def __init__(
