@@ -14,8 +14,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import replika
@@ -49,15 +49,6 @@ class _Peeked(Protocol):
     published_at: float
     payload: bytes
     headers: dict[str, str]
-
-
-class _AdminClient(Protocol):
-    """The SDK methods ``peek`` and ``redrive``, arriving in the SDK from another branch; once merged, this
-    protocol only names what these commands rely on."""
-
-    def peek(self, queue: str, max: int = ...) -> Sequence[_Peeked]: ...
-
-    def redrive(self, dlq: str, to: str | None = None, max: int | None = None) -> int: ...
 
 
 # ------------------------------------------------------------------------------------------------ parsers
@@ -262,7 +253,7 @@ def _consume(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -
 
 
 def _peek(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -> None:
-    for msg in cast(_AdminClient, client).peek(args.queue, max=args.max):
+    for msg in client.peek(args.queue, max=args.max):
         _print_message(out, msg, args.json)
 
 
@@ -340,4 +331,4 @@ def _delete(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) ->
 
 
 def _redrive(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -> None:
-    out.write(b"%d\n" % cast(_AdminClient, client).redrive(args.queue, to=args.to, max=args.max))
+    out.write(b"%d\n" % client.redrive(args.queue, to=args.to, max=args.max))

@@ -20,12 +20,6 @@ from replika_server.cli import build_parser
 from tests.conftest import WAIT, ServerProcess
 
 COMMANDS = ("publish", "consume", "peek", "queues", "stats", "purge", "delete", "redrive")
-needs_sdk_peek = pytest.mark.skipif(
-    not hasattr(replika.Client, "peek"), reason="Client.peek arrives with the SDK's peek/redrive merge"
-)
-needs_sdk_redrive = pytest.mark.skipif(
-    not hasattr(replika.Client, "redrive"), reason="Client.redrive arrives with the SDK's peek/redrive merge"
-)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +168,6 @@ def test_consume_into_a_closed_pipe_exits_141_quietly(broker: ServerProcess) -> 
 
 
 # ------------------------------------------------------------------------------------------------ peek, redrive
-@needs_sdk_peek
 def test_peek_shows_without_delivering(broker: ServerProcess) -> None:
     with replika.Client(broker.url) as client:
         client.publish_many("k1", [b"x", b"y", b"z"])
@@ -186,7 +179,6 @@ def test_peek_shows_without_delivering(broker: ServerProcess) -> None:
         assert (stats["ready"], stats["counters"]["delivered"]) == (3, 0)
 
 
-@needs_sdk_redrive
 def test_redrive_moves_dead_letters_back(broker: ServerProcess) -> None:
     with replika.Client(broker.url) as client:
         client.publish_many("r1", [b"a", b"b", b"c"])
