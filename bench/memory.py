@@ -36,7 +36,7 @@ def rss_anon_kib(pid: int) -> int:
     raise RuntimeError("no RssAnon")
 
 
-def start(data: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start(data: Path, admin: bool = True) -> tuple[subprocess.Popen[bytes], str, float]:
     port_file = data / "port"
     port_file.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -47,8 +47,7 @@ def start(data: Path) -> tuple[subprocess.Popen[bytes], str, float]:
         "serve",
         "--port",
         "0",
-        "--admin-port",
-        "0",
+        *(("--admin-port", "0") if admin else ("--no-admin",)),
         "--data-dir",
         str(data / "store"),
     ]
@@ -91,10 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--no-admin", action="store_true", help="run the broker without its admin sidecar (and its imports)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="replika-mem-") as tmp:
         data = Path(tmp)
-        proc, url, _ = start(data)
+        proc, url, _ = start(data, admin=not args.no_admin)
         asyncio.run(first_fetch_or_empty(url))
         before, before_anon = rss_kib(proc.pid), rss_anon_kib(proc.pid)
         asyncio.run(fill(url, args.count, args.size))
@@ -102,7 +104,7 @@ def main() -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         store = sum(f.stat().st_size for f in (data / "store").iterdir())
-        proc, url, started = start(data)
+        proc, url, started = start(data, admin=not args.no_admin)
         served = asyncio.run(first_fetch(url))
         restart_rss_anon = rss_anon_kib(proc.pid)
         proc.send_signal(signal.SIGTERM)
