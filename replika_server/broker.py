@@ -67,12 +67,20 @@ class Broker:
         self._reply_room: Callable[[int], int] | None = None
         self._max_reply = 2**62
         self._deferred: dict[int, list[tuple[Op, Done]]] = {}
-        self.batches = 0
-        self.batched_ops = 0
         self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
         self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
         # Leases, delays and TTLs that ran out while the broker was down are handled now, not at the first request.
         self._arm_timer()
+
+    @property
+    def batches(self) -> int:
+        """Group commits run so far."""
+        return self.batch_ops.count
+
+    @property
+    def batched_ops(self) -> int:
+        """Requests those commits carried."""
+        return int(self.batch_ops.sum)
 
     def limit_replies(self, room: Callable[[int], int], max_reply: int) -> None:
         """Bound what fetches produce for a client that does not read its replies: ``room(owner)`` is how many
@@ -148,8 +156,6 @@ class Broker:
                     for _, done in batch:
                         done(error)
                     continue
-                self.batches += 1
-                self.batched_ops += len(batch)
                 self.batch_ops.observe(len(batch))
                 self.commit_seconds.observe(self._loop.time() - started)
                 self.dispatching = True

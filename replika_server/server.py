@@ -39,7 +39,7 @@ from replika_server.requests import Limits, RequestError, fetch_op, parse_op
 from replika_server.store import Fetch, LmdbConfig, LmdbStore, QueueStats, StoreError
 from replika_server.text import TextSession, is_text_start
 
-__all__ = ["Connection", "Server", "run_server"]
+__all__ = ["Connection", "Reply", "Server", "run_server"]
 
 log = structlog.get_logger("replika.server")
 
@@ -58,6 +58,9 @@ CLOSE_GRACE = 5.0
 REFUSE_GRACE = 1.0
 #: Seconds a graceful shutdown waits for replies to drain before closing connections anyway.
 SHUTDOWN_GRACE = 5.0
+
+#: Gets a request's reply map (without ``id`` and ``ok``), or the StoreError it failed with.
+Reply = Callable[[Frame | StoreError], None]
 
 _owner_ids = itertools.count(1)
 #: Replies below this size are joined into one buffer per write; larger ones are written without a copy.
@@ -431,24 +434,15 @@ class Connection(asyncio.Protocol):
             self._error(rid, ErrorCode.BAD_REQUEST, "every request needs an 'op': a string")
             return
         try:
-            principal = self.principal
-            assert principal is not None
-            if op == "fetch":
-                fetch, wait = self._server.prepare_fetch(principal, frame, self.owner)
-                self._begin()
-                self._broker.fetch(fetch, wait, lambda r: self._done(rid, r, _fetch_reply))
-            elif op == "ping":
+            if op == "ping":
                 self._send({"id": rid, "ok": True})
             elif op == "hello":
                 raise RequestError(ErrorCode.BAD_REQUEST, "the handshake was already done")
             else:
-                store_op, fmt = self._server.prepare(principal, op, frame, self.owner)
+                assert self.principal is not None
+                run = self._server.admit(self.principal, op, frame, self.owner)
                 self._begin()
-                if op == "publish":
-                    done = functools.partial(self._published, rid, fmt, self._loop.time())
-                    self._broker.submit(store_op, done)
-                else:
-                    self._broker.submit(store_op, lambda r: self._done(rid, r, fmt))
+                run(functools.partial(self._done, rid))
         except RequestError as exc:
             self._error(rid, exc.code, exc.message, exc.extra)
 
@@ -503,11 +497,7 @@ class Connection(asyncio.Protocol):
             self._paused_by_inflight = True
             self._update_reading()
 
-    def _published(self, rid: int, fmt: Any, started: float, result: Any) -> None:
-        self._server.publish_confirm.observe(self._loop.time() - started)
-        self._done(rid, result, fmt)
-
-    def _done(self, rid: int, result: Any, fmt: Any) -> None:
+    def _done(self, rid: int, result: Frame | StoreError) -> None:
         self._inflight -= 1
         if not self._inflight:
             self._last_active = self._loop.time()
@@ -517,16 +507,11 @@ class Connection(asyncio.Protocol):
         if isinstance(result, StoreError):
             self._error(rid, result.code, result.message)
         else:
-            reply = fmt(result)
-            reply["id"] = rid
-            reply["ok"] = True
-            self._send(reply)
+            result["id"] = rid
+            result["ok"] = True
+            self._send(result)
         if self._inflight == 0:
             self._maybe_finish()
-
-
-def _fetch_reply(result: Any) -> Frame:
-    return {"msgs": result}
 
 
 def _forbidden(principal: Principal, verb: str, queue: str) -> RequestError:
@@ -629,6 +614,7 @@ class Server:
         self.config = config
         self.broker = broker
         self.limits = Limits(config.max_batch, config.max_payload, config.max_frame - 1024)
+        self._loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.by_owner: dict[int, Connection] = {}
         self.dirty: list[Connection] = []  # connections with replies from the batch being handed out
@@ -646,9 +632,31 @@ class Server:
         if config.auth is not None:
             self.auth = load_auth(config.auth, default_limit(config.publish_rate, config.publish_burst))
 
-    def prepare(self, principal: Principal, op: str, frame: Frame, owner: int) -> tuple[Any, Any]:
+    def admit(self, principal: Principal, op: str, frame: Frame, owner: int) -> Callable[[Reply], None]:
+        """Validate, authorize and rate-limit request ``frame`` (any op but hello and ping), or raise
+        :class:`RequestError`. Returns the function that runs it: it hands the broker the op, and its argument
+        gets the reply map (without ``id`` and ``ok``) or the :class:`StoreError`. The one path of the binary
+        protocol, the text protocol and the HTTP APIs, so that none can do what another could not."""
+        if op == "fetch":
+            fetch, wait = self._prepare_fetch(principal, frame, owner)
+            return functools.partial(self._run_fetch, fetch, wait)
+        store_op, fmt = self._prepare(principal, op, frame, owner)
+        return functools.partial(self._run, store_op, fmt, self._loop.time() if op == "publish" else None)
+
+    def _run_fetch(self, fetch: Fetch, wait: float, reply: Reply) -> None:
+        self.broker.fetch(fetch, wait, lambda r: reply(r if isinstance(r, StoreError) else {"msgs": r}))
+
+    def _run(self, store_op: Any, fmt: Any, published: float | None, reply: Reply) -> None:
+        def done(result: Any) -> None:
+            if published is not None:
+                self.publish_confirm.observe(self._loop.time() - published)
+            reply(result if isinstance(result, StoreError) else fmt(result))
+
+        self.broker.submit(store_op, done)
+
+    def _prepare(self, principal: Principal, op: str, frame: Frame, owner: int) -> tuple[Any, Any]:
         """The store op for request ``frame`` and the formatter of its reply, once validated, authorized and
-        admitted by the rate limit; or :class:`RequestError`. The same path for the TCP and HTTP APIs."""
+        admitted by the rate limit; or :class:`RequestError`."""
         store_op = parse_op(op, frame, owner, self.limits)
         fmt = _REPLIES[op]
         if not principal.everything:
@@ -664,7 +672,7 @@ class Server:
                 )
         return store_op, fmt
 
-    def prepare_fetch(self, principal: Principal, frame: Frame, owner: int) -> tuple[Fetch, float]:
+    def _prepare_fetch(self, principal: Principal, frame: Frame, owner: int) -> tuple[Fetch, float]:
         """The fetch op and its long-poll wait for request ``frame``, or :class:`RequestError`."""
         fetch, wait = fetch_op(frame, owner, self.limits)
         if not principal.may_consume(fetch.queue):

@@ -166,25 +166,16 @@ class TextSession:
         self._conn.close()
 
     # ----------------------------------------------------------------------------------------------- requests
-    def _request(self, op: str, frame: Frame, reply: Callable[[Any], None]) -> None:
-        """Send ``frame`` down the binary protocol's path; ``reply`` gets the formatted reply map."""
+    def _request(self, op: str, frame: Frame, reply: Callable[[Frame], None]) -> None:
+        """Send ``frame`` down the binary protocol's path; ``reply`` gets the reply map."""
         principal = self._conn.principal
         assert principal is not None
-        frame = {"op": op, **frame}
-        broker = self._server.broker
-        if op == "fetch":
-            fetch, wait = self._server.prepare_fetch(principal, frame, self._conn.owner)
-            fmt: Any = lambda msgs: {"msgs": msgs}  # noqa: E731
-            self._busy = True
-            self._conn.begin_request()
-            broker.fetch(fetch, wait, lambda result: self._done(result, fmt, reply))
-            return
-        store_op, fmt = self._server.prepare(principal, op, frame, self._conn.owner)
+        run = self._server.admit(principal, op, {"op": op, **frame}, self._conn.owner)
         self._busy = True
         self._conn.begin_request()
-        broker.submit(store_op, lambda result: self._done(result, fmt, reply))
+        run(lambda result: self._done(result, reply))
 
-    def _done(self, result: Any, fmt: Any, reply: Callable[[Any], None]) -> None:
+    def _done(self, result: Frame | StoreError, reply: Callable[[Frame], None]) -> None:
         self._busy = False
         self._conn.end_request()
         if self._conn.closed:
@@ -192,7 +183,7 @@ class TextSession:
         if isinstance(result, StoreError):
             self._err(result.code, result.message)
         else:
-            reply(fmt(result))
+            reply(result)
         self._next()
 
     # ----------------------------------------------------------------------------------------------- commands

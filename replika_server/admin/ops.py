@@ -104,24 +104,17 @@ class Ops:
 
     async def call(self, principal: Principal, op: str, **fields: Any) -> Any:
         """Run request ``op`` with ``fields`` (as a TCP client would send them) and return its reply map."""
-        frame: Frame = {"op": op, **fields}
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
+        done: asyncio.Future[Frame | StoreError] = loop.create_future()
         try:
-            if op == "fetch":
-                fetch, wait = self.server.prepare_fetch(principal, frame, HTTP_OWNER)
-                self.broker.fetch(fetch, wait, functools.partial(_settle, done))
-                fmt: Any = lambda msgs: {"msgs": msgs}  # noqa: E731
-            else:
-                store_op, fmt = self.server.prepare(principal, op, frame, HTTP_OWNER)
-                self.broker.submit(store_op, functools.partial(_settle, done))
+            run = self.server.admit(principal, op, {"op": op, **fields}, HTTP_OWNER)
         except RequestError as exc:
             raise ApiError(exc.code, exc.message, exc.extra) from None
+        run(functools.partial(_settle, done))
         result = await done
         if isinstance(result, StoreError):
             raise ApiError(result.code, result.message)
-        reply: Frame = fmt(result)
-        return reply
+        return result
 
     async def all_stats(self) -> list[QueueStats]:
         """Every queue's stats, unfiltered (for the sampler; callers filter by principal)."""
