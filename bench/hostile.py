@@ -89,6 +89,13 @@ class Attack:
         self.open = 0
         self.connects = 0
         self.ready = 0
+        self.expected = 0  # attackers started; all_ready is set once that many got going
+        self.all_ready = asyncio.Event()
+
+    def _got_going(self) -> None:
+        self.ready += 1
+        if self.ready >= self.expected:
+            self.all_ready.set()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 30)
@@ -109,13 +116,13 @@ class Attack:
 
     async def silent(self) -> None:
         async with self._held():
-            self.ready += 1
+            self._got_going()
             await self.stop.wait()
 
     async def half_sent(self) -> None:
         async with self._held() as (_, writer):
             writer.write(struct.pack(">I", 60_000) + os.urandom(1000))
-            self.ready += 1
+            self._got_going()
             await self.stop.wait()
 
     async def _refused_until_stopped(self, payload: bytes) -> None:
@@ -124,7 +131,7 @@ class Attack:
             async with self._held() as (reader, writer):
                 writer.write(payload)
                 if first:
-                    self.ready += 1
+                    self._got_going()
                     first = False
                 with contextlib.suppress(Exception):
                     while await asyncio.wait_for(reader.read(65536), 30):
@@ -146,14 +153,14 @@ class Attack:
                 for i in range(1, 201)
             )
             writer.write(HELLO + fetches)
-            self.ready += 1
+            self._got_going()
             await self.stop.wait()
 
     async def reply_flood(self) -> None:
         async with self._held() as (_, writer):
             junk = struct.pack(">I", 1) + b"\x80"  # {}: no id, so a BAD_REQUEST each, the connection staying open
             writer.write(HELLO)  # before the handshake the first such frame would close the connection
-            self.ready += 1
+            self._got_going()
             for _ in range(160):  # 10 MiB, or less if the broker stops reading (then drain() blocks)
                 writer.write(junk * 16384)
                 try:
@@ -179,12 +186,12 @@ async def run(port: int, pid: int, hostile: int, round_trips: int, kinds: tuple[
         if "huge" in kinds:
             tasks += [asyncio.ensure_future(attack.huge()) for _ in range(per_kind // 2)]
             tasks += [asyncio.ensure_future(attack.huge_after_hello()) for _ in range(per_kind - per_kind // 2)]
+        attack.expected = len(tasks)
         try:
-            deadline = time.monotonic() + 60
-            while attack.ready < len(tasks):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"only {attack.ready} of {len(tasks)} hostile connections got going")
-                await asyncio.sleep(0.01)  # counting other tasks' progress: nothing single to await
+            try:
+                await asyncio.wait_for(attack.all_ready.wait(), 60)
+            except TimeoutError:
+                raise SystemExit(f"only {attack.ready} of {len(tasks)} hostile connections got going") from None
             for i in range(round_trips):
                 started = time.perf_counter()
                 await client.publish("good", b"hello %d" % i)
