@@ -20,6 +20,7 @@ import uvloop
 from replika_server.config import Config
 from replika_server.server import Server
 from replika_server.store import LmdbConfig, LmdbStore
+from tests.tokens import AUTH, write
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
 WAIT = 30.0
@@ -175,3 +176,11 @@ async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
 @pytest.fixture
 async def store(open_store: Opener) -> LmdbStore:
     return await open_store()
+
+
+@pytest.fixture
+def auth_file(tmp_path: Path) -> Path:
+    """An ``--auth`` file with the tokens of tests/tokens.py."""
+    path = tmp_path / "auth.toml"
+    write(path, AUTH)
+    return path

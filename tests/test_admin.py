@@ -15,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import replika
 from tests.conftest import WAIT, RunningServer, serving
+from tests.tokens import ADMIN, READER, write
 
-ADMIN = "admin-secret-0123456789"
-READER = "reader-secret-0123456789"
 AUTH = f"""
 [tokens.ops]
 secret = "{ADMIN}"
@@ -45,10 +44,6 @@ def http(srv: RunningServer, token: str | None = None) -> httpx.AsyncClient:
 async def next_sample(srv: RunningServer) -> None:
     assert srv.server.admin is not None
     await asyncio.wait_for(srv.server.admin.sampler.next_sample(), WAIT)
-
-
-def write(path: Path, text: str) -> None:
-    path.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------- JSON API

@@ -17,35 +17,9 @@ from replika_protocol import ErrorCode, Frame
 from replika_server.requests import Limits, RequestError, parse_op
 from tests.conftest import WAIT, RunningServer, ServerProcess, restart, serving
 from tests.raw import Raw
+from tests.tokens import ADMIN, ORDERS, READER
 
 DLQ_QUEUE = "replika-dead-letter-queue"
-
-ADMIN = "admin-secret-0123456789"
-ORDERS = "orders-secret-0123456789"
-READER = "reader-secret-0123456789"
-AUTH = f"""
-[tokens.ops]
-secret = "{ADMIN}"
-publish = ["*"]
-consume = ["*"]
-admin = true
-
-[tokens.orders]
-secret = "{ORDERS}"
-publish = ["orders", "orders.*"]
-consume = ["orders.*"]
-
-[tokens.reader]
-secret = "{READER}"
-consume = ["orders.eu"]
-"""
-
-
-@pytest.fixture
-def auth_file(tmp_path: Path) -> Path:
-    path = tmp_path / "auth.toml"
-    path.write_text(AUTH)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------- peek

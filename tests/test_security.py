@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import signal
 import ssl
 import subprocess
@@ -22,38 +21,7 @@ from replika_server.config import Config, ConfigError, check_exposure, is_loopba
 from replika_server.server import Server
 from tests.conftest import WAIT, ServerProcess, serving
 from tests.raw import Raw, expect_error, header
-
-ADMIN = "admin-secret-0123456789"
-ORDERS = "orders-secret-0123456789"
-READER = "reader-secret-0123456789"
-
-AUTH = f"""
-[tokens.ops]
-secret = "{ADMIN}"
-publish = ["*"]
-consume = ["*"]
-admin = true
-
-[tokens.orders]
-secret_sha256 = "{hashlib.sha256(ORDERS.encode()).hexdigest()}"
-publish = ["orders", "orders.*"]
-consume = ["orders.*"]
-
-[tokens.reader]
-secret = "{READER}"
-consume = ["orders.eu"]
-"""
-
-
-def write(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
-@pytest.fixture
-def auth_file(tmp_path: Path) -> Path:
-    path = tmp_path / "auth.toml"
-    path.write_text(AUTH)
-    return path
+from tests.tokens import ADMIN, AUTH, ORDERS, READER, write
 
 
 # ----------------------------------------------------------------------------------------------- safe defaults
@@ -488,12 +456,12 @@ async def test_a_flood_of_small_bad_requests_from_a_client_that_does_not_read_st
     async with serving(tmp_path / "d") as srv:
         conn = await Raw.connect(srv.port)
         [server_conn] = srv.server.connections
+        transport = server_conn._transport
+        assert transport is not None
         junk = header(1) + b"\x80"  # {}: no id, so each gets an 88-byte BAD_REQUEST and the connection stays
         for _ in range(40):
             conn.writer.write(junk * 65536)  # 320 KiB a write, 12.5 MiB in all, never reading a reply
             await asyncio.wait_for(conn.writer.drain(), WAIT)  # returns while the server keeps reading
-            transport = server_conn._transport
-            assert transport is not None
             assert transport.get_write_buffer_size() + server_conn._out_size < 1024 * 1024
             if not transport.is_reading():
                 break  # the server held back what it read and stopped reading: the flood is contained
