@@ -263,14 +263,12 @@ class Connection(asyncio.Protocol):
         take them, the rest wait in ``_parked`` (reading paused) until it drains: what a client that does not
         read can make us buffer stays bounded, however many small requests it sent."""
         for i, frame in enumerate(frames):
-            if self._paused_by_writes:
+            if self.write_pressure():
                 self._parked.extend(frames[i:])
                 return
             self._dispatch(frame)
             if self._closed:
                 return
-            if self._out_size >= WRITE_HIGH_WATER:
-                self._flush()
 
     def _maybe_finish(self) -> None:
         """Once everything received is answered: close a broken or half-closed connection."""
