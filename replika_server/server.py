@@ -9,6 +9,7 @@ buffered without limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import resource
@@ -621,6 +622,7 @@ class Server:
         self.started_at = time.time()
         self.publish_confirm = Histogram(LATENCY_BUCKETS)  # publish request received -> its commit confirmed
         self.admin: Any = None  # the HTTP sidecar, when configured (replika_server.admin.AdminServer)
+        self._admin_start: asyncio.Task[None] | None = None  # its web stack loading, in the background
         self._refusal_logged = -1e9
         broker.after_dispatch = self._flush_dirty
         broker.limit_replies(self._reply_room, self.limits.max_reply_bytes)
@@ -724,9 +726,13 @@ class Server:
         return conn.reply_room() if conn is not None else self.limits.max_reply_bytes
 
     @classmethod
-    async def start(cls, config: Config) -> Server:
+    async def start(cls, config: Config, *, admin_in_background: bool = False) -> Server:
         """Open the store and listen. Raises :class:`ConfigError` for settings that cannot be served (an
-        unreadable auth file or certificate, an exposed bind without authentication)."""
+        unreadable auth file or certificate, an exposed bind without authentication).
+
+        The admin sidecar's port is bound before this returns. With ``admin_in_background`` its web stack is
+        loaded and served after, while the broker already serves (``replika serve``: a restart is not held up
+        by importing FastAPI); otherwise it answers HTTP when this returns."""
         check_exposure(config)
         tls = _tls_context(config)
         _raise_fd_limit(config.max_connections)
@@ -756,12 +762,18 @@ class Server:
                 ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
             )
             if config.admin_port is not None:
-                from replika_server.admin import AdminServer  # the HTTP stack loads only when it is used
+                from replika_server.admin import AdminServer  # cheap: the web stack loads in serve()
 
-                server.admin = await AdminServer.start(server)
+                server.admin = AdminServer.bind(config)
+                if admin_in_background:
+                    server._admin_start = loop.create_task(server._serve_admin(server.admin))
+                else:
+                    await server.admin.serve(server)
         except BaseException:
             if server is not None and server._listener is not None:
                 server._listener.close()
+            if server is not None and server.admin is not None:
+                await server.admin.stop()
             await store.close()
             raise
         log.info(
@@ -806,8 +818,21 @@ class Server:
         assert self._listener is not None
         return int(self._listener.sockets[0].getsockname()[1])
 
+    async def _serve_admin(self, admin: Any) -> None:
+        try:
+            await admin.serve(self, import_in_thread=True)
+        except Exception:
+            # The broker keeps serving queues; the sidecar's port is closed, so its clients are refused.
+            log.exception("admin_failed")
+            await admin.stop()
+            self.admin = None
+
     async def stop(self) -> None:
         """Stop accepting, finish the commit in progress, answer what is queued, close connections."""
+        if self._admin_start is not None and not self._admin_start.done():
+            self._admin_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._admin_start
         if self.admin is not None:
             await self.admin.stop()
         if self._listener is not None:
@@ -856,7 +881,7 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 async def run_server(config: Config, on_ready: Callable[[Server], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening."""
-    server = await Server.start(config)
+    server = await Server.start(config, admin_in_background=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

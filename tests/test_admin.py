@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import replika
-from tests.conftest import WAIT, RunningServer, serving
+from replika_server.config import Config
+from replika_server.server import Server
+from tests.conftest import WAIT, RunningServer, ServerProcess, serving
 from tests.tokens import ADMIN, READER, write
 
 AUTH = f"""
@@ -286,3 +289,50 @@ async def test_bodies_are_not_read_before_the_token_is_checked_and_revoked_feeds
                     break
             else:
                 raise AssertionError("the feed of a revoked token went on")
+
+
+async def test_replika_serve_binds_the_sidecar_at_once_and_serves_it_once_loaded(tmp_path: Path) -> None:
+    # `replika serve` loads the web stack after the broker listens (a restart does not wait for FastAPI's import);
+    # the port is bound before either port file is written, so a client connecting early waits, never refused.
+    proc = ServerProcess(tmp_path / "data").start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proc.admin_port}", timeout=WAIT) as h:
+            assert (await h.get("/healthz")).status_code == 200
+        async with replika.AsyncClient(proc.url) as c:
+            await c.publish("jobs", b"x")
+    finally:
+        proc.stop()
+
+
+async def test_a_taken_sidecar_port_fails_the_start(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            async with serving(tmp_path / "d", admin_port=port):
+                pass
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            ServerProcess(tmp_path / "data", "--admin-port", str(port)).start()
+
+
+async def test_a_sidecar_that_cannot_load_leaves_the_broker_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("no web stack")
+
+    monkeypatch.setattr("replika_server.admin.app.create_app", broken)
+    server = await Server.start(
+        Config(host="127.0.0.1", port=0, data_dir=tmp_path / "d", admin_port=0), admin_in_background=True
+    )
+    try:
+        admin_port = server.admin_port
+        assert server._admin_start is not None
+        await asyncio.wait_for(server._admin_start, WAIT)
+        assert server.admin is None and server.admin_port is None
+        with pytest.raises(OSError):  # closed, not left hanging in a backlog nobody accepts
+            await asyncio.open_connection("127.0.0.1", admin_port)
+        async with replika.AsyncClient(f"replika://127.0.0.1:{server.port}") as c:
+            await c.publish("jobs", b"x")
+            assert [m.payload for m in await c.fetch("jobs", wait=0)] == [b"x"]
+    finally:
+        await server.stop()
