@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from replika_server.store import (
     StoreError,
     Touch,
 )
+from replika_server.store._queue import Tracked
 from tests.conftest import WAIT, Opener
 
 # Positions in a Delivery tuple.
@@ -279,6 +281,21 @@ async def test_expire_leaves_unexpired_leases_alone(store: LmdbStore) -> None:
     [again] = await fetch(store, "jobs")
     assert again[ID] == short[ID]
     assert await ack(store, "jobs", [long, again]) == {}
+
+
+async def test_an_acked_message_leaves_no_record_behind_until_its_lease_would_have_ended(store: LmdbStore) -> None:
+    # Pending lease deadlines name messages by id: a record held there until its deadline kept every message of
+    # the last lease period alive under load, and the garbage collector walked them all.
+    def records() -> int:
+        return sum(isinstance(o, Tracked) for o in gc.get_objects())
+
+    await publish(store, "jobs", *[b"x"] * 100)
+    before = records()
+    delivered = await fetch(store, "jobs", max=100, lease=LONG)
+    assert records() == before + 100
+    assert await ack(store, "jobs", delivered) == {}
+    assert records() == before
+    assert store._lease_heap  # the deadline is still pending; it goes stale, as before
 
 
 async def test_touch_extends_a_lease(store: LmdbStore) -> None:

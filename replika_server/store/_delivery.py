@@ -67,7 +67,7 @@ class Delivering(EngineCore):
         """The general path: highest lane first, lowest id first within it, records and never-delivered alike;
         expired messages and those at max_attempts are moved out on the way."""
         out: list[Delivery] = []
-        group: list[Tracked] = []
+        group: list[int] = []
         limit = q.options.max_attempts
         now = time.time()
         budget = op.max_bytes
@@ -97,7 +97,7 @@ class Delivering(EngineCore):
                 t.token = self._token_seq
                 t.due = 0.0
                 self._lease(q, t, deadline, op.owner)
-                group.append(t)
+                group.append(mid)
                 writes.put(state_db, pack_key(t.qnum, mid), state_value(t))
                 out.append((mid, t.token, t.attempts, published_at, payload, headers))
                 if len(out) >= op.max:
@@ -105,7 +105,7 @@ class Delivering(EngineCore):
             if len(out) >= op.max or (budget < 0 and out):
                 break
         if group:
-            self._lease_group(deadline, group)
+            self._lease_group(deadline, q, group)
             q.counters.delivered += len(group)
         return out
 
@@ -125,7 +125,7 @@ class Delivering(EngineCore):
         budget = op.max_bytes
         token = self._token_seq
         head = VALUE_HEAD_SIZE
-        group: list[Tracked] = []
+        group: list[int] = []
         records: list[tuple[bytes | memoryview, bytes]] = []
         last = 0
         for key, value in cur:
@@ -144,7 +144,7 @@ class Delivering(EngineCore):
             t.owner = owner
             tracked[mid] = t
             owned.add(t)
-            group.append(t)
+            group.append(mid)
             records.append((key, pack_state(1, token, 0.0)))
             published_at, payload, headers = decode_message(value)
             out.append((mid, token, 1, published_at, payload, headers))
@@ -157,7 +157,7 @@ class Delivering(EngineCore):
             lane.cursor = last + 1
             self._token_seq = token
             self._writes.put_many(self._state_db, records)
-            self._lease_group(deadline, group)
+            self._lease_group(deadline, q, group)
         return out
 
     # ----------------------------------------------------------------------------------------------- settle
@@ -221,7 +221,7 @@ class Delivering(EngineCore):
                     t.due = 0.0
                     self._writes.put(self._state_db, pack_key(t.qnum, mid), state_value(t))
                 self._lease(q, t, now + op.lease, op.owner)
-                self._lease_group(now + op.lease, [t])
+                self._lease_group(now + op.lease, q, (mid,))
         return failed
 
     def _nack(self, q: QueueState, t: Tracked, delay: float | None, unseen: bool = False) -> None:
@@ -287,14 +287,17 @@ class Delivering(EngineCore):
         now = time.monotonic()
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
-            deadline, _, group = heapq.heappop(heap)
-            for t in group:
-                if t.status != LEASED or t.deadline != deadline:
+            deadline, _, qnum, mids = heapq.heappop(heap)
+            q = self._by_qnum.get(qnum)
+            if q is None:
+                continue  # the queue is gone
+            tracked = q.tracked
+            for mid in mids:
+                t = tracked.get(mid)
+                if t is None or t.status != LEASED or t.deadline != deadline:
                     continue  # settled, touched or re-leased since
-                q = self._current(t)
-                if q is not None:
-                    q.counters.expired += 1
-                    self._lease_ended(q, t)
+                q.counters.expired += 1
+                self._lease_ended(q, t)
         wall = time.time()
         delays = self._delay_heap
         while delays and delays[0][0] <= wall:

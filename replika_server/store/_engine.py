@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +108,12 @@ class EngineCore:
         self._queues: dict[str, QueueState] = {}
         self._by_qnum: dict[int, QueueState] = {}  # every storage prefix (lanes, side) -> its queue
         self._owners: dict[int, set[Tracked]] = {}
-        # (deadline, seq, leased together): one entry per fetch or touch, not per message. Entries go stale
-        # when their messages are settled or re-leased; expiry checks each message's own deadline.
-        self._lease_heap: list[tuple[float, int, list[Tracked]]] = []
+        # (deadline, seq, queue qnum, ids leased together): one entry per fetch or touch, not per message.
+        # Entries go stale when their messages are settled or re-leased; expiry checks each message's own
+        # deadline. Ids, not the Tracked records: an acked record is freed at once instead of living on here
+        # until its lease would have ended, which under load kept every message of the last lease period alive
+        # and made the garbage collector walk them all.
+        self._lease_heap: list[tuple[float, int, int, array[int]]] = []
         self._lease_seq = 0
         self._delay_heap: list[tuple[float, int, int]] = []  # (due unix s, storage qnum, id)
         # (expiry unix s, storage qnum, id) of tracked messages that are not leased and have a TTL (their own or
@@ -192,9 +196,9 @@ class EngineCore:
             owned = self._owners[owner] = set()
         owned.add(t)
 
-    def _lease_group(self, deadline: float, group: list[Tracked]) -> None:
+    def _lease_group(self, deadline: float, q: QueueState, mids: Iterable[int]) -> None:
         self._lease_seq += 1
-        heapq.heappush(self._lease_heap, (deadline, self._lease_seq, group))
+        heapq.heappush(self._lease_heap, (deadline, self._lease_seq, q.qnum, array("Q", mids)))
 
     def _unlease(self, t: Tracked) -> None:
         if t.status == LEASED:

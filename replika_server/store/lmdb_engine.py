@@ -416,7 +416,7 @@ class LmdbStore(Delivering, Publishing, Store):
             t = q.tracked.get(mid) if q is not None else None
             if q is not None and t is not None and token in (t.token, 0) and t.status == READY:
                 self._lease(q, t, deadline, owner)
-                self._lease_group(deadline, [t])
+                self._lease_group(deadline, q, (mid,))
 
     # ----------------------------------------------------------------------------------------------- queues
     def _declare(self, op: Declare) -> None:
