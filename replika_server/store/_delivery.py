@@ -17,6 +17,7 @@ from replika_server.store._records import (
     pack_key,
     pack_state,
     published_at_of,
+    unpack_head,
     unpack_key,
 )
 from replika_server.store.base import (
@@ -111,8 +112,8 @@ class Delivering(EngineCore):
 
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
         """The hot path of consuming a backlog: one lane, no TTL, and only never-delivered messages ready, so they
-        are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_message`
-        inlined, and each stored key reused as its delivery record's key."""
+        are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_message` (for
+        messages without headers) inlined, and each stored key reused as its delivery record's key."""
         out: list[Delivery] = []
         lane = q.lane0
         cur = self._read_txn().cursor()
@@ -146,8 +147,12 @@ class Delivering(EngineCore):
             owned.add(t)
             group.append(mid)
             records.append((key, pack_state(1, token, 0.0)))
-            published_at, payload, headers = decode_message(value)
-            out.append((mid, token, 1, published_at, payload, headers))
+            published_at, hlen = unpack_head(value)
+            if hlen:
+                published_at, payload, headers = decode_message(value)
+                out.append((mid, token, 1, published_at, payload, headers))
+            else:
+                out.append((mid, token, 1, published_at, value[head:], None))
             last = mid
             if len(out) >= limit:
                 break

@@ -18,7 +18,7 @@ QNUM = struct.Struct(">I")
 _VALUE_HEAD = struct.Struct(">dI")
 VALUE_HEAD_SIZE = _VALUE_HEAD.size
 _pack_head = _VALUE_HEAD.pack
-_unpack_head = _VALUE_HEAD.unpack_from
+unpack_head = _VALUE_HEAD.unpack_from
 
 # state value, present only for messages delivered at least once, delayed or given a TTL: attempts (u32), current
 # lease token (u64), due time (unix s, f64; 0 when not delayed). The extended form adds the message's own expiry
@@ -44,7 +44,7 @@ def dedup_key(qnum: int, dedup_id: str) -> bytes:
 
 def published_at_of(value: bytes | memoryview) -> float:
     """The publish time (unix s) of a stored message value, without decoding the rest."""
-    published_at: float = _unpack_head(value)[0]
+    published_at: float = unpack_head(value)[0]
     return published_at
 
 
@@ -56,7 +56,7 @@ def encode_message(published_at: float, payload: bytes, headers: dict[str, str] 
 
 
 def decode_message(value: bytes | memoryview) -> tuple[float, bytes, dict[str, str] | None]:
-    published_at, hlen = _unpack_head(value)
+    published_at, hlen = unpack_head(value)
     start = VALUE_HEAD_SIZE + hlen
     headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False) if hlen else None
     payload = value[start:]
