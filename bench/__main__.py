@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench.drivers.base import PeerUnavailable, System
@@ -33,7 +34,7 @@ _DRIVERS = {
 }
 
 
-def start_replika(workdir: Path, durability: str) -> System:
+def start_replika(workdir: Path, durability: str, quiet: bool = False) -> System:
     port_file = workdir / "replika.port"
     # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
     cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--admin-port", "0"]
@@ -49,7 +50,13 @@ def start_replika(workdir: Path, durability: str) -> System:
     url = f"replika://127.0.0.1:{port_file.read_text()}"
     admin_port = workdir / "replika.admin-port"
     if admin_port.exists():
-        print(f"bench: the broker's live dashboard: http://127.0.0.1:{admin_port.read_text()}/", file=sys.stderr)
+        dashboard = f"http://127.0.0.1:{admin_port.read_text()}/"
+        # The sidecar loads its web stack after the broker listens; measuring starts once that is done. Its port
+        # is bound already, so this request waits for it (no polling).
+        with urllib.request.urlopen(f"{dashboard}healthz", timeout=60):
+            pass
+        if not quiet:
+            print(f"bench: the broker's live dashboard: {dashboard}", file=sys.stderr)
 
     async def stop() -> None:
         proc.send_signal(signal.SIGTERM)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
         workdir = Path(tmp)
-        systems = [start_replika(workdir, args.durability)]
+        systems = [start_replika(workdir, args.durability, args.quiet)]
         for peer in peers:
             for fsync in settings:
                 try:

@@ -203,10 +203,6 @@ def _load(args: argparse.Namespace, flags: dict[str, Any]) -> tuple[Config, dict
     return config, origins, config_file
 
 
-#: Net container allocations between collections of the youngest generation (Python's default is 700).
-GC_YOUNG_THRESHOLD = 10_000
-
-
 def _serve(args: argparse.Namespace) -> int:
     try:
         config, origins, config_file = _load(args, serve_flags(args))
@@ -220,8 +216,6 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     configure_logging(config.log_level, config.log_format, config.log_stream)
     import uvloop
-
-    _tune_gc()
 
     from replika_server.server import Server, run_server
 
@@ -244,17 +238,6 @@ def _serve(args: argparse.Namespace) -> int:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
         return EXIT_ERROR
     return EXIT_OK
-
-
-def _tune_gc() -> None:
-    """The broker allocates a record per delivered message and frees it at the ack, a round trip later. With
-    the default young-generation threshold (700) the collector ran every few hundred deliveries and walked them
-    all while they were leased: 10% of the broker's time fetching a backlog. Nothing on those paths makes
-    cycles, so collect less often; what was imported at start is frozen out of every collection."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _backup(args: argparse.Namespace) -> int:

@@ -152,7 +152,8 @@ class Delivering(EngineCore):
                 published_at, payload, headers = decode_message(value)
                 out.append((mid, token, 1, published_at, payload, headers))
             else:
-                out.append((mid, token, 1, published_at, value[head:], None))
+                # The read transaction does not use buffers: value is bytes, so is its slice.
+                out.append((mid, token, 1, published_at, value[head:], None))  # type: ignore[arg-type]
             last = mid
             if len(out) >= limit:
                 break
