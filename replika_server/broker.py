@@ -147,7 +147,8 @@ class Broker:
                     batch = self._fit_fetches(batch, self._reply_room)
                     if not batch:
                         break
-                started = self._loop.time()
+                # perf_counter, not loop.time(): uvloop's clock moves in millisecond steps, too coarse for commits.
+                started = time.perf_counter()
                 try:
                     result = await self._store.execute([op for op, _ in batch])
                 except Exception:
@@ -157,7 +158,7 @@ class Broker:
                         done(error)
                     continue
                 self.batch_ops.observe(len(batch))
-                self.commit_seconds.observe(self._loop.time() - started)
+                self.commit_seconds.observe(time.perf_counter() - started)
                 self.dispatching = True
                 for (_, done), value in zip(batch, result.results, strict=True):
                     try:

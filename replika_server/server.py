@@ -647,7 +647,8 @@ class Server:
             fetch, wait = self._prepare_fetch(principal, frame, owner)
             return functools.partial(self._run_fetch, fetch, wait)
         store_op, fmt = self._prepare(principal, op, frame, owner)
-        return functools.partial(self._run, store_op, fmt, self._loop.time() if op == "publish" else None)
+        # perf_counter: uvloop's loop.time() has millisecond steps, too coarse for sub-millisecond confirms.
+        return functools.partial(self._run, store_op, fmt, time.perf_counter() if op == "publish" else None)
 
     def _run_fetch(self, fetch: Fetch, wait: float, reply: Reply) -> None:
         self.broker.fetch(fetch, wait, lambda r: reply(r if isinstance(r, StoreError) else {"msgs": r}))
@@ -655,7 +656,7 @@ class Server:
     def _run(self, store_op: Any, fmt: Any, published: float | None, reply: Reply) -> None:
         def done(result: Any) -> None:
             if published is not None:
-                self.publish_confirm.observe(self._loop.time() - published)
+                self.publish_confirm.observe(time.perf_counter() - published)
             reply(result if isinstance(result, StoreError) else fmt(result))
 
         self.broker.submit(store_op, done)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import replika
 from replika_server.config import Config
 from replika_server.server import Server
+from replika_server.store import LmdbStore
 from tests.conftest import WAIT, RunningServer, ServerProcess, serving
 from tests.tokens import ADMIN, READER, write
 
@@ -163,6 +166,30 @@ async def test_prometheus_metrics(admin: RunningServer) -> None:
         assert samples[("replika_publish_confirm_seconds_count", ())] >= 1
         assert samples[("replika_commit_batch_requests_count", ())] >= 3
         assert samples[("replika_publish_confirm_seconds_bucket", (("le", "+Inf"),))] >= 1
+
+
+async def test_latency_histograms_measure_a_commit_done_on_the_loop_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvloop's loop.time() moves in millisecond steps: timed with it, a commit of a fraction of a millisecond
+    # measured 0 most of the time, so these histograms put most publishes under 100 us.
+    slow = 0.0003
+    commit = LmdbStore._commit_sync
+
+    def slow_commit(self: LmdbStore, writes: Any) -> None:
+        time.sleep(slow)  # an fsync, blocking the loop thread as the real one does
+        commit(self, writes)
+
+    monkeypatch.setattr(LmdbStore, "_commit_sync", slow_commit)
+    async with serving(tmp_path / "d") as srv, replika.AsyncClient(srv.url) as client:
+        for _ in range(10):
+            await client.publish("m", b"x")
+        server = srv.server
+        for histogram in (server.publish_confirm, server.broker.commit_seconds):
+            assert histogram.count >= 10
+            below = bisect.bisect_left(histogram.bounds, slow)  # the buckets whose upper bound is under it
+            assert sum(histogram.counts[:below]) == 0
+            assert histogram.sum >= slow * histogram.count
 
 
 # ----------------------------------------------------------------------------------------------- live feed
