@@ -12,6 +12,7 @@ from replika_protocol.framing import (
     decode_body,
     encode_body,
     encode_frame,
+    encode_frame_parts,
     frame_header,
 )
 from replika_protocol.limits import (
@@ -47,6 +48,7 @@ __all__ = [
     "decode_body",
     "encode_body",
     "encode_frame",
+    "encode_frame_parts",
     "frame_header",
     "is_valid_queue_name",
 ]

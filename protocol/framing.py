@@ -15,7 +15,17 @@ import msgpack
 from replika_protocol.errors import BadFrame, FrameTooLarge, ProtocolError
 from replika_protocol.limits import DEFAULT_MAX_FRAME
 
-__all__ = ["HEADER_SIZE", "Frame", "FrameDecoder", "decode_body", "encode_body", "encode_frame", "frame_header"]
+__all__ = [
+    "HEADER_SIZE",
+    "PASS_THROUGH",
+    "Frame",
+    "FrameDecoder",
+    "decode_body",
+    "encode_body",
+    "encode_frame",
+    "encode_frame_parts",
+    "frame_header",
+]
 
 Frame = dict[str, Any]
 
@@ -23,6 +33,11 @@ HEADER_SIZE = 4
 _HEADER = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
+_BIN32 = struct.Struct(">BI")  # msgpack's bin 32 header: 0xc6, then the length
+
+#: Bytes-like values at least this long are left uncopied by :func:`encode_frame_parts`. At this length msgpack's
+#: own encoding is bin 32, so the pieces join into exactly what :func:`encode_frame` makes.
+PASS_THROUGH = 65536
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -145,3 +160,33 @@ def encode_frame(obj: Frame) -> bytes:
     """``obj`` as one complete frame: length prefix then msgpack body."""
     body: bytes = msgpack.packb(obj, use_bin_type=True)
     return _pack_header(len(body)) + body
+
+
+def encode_frame_parts(obj: Frame) -> list[bytes | bytearray | memoryview]:
+    """``obj`` as one frame in pieces, for a writer that takes several buffers (``writelines``): every bytes-like
+    value of at least :data:`PASS_THROUGH` bytes is its own piece, the very object, after its bin header, instead
+    of being copied into the encoding. The pieces joined are what :func:`encode_frame` returns. Walks the
+    structure in Python, so it pays only for frames carrying large payloads (a fetch of big messages)."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    parts: list[bytes | bytearray | memoryview] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, bytes | bytearray | memoryview) and len(value) >= PASS_THROUGH:
+            parts.append(packer.bytes() + _BIN32.pack(0xC6, len(value)))
+            packer.reset()
+            parts.append(value)
+        elif isinstance(value, dict):
+            packer.pack_map_header(len(value))
+            for key, item in value.items():
+                packer.pack(key)
+                walk(item)
+        elif isinstance(value, list | tuple):
+            packer.pack_array_header(len(value))
+            for item in value:
+                walk(item)
+        else:
+            packer.pack(value)
+
+    walk(obj)
+    parts.append(packer.bytes())
+    return [_pack_header(sum(map(len, parts))), *parts]

@@ -30,6 +30,7 @@ from replika_protocol import (
     FrameDecoder,
     ProtocolError,
     encode_body,
+    encode_frame_parts,
     frame_header,
 )
 from replika_server import __version__
@@ -72,6 +73,8 @@ Reply = Callable[[Frame | StoreError], None]
 _owner_ids = itertools.count(1)
 #: Replies below this size are joined into one buffer per write; larger ones are written without a copy.
 _COPY_LIMIT = 256 * 1024
+#: Fetch replies of at most this many messages are checked for big payloads to pass through uncopied.
+_FEW = 64
 
 
 class Connection(asyncio.Protocol):
@@ -88,7 +91,7 @@ class Connection(asyncio.Protocol):
         self.principal: Principal | None = None  # who the handshake authenticated
         self._registered = False  # counted in server.connections (not refused at the door)
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._out_large = False  # _out holds a large reply: write it without joining
         self._out_size = 0  # bytes in _out
         self._text: TextSession | None = None  # set when the connection turned out to speak the text protocol
@@ -375,11 +378,28 @@ class Connection(asyncio.Protocol):
         if len(body) < _COPY_LIMIT:
             self._out.append(frame_header(len(body)) + body)
         else:
-            # A large reply (a fetch of big payloads) is handed over as is, header and body apart: joining
-            # would copy megabytes only to have the transport copy them again.
+            # A large reply is handed over as is, header and body apart: joining would copy megabytes only to
+            # have the transport copy them again.
             self._out.append(frame_header(len(body)))
             self._out.append(body)
             self._out_large = True
+        self._schedule_flush()
+
+    def _send_deliveries(self, reply: Frame) -> None:
+        """A fetch reply: when it carries big payloads (the store hands those out as views of what it read),
+        they go to the transport uncopied, each its own buffer of one ``writelines``."""
+        msgs = reply["msgs"]
+        # A reply of many messages is one of small ones (they share the frame limit): not worth the look.
+        if self._closed or len(msgs) > _FEW or not any(type(m[4]) is memoryview for m in msgs):
+            self._send(reply)
+            return
+        parts = encode_frame_parts(reply)
+        self._out.extend(parts)
+        self._out_size += sum(map(len, parts))
+        self._out_large = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._broker.dispatching:
@@ -514,7 +534,10 @@ class Connection(asyncio.Protocol):
         else:
             result["id"] = rid
             result["ok"] = True
-            self._send(result)
+            if "msgs" in result:
+                self._send_deliveries(result)
+            else:
+                self._send(result)
         if self._inflight == 0:
             self._maybe_finish()
 

@@ -148,8 +148,10 @@ class TextSession:
             self._err(exc.code, exc.message, exc.extra)
 
     # ----------------------------------------------------------------------------------------------- output
-    def _write(self, *lines: bytes | str) -> None:
-        self._conn.send_text(b"".join((x.encode() if isinstance(x, str) else x) + b"\r\n" for x in lines))
+    def _write(self, *lines: bytes | memoryview | str) -> None:
+        # Joined once: a payload (bytes, or a view of a big one) is copied only into the result.
+        parts = [part for x in lines for part in (x.encode() if isinstance(x, str) else x, b"\r\n")]
+        self._conn.send_text(b"".join(parts))
 
     def _err(self, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
         suffix = "".join(f" {k}={v}" for k, v in (extra or {}).items())

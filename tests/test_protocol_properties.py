@@ -10,7 +10,8 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replika_protocol import FrameDecoder, FrameTooLarge, ProtocolError, encode_frame
+from replika_protocol import FrameDecoder, FrameTooLarge, ProtocolError, encode_frame, encode_frame_parts
+from replika_protocol.framing import PASS_THROUGH
 
 # Modest counts: the whole file runs in seconds on a 2-core machine. No deadline: timing is not the property.
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -143,3 +144,30 @@ def test_valid_frames_come_out_before_the_error_whatever_the_chunking(
     assert err is not None
     if bad[:4] in (struct.pack(">I", 4097), b"\xff\xff\xff\xff"):
         assert isinstance(err, FrameTooLarge)
+
+
+# Values that may hold big payloads, as bytes or views: encode_frame_parts passes those through uncopied.
+big_payloads = st.sampled_from([PASS_THROUGH - 1, PASS_THROUGH, PASS_THROUGH + 7]).map(lambda n: b"\x07" * n)
+payloads = big_payloads | big_payloads.map(lambda b: memoryview(b)[1:]) | st.binary(max_size=16)
+values_with_payloads = st.recursive(
+    scalars | payloads,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(max_size=8), values_with_payloads, max_size=4))
+def test_a_frame_in_parts_is_the_frame(obj: dict[str, Any]) -> None:
+    parts = encode_frame_parts(obj)
+    assert b"".join(parts) == encode_frame(obj)
+    big = [v for v in _leaves(obj) if isinstance(v, bytes | memoryview) and len(v) >= PASS_THROUGH]
+    assert all(any(p is v for p in parts) for v in big)  # the objects themselves are pieces, not copies
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]

@@ -8,11 +8,12 @@ import time
 from collections.abc import Iterable, Sequence
 
 from replika_protocol import ErrorCode
+from replika_protocol.framing import PASS_THROUGH
 from replika_server.store._engine import DELIVERY_OVERHEAD, EngineCore, state_value
 from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
 from replika_server.store._records import (
     VALUE_HEAD_SIZE,
-    decode_message,
+    decode_delivered,
     dedup_key,
     pack_key,
     pack_state,
@@ -76,7 +77,7 @@ class Delivering(EngineCore):
         writes = self._writes
         for lane in q.order:
             for mid, value, t in self._walk(q, lane):
-                published_at, payload, headers = decode_message(value)
+                published_at, payload, headers = decode_delivered(value)
                 if self._expired(q, t, published_at, now):
                     if t is None:
                         lane.cursor = mid + 1
@@ -112,8 +113,8 @@ class Delivering(EngineCore):
 
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
         """The hot path of consuming a backlog: one lane, no TTL, and only never-delivered messages ready, so they
-        are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_message` (for
-        messages without headers) inlined, and each stored key reused as its delivery record's key."""
+        are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_delivered` (for
+        small messages without headers) inlined, and each stored key reused as its delivery record's key."""
         out: list[Delivery] = []
         lane = q.lane0
         cur = self._read_txn().cursor()
@@ -148,12 +149,12 @@ class Delivering(EngineCore):
             group.append(mid)
             records.append((key, pack_state(1, token, 0.0)))
             published_at, hlen = unpack_head(value)
-            if hlen:
-                published_at, payload, headers = decode_message(value)
+            if hlen or size - head >= PASS_THROUGH:
+                published_at, payload, headers = decode_delivered(value)
                 out.append((mid, token, 1, published_at, payload, headers))
             else:
                 # The read transaction does not use buffers: value is bytes, so is its slice.
-                out.append((mid, token, 1, published_at, value[head:], None))  # type: ignore[arg-type]
+                out.append((mid, token, 1, published_at, value[head:], None))
             last = mid
             if len(out) >= limit:
                 break

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgpack
 
+from replika_protocol.framing import PASS_THROUGH
+
 # msgs and state keys: (queue number u32, message id u64). A queue number, not its name, keeps keys at 12 bytes;
 # numbers are never reused, so a deleted queue's stray keys can never alias a new queue.
 KEY = struct.Struct(">IQ")
@@ -61,6 +63,19 @@ def decode_message(value: bytes | memoryview) -> tuple[float, bytes, dict[str, s
     headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False) if hlen else None
     payload = value[start:]
     return published_at, payload if isinstance(payload, bytes) else bytes(payload), headers
+
+
+def decode_delivered(value: bytes | memoryview) -> tuple[float, bytes | memoryview, dict[str, str] | None]:
+    """:func:`decode_message` for a delivery: a payload of at least ``PASS_THROUGH`` bytes is a view of
+    ``value`` (which the caller must own: bytes, not a view into LMDB's map), not a copy of it. The reply
+    passes it to the transport uncopied too, so a big message is copied once on its way out, not three times."""
+    if isinstance(value, bytes):
+        published_at, hlen = unpack_head(value)
+        start = VALUE_HEAD_SIZE + hlen
+        if len(value) - start >= PASS_THROUGH:
+            headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False) if hlen else None
+            return published_at, memoryview(value)[start:], headers
+    return decode_message(value)
 
 
 def encode_meta(obj: dict[str, Any]) -> bytes:

@@ -59,7 +59,8 @@ MAX_RETRY_DELAY = 30 * 86400.0
 
 #: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).
 #: A tuple, not an object, because it goes straight onto the wire as a msgpack array.
-Delivery = tuple[int, int, int, float, bytes, "dict[str, str] | None"]
+#: The payload is a memoryview (of bytes the store owns) when it is at least ``PASS_THROUGH`` bytes long.
+Delivery = tuple[int, int, int, float, "bytes | memoryview", "dict[str, str] | None"]
 #: A message read by :class:`Peek`, without a lease: (id, attempts, published_at unix s, payload, headers or None).
 Peeked = tuple[int, int, float, bytes, "dict[str, str] | None"]
 
