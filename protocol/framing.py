@@ -171,8 +171,8 @@ def encode_frame_parts(obj: Frame) -> list[bytes | bytearray | memoryview]:
     parts: list[bytes | bytearray | memoryview] = []
 
     def walk(value: Any) -> None:
-        if isinstance(value, bytes | bytearray | memoryview) and len(value) >= PASS_THROUGH:
-            parts.append(packer.bytes() + _BIN32.pack(0xC6, len(value)))
+        if isinstance(value, bytes | bytearray | memoryview) and _nbytes(value) >= PASS_THROUGH:
+            parts.append(packer.bytes() + _BIN32.pack(0xC6, _nbytes(value)))
             packer.reset()
             parts.append(value)
         elif isinstance(value, dict):
@@ -189,4 +189,9 @@ def encode_frame_parts(obj: Frame) -> list[bytes | bytearray | memoryview]:
 
     walk(obj)
     parts.append(packer.bytes())
-    return [_pack_header(sum(map(len, parts))), *parts]
+    return [_pack_header(sum(map(_nbytes, parts))), *parts]
+
+
+def _nbytes(data: bytes | bytearray | memoryview) -> int:
+    """Length in bytes (a memoryview's ``len`` counts its items, which need not be bytes)."""
+    return data.nbytes if isinstance(data, memoryview) else len(data)

@@ -395,7 +395,7 @@ class Connection(asyncio.Protocol):
             return
         parts = encode_frame_parts(reply)
         self._out.extend(parts)
-        self._out_size += sum(map(len, parts))
+        self._out_size += sum(map(len, parts))  # bytes: the store's views are of bytes
         self._out_large = True
         self._schedule_flush()
 
