@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from bench.broker import start_broker
 from bench.drivers.base import PeerUnavailable, System
 from bench.drivers.replika_driver import ReplikaDriver
 from bench.harness import Progress, run_all, table, write_chart, write_json
@@ -35,28 +35,12 @@ _DRIVERS = {
 
 
 def start_replika(workdir: Path, durability: str, quiet: bool = False) -> System:
-    port_file = workdir / "replika.port"
     # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
-    cmd = [sys.executable, "-m", "replika_server", "serve", "--port", "0", "--admin-port", "0"]
-    cmd += ["--data-dir", str(workdir / "replika"), "--admin-port-file", str(workdir / "replika.admin-port")]
-    cmd += ["--port-file", str(port_file), "--durability", durability, "--log-level", "warning"]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("bench: the broker did not start")
-        time.sleep(0.01)  # waiting on another process's file: nothing to await
-    url = f"replika://127.0.0.1:{port_file.read_text()}"
-    admin_port = workdir / "replika.admin-port"
-    if admin_port.exists():
-        dashboard = f"http://127.0.0.1:{admin_port.read_text()}/"
-        # The sidecar loads its web stack after the broker listens; measuring starts once that is done. Its port
-        # is bound already, so this request waits for it (no polling).
-        with urllib.request.urlopen(f"{dashboard}healthz", timeout=60):
-            pass
-        if not quiet:
-            print(f"bench: the broker's live dashboard: {dashboard}", file=sys.stderr)
+    broker = start_broker(workdir / "replika", "--durability", durability)
+    broker.wait_for_sidecar()  # measuring starts once it has loaded
+    proc, url = broker.proc, broker.url
+    if not quiet:
+        print(f"bench: the broker's live dashboard: http://127.0.0.1:{broker.admin_port}/", file=sys.stderr)
 
     async def stop() -> None:
         proc.send_signal(signal.SIGTERM)

@@ -25,7 +25,6 @@ import os
 import random
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import replika
+from bench.broker import start_broker
 from bench.memory import rss_anon_kib
 from replika_protocol import encode_frame
 
@@ -57,29 +57,6 @@ class Report:
             f"broker RssAnon: {self.rss_before_kib / 1024:.1f} MiB before, {self.rss_peak_kib / 1024:.1f} MiB at peak "
             f"(+{(self.rss_peak_kib - self.rss_before_kib) / 1024:.1f} MiB)",
         ]
-
-
-def start_broker(data: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = data / "port"
-    cmd = [
-        sys.executable,
-        "-m",
-        "replika_server",
-        "serve",
-        "--port",
-        "0",
-        "--admin-port",
-        "0",
-        "--data-dir",
-        str(data / "store"),
-    ]
-    proc = subprocess.Popen([*cmd, "--port-file", str(port_file), "--log-level", "error", *extra])
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("broker did not start")
-        time.sleep(0.01)  # another process writes the file: nothing to await
-    return proc, int(port_file.read_text())
 
 
 class Attack:
@@ -220,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("broker_args", nargs="*", help="extra `replika serve` flags, after --")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="replika-hostile-") as tmp:
-        proc, port = start_broker(Path(tmp), args.broker_args)
+        broker = start_broker(Path(tmp), *args.broker_args, log_level="error")
+        broker.wait_for_sidecar()  # loaded before the memory is read
+        proc = broker.proc
         try:
             kinds = tuple(k for k in args.kinds.split(",") if k)
             unknown = set(kinds) - set(KINDS)
             if unknown:
                 parser.error(f"unknown kinds: {sorted(unknown)}")
-            report = asyncio.run(run(port, proc.pid, args.hostile, args.round_trips, kinds))
+            report = asyncio.run(run(broker.port, proc.pid, args.hostile, args.round_trips, kinds))
             alive = proc.poll() is None
         finally:
             proc.kill()
