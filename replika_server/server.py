@@ -205,12 +205,7 @@ class Connection(asyncio.Protocol):
             return
         self._out.append(data)
         self._out_size += len(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._broker.dispatching:
-                self._server.dirty.append(self)
-            else:
-                self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     def set_text_backlog(self, full: bool) -> None:
         """A text session has lines waiting: stop reading until it catches up."""
@@ -406,7 +401,7 @@ class Connection(asyncio.Protocol):
                 self._server.dirty.append(self)  # written as soon as the whole batch is handed out
             else:
                 # One write per loop turn, however many replies this turn produced.
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

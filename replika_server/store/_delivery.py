@@ -69,7 +69,6 @@ class Delivering(EngineCore):
         """The general path: highest lane first, lowest id first within it, records and never-delivered alike;
         expired messages and those at max_attempts are moved out on the way."""
         out: list[Delivery] = []
-        group: list[int] = []
         limit = q.options.max_attempts
         now = time.time()
         budget = op.max_bytes
@@ -99,16 +98,15 @@ class Delivering(EngineCore):
                 t.token = self._token_seq
                 t.due = 0.0
                 self._lease(q, t, deadline, op.owner)
-                group.append(mid)
                 writes.put(state_db, pack_key(t.qnum, mid), state_value(t))
                 out.append((mid, t.token, t.attempts, published_at, payload, headers))
                 if len(out) >= op.max:
                     break
             if len(out) >= op.max or (budget < 0 and out):
                 break
-        if group:
-            self._lease_group(deadline, q, group)
-            q.counters.delivered += len(group)
+        if out:
+            self._lease_group(deadline, q, (d[0] for d in out))
+            q.counters.delivered += len(out)
         return out
 
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
@@ -127,9 +125,7 @@ class Delivering(EngineCore):
         budget = op.max_bytes
         token = self._token_seq
         head = VALUE_HEAD_SIZE
-        group: list[int] = []
         records: list[tuple[bytes | memoryview, bytes]] = []
-        last = 0
         for key, value in cur:
             kq, mid = unpack_key(key)
             if kq != qnum or mid >= hi:
@@ -146,7 +142,6 @@ class Delivering(EngineCore):
             t.owner = owner
             tracked[mid] = t
             owned.add(t)
-            group.append(mid)
             records.append((key, pack_state(1, token, 0.0)))
             published_at, hlen = unpack_head(value)
             if hlen or size - head >= PASS_THROUGH:
@@ -155,16 +150,15 @@ class Delivering(EngineCore):
             else:
                 # The read transaction does not use buffers: value is bytes, so is its slice.
                 out.append((mid, token, 1, published_at, value[head:], None))
-            last = mid
             if len(out) >= limit:
                 break
-        if group:
-            q.n_leased += len(group)
-            q.counters.delivered += len(group)
-            lane.cursor = last + 1
+        if out:
+            q.n_leased += len(out)
+            q.counters.delivered += len(out)
+            lane.cursor = out[-1][0] + 1
             self._token_seq = token
             self._writes.put_many(self._state_db, records)
-            self._lease_group(deadline, q, group)
+            self._lease_group(deadline, q, (d[0] for d in out))
         return out
 
     # ----------------------------------------------------------------------------------------------- settle
