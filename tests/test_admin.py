@@ -21,19 +21,7 @@ from replika_server.config import Config
 from replika_server.server import Server
 from replika_server.store import LmdbStore
 from tests.conftest import WAIT, RunningServer, ServerProcess, serving
-from tests.tokens import ADMIN, READER, write
-
-AUTH = f"""
-[tokens.ops]
-secret = "{ADMIN}"
-publish = ["*"]
-consume = ["*"]
-admin = true
-
-[tokens.reader]
-secret = "{READER}"
-consume = ["jobs"]
-"""
+from tests.tokens import ADMIN, AUTH, READER, write
 
 
 @pytest.fixture
@@ -245,12 +233,12 @@ async def test_graphql_queries_and_mutations(admin: RunningServer) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- auth, CORS
-async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions(tmp_path: Path) -> None:
-    auth = tmp_path / "auth.toml"
-    write(auth, AUTH)
-    async with serving(tmp_path / "d", admin_port=0, auth=auth) as srv:
+async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions(
+    tmp_path: Path, auth_file: Path
+) -> None:
+    async with serving(tmp_path / "d", admin_port=0, auth=auth_file) as srv:
         async with replika.AsyncClient(srv.url, token=ADMIN) as client:
-            await client.publish("jobs", b"1")
+            await client.publish("orders.eu", b"1")
             await client.publish("secret", b"2")
         async with http(srv) as anonymous:
             assert (await anonymous.get("/healthz")).status_code == 200  # probes need no token
@@ -261,14 +249,14 @@ async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions
             assert (await anonymous.get("/api/info", params={"token": READER})).status_code == 200  # for EventSource
         async with http(srv, READER) as reader:
             await next_sample(srv)
-            assert [q["queue"] for q in (await reader.get("/api/queues")).json()["queues"]] == ["jobs"]
-            assert (await reader.post("/api/queues/jobs/purge")).json()["code"] == "FORBIDDEN"
-            assert (await reader.post("/api/queues/jobs/publish", content=b"x")).status_code == 403
+            assert [q["queue"] for q in (await reader.get("/api/queues")).json()["queues"]] == ["orders.eu"]
+            assert (await reader.post("/api/queues/orders.eu/purge")).json()["code"] == "FORBIDDEN"
+            assert (await reader.post("/api/queues/orders.eu/publish", content=b"x")).status_code == 403
             assert (await reader.get("/api/queues/secret")).status_code == 403
             assert (await reader.get("/metrics")).status_code == 403
-            got = (await reader.post("/api/queues/jobs/fetch")).json()["messages"]
+            got = (await reader.post("/api/queues/orders.eu/fetch")).json()["messages"]
             assert [m["payload"] for m in got] == ["1"]
-            mutation = (await reader.post("/graphql", json={"query": 'mutation { purge(queue: "jobs") }'})).json()
+            mutation = (await reader.post("/graphql", json={"query": 'mutation { purge(queue: "orders.eu") }'})).json()
             assert mutation["errors"][0]["extensions"]["code"] == "FORBIDDEN"
         async with http(srv, ADMIN) as ops:
             assert (await ops.post("/api/queues/secret/purge")).json() == {"purged": 1}
@@ -298,10 +286,10 @@ async def test_the_sidecar_can_be_turned_off_and_an_exposed_one_needs_auth(tmp_p
         check_exposure(Config(admin_host="0.0.0.0"))
 
 
-async def test_bodies_are_not_read_before_the_token_is_checked_and_revoked_feeds_end(tmp_path: Path) -> None:
-    auth = tmp_path / "auth.toml"
-    write(auth, AUTH)
-    async with serving(tmp_path / "d", admin_port=0, auth=auth) as srv, http(srv) as anonymous:
+async def test_bodies_are_not_read_before_the_token_is_checked_and_revoked_feeds_end(
+    tmp_path: Path, auth_file: Path
+) -> None:
+    async with serving(tmp_path / "d", admin_port=0, auth=auth_file) as srv, http(srv) as anonymous:
         refused = await anonymous.post(
             "/api/queues/jobs/ack", content=b"{not json", headers={"content-type": "application/json"}
         )
@@ -309,7 +297,7 @@ async def test_bodies_are_not_read_before_the_token_is_checked_and_revoked_feeds
         async with http(srv, READER) as reader, reader.stream("GET", "/api/events") as stream:
             lines = stream.aiter_lines()
             assert await anext(lines) == "event: history"
-            write(auth, AUTH[: AUTH.index("[tokens.reader]")])
+            write(auth_file, AUTH[: AUTH.index("[tokens.reader]")])
             assert srv.server.reload_auth()
             async for line in lines:
                 if line == "event: revoked":
