@@ -183,6 +183,18 @@ BAD_REQUESTS: list[tuple[str, Frame]] = [
     ("stats-bad-queue", {"op": "stats", "queue": ""}),
     ("purge-bad-queue", {"op": "purge", "queue": "a b"}),
     ("delete-queue-no-queue", {"op": "delete_queue"}),
+    # peek and redrive
+    ("peek-no-queue", {"op": "peek"}),
+    ("peek-bad-queue", {"op": "peek", "queue": "a b"}),
+    ("peek-max-0", {"op": "peek", "queue": "q", "max": 0}),
+    ("peek-max-float", {"op": "peek", "queue": "q", "max": 1.5}),
+    ("peek-max-bool", {"op": "peek", "queue": "q", "max": True}),
+    ("redrive-no-queue", {"op": "redrive"}),
+    ("redrive-bad-to", {"op": "redrive", "queue": "q.dlq", "to": "a/b"}),
+    ("redrive-to-int", {"op": "redrive", "queue": "q.dlq", "to": 5}),
+    ("redrive-to-self", {"op": "redrive", "queue": "q.dlq", "to": "q.dlq"}),
+    ("redrive-max-0", {"op": "redrive", "queue": "q.dlq", "max": 0}),
+    ("redrive-max-str", {"op": "redrive", "queue": "q.dlq", "max": "5"}),
 ]
 
 
