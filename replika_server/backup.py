@@ -23,7 +23,9 @@ from pathlib import Path
 
 import lmdb
 
-__all__ = ["BackupError", "BackupResult", "hot_copy"]
+from replika_server.store._lock import FILE_MODE, DirectoryLock
+
+__all__ = ["BackupError", "BackupResult", "StoreExists", "hot_copy", "restore"]
 
 #: How often to start over when the broker grows its map between our opening the store and the copy's read
 #: transaction starting (LMDB then refuses the transaction until we adopt the new size).
@@ -32,6 +34,10 @@ _RESIZE_RETRIES = 5
 
 class BackupError(Exception):
     """The backup could not be made; the message says why. Nothing is left at the destination."""
+
+
+class StoreExists(BackupError):
+    """A restore would replace a store that is there: a mistake unless asked for (``force``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,42 @@ def hot_copy(data_dir: Path, dest: Path) -> BackupResult:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return BackupResult(dest, size, time.monotonic() - started)
+
+
+def restore(backup: Path, data_dir: Path, *, force: bool = False) -> BackupResult:
+    """Make the backup in ``backup`` the store of ``data_dir``. Holds ``data_dir``'s broker lock throughout, so a
+    live broker's store is never overwritten (:class:`~replika_server.store.StoreInUse`), and refuses to replace
+    an existing store unless ``force``. The new ``data.mdb`` appears whole (written aside, synced, renamed)."""
+    if not (backup / "data.mdb").is_file():
+        raise BackupError(f"no backup in {backup} (it has no data.mdb)")
+    _check(backup)
+    started = time.monotonic()
+    lock = DirectoryLock(data_dir).acquire()  # raises StoreInUse while a broker serves data_dir
+    try:
+        target = data_dir / "data.mdb"
+        if target.exists() and not force:
+            raise StoreExists(f"{data_dir} already holds a store; --force replaces it (its messages are lost)")
+        partial = data_dir / ".data.mdb.restoring"
+        try:
+            with open(backup / "data.mdb", "rb") as src, open(partial, "wb", opener=_private) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(partial, target)
+            # The reader table of whatever store was here; LMDB makes a new one for the new file.
+            (data_dir / "lock.mdb").unlink(missing_ok=True)
+            _fsync(data_dir)
+            size = target.stat().st_size
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise BackupError(f"cannot restore into {data_dir}: {exc}") from None
+    finally:
+        lock.release()
+    return BackupResult(target, size, time.monotonic() - started)
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, FILE_MODE)
 
 
 def _copy(data_dir: Path, work: Path) -> None:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_backup(sub)
+    _add_restore(sub)
     cli_client.add_commands(sub)
     bench = sub.add_parser(
         "bench",
@@ -162,6 +163,23 @@ def _add_backup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     backup.add_argument("--config", metavar="FILE", help="take data_dir from this serve config file")
 
 
+def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    restore = sub.add_parser(
+        "restore",
+        help="make a backup the store of a data directory",
+        description="Copy the backup in BACKUP (made by replika backup) into the data directory, which must not "
+        "be in use: while a broker serves it, this refuses (exit 2) and changes nothing. A data directory that "
+        "already holds a store is only replaced with --force. Then start the broker on it. (Serving the backup "
+        "directory itself, replika serve --data-dir BACKUP, works too.)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    restore.add_argument("backup", metavar="BACKUP", help="the directory replika backup wrote")
+    restore.add_argument("--data-dir", help="the store to restore into (default as for serve)")
+    restore.add_argument("--config", metavar="FILE", help="take data_dir from this serve config file")
+    restore.add_argument("--force", action="store_true", help="replace the store the data directory holds")
+
+
 def _bench(args: list[str]) -> int:
     """Hand over to ``bench/`` of the checkout this package was installed from (it is not an installed package,
     because it carries the peers' scripts and drivers that a broker deployment does not need)."""
@@ -183,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "backup":
         return _backup(args)
+    if args.command == "restore":
+        return _restore(args)
     return cli_client.run(args)
 
 
@@ -218,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from replika_server.server import Server, run_server
+    from replika_server.store import StoreInUse
 
     def report_port(server: Server) -> None:
         # The admin port first: a script waiting for the broker's port file may then read both.
@@ -231,7 +252,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(serve())
-    except ConfigError as exc:  # what only shows when starting: an unreadable auth file, an exposed bind
+    except (ConfigError, StoreInUse) as exc:  # what only shows when starting: an unreadable auth file, an
+        # exposed bind, a data directory another broker owns
         print(f"replika: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
@@ -256,4 +278,25 @@ def _backup(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     print(f"{result.path}: {result.size} bytes, copied from {config.data_dir} in {result.seconds:.2f} s")
+    return EXIT_OK
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from replika_server.backup import BackupError, StoreExists, restore
+    from replika_server.store import StoreInUse
+
+    try:
+        config = _load(args, {"data_dir": args.data_dir})[0]
+    except (ConfigError, TypeError) as exc:
+        print(f"replika: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = restore(Path(args.backup), config.data_dir, force=args.force)
+    except (StoreInUse, StoreExists) as exc:  # a mistake the user can correct: nothing was changed
+        print(f"replika: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BackupError as exc:
+        print(f"replika: restore failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{result.path}: {result.size} bytes, restored from {args.backup} in {result.seconds:.2f} s")
     return EXIT_OK

@@ -1,5 +1,6 @@
 """Storage engines behind one small interface (:class:`Store`). The network never reaches this package."""
 
+from replika_server.store._lock import StoreInUse
 from replika_server.store.base import (
     Ack,
     BatchResult,
@@ -59,6 +60,7 @@ __all__ = [
     "Stats",
     "Store",
     "StoreError",
+    "StoreInUse",
     "Touch",
     "Unbind",
 ]

@@ -19,6 +19,7 @@ import lmdb
 import structlog
 
 from replika_protocol import ErrorCode
+from replika_server.store._lock import FILE_MODE, DirectoryLock, tighten_modes
 from replika_server.store._queue import LEASED, READY, Lane, QueueState, Tracked
 from replika_server.store._records import (
     VALUE_HEAD_SIZE,
@@ -89,16 +90,27 @@ class EngineCore:
 
     def __init__(self, config: LmdbConfig) -> None:
         self._config = config
-        config.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(
-            str(config.path),
-            map_size=config.map_size,
-            max_dbs=5,
-            sync=config.durable,
-            metasync=config.durable,
-            readahead=False,
-            max_readers=64,
-        )
+        # Before LMDB touches a file: a second broker on this directory must change nothing (see _lock).
+        self._lock = DirectoryLock(config.path).acquire()
+        try:
+            self._env = lmdb.open(
+                str(config.path),
+                map_size=config.map_size,
+                max_dbs=5,
+                sync=config.durable,
+                metasync=config.durable,
+                readahead=False,
+                max_readers=64,
+                mode=FILE_MODE,
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+        changed = tighten_modes(config.path)
+        if changed:
+            log.warning("store_permissions_tightened", path=str(config.path), files=changed, mode="0600")
+        if config.path.stat().st_mode & 0o077:
+            log.warning("store_directory_not_private", path=str(config.path), hint="chmod 700 it")
         self._meta_db = self._env.open_db(b"meta")
         self._msgs_db = self._env.open_db(b"msgs")
         self._state_db = self._env.open_db(b"state")

@@ -128,7 +128,12 @@ class LmdbStore(Delivering, Publishing, Store):
         """Open (creating if needed) the store at ``config.path`` and recover its state."""
         store = cls(config)
         started = time.perf_counter()
-        store._load()
+        try:
+            store._load()
+        except BaseException:
+            store._env.close()
+            store._lock.release()
+            raise
         log.info(
             "store_recovered",
             path=str(config.path),
@@ -276,6 +281,7 @@ class LmdbStore(Delivering, Publishing, Store):
         await loop.run_in_executor(self._executor, self._env.sync, True)
         self._executor.shutdown(wait=True)
         self._env.close()
+        self._lock.release()  # last: nobody may open the files while this process still writes them
 
     # ----------------------------------------------------------------------------------------------- recovery
     def _load(self) -> None:
