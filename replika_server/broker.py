@@ -98,6 +98,10 @@ class Broker:
             if self._task is None:
                 self._task = self._loop.create_task(self._run())
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     def consumers(self, queue: str) -> int:
         """Fetches currently long-polling ``queue``."""
         return len(self._waiters.get(queue, ()))
@@ -259,8 +263,8 @@ class Broker:
                 return
             self._timer.cancel()
         self._timer_at = when
-        # The store speaks time.monotonic(); the loop's clock may differ in base, so hand it a delay.
-        self._timer = self._loop.call_later(max(0.0, when - time.monotonic()), self._on_timer)
+        # The store speaks its own clock's monotonic time; the loop's clock may differ in base: hand it a delay.
+        self._timer = self._loop.call_later(max(0.0, when - self._store.clock.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -72,6 +72,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--data-dir", help="directory of the LMDB store (default ./replika-data)")
     serve.add_argument(
+        "--store",
+        metavar="URL",
+        help="where messages live: a directory or lmdb:///path (the embedded LMDB store; default: --data-dir)",
+    )
+    serve.add_argument(
         "--durability",
         choices=("sync", "relaxed"),
         help="sync (default): fsync every group commit before confirming; relaxed: confirm once written to "
@@ -160,7 +165,8 @@ def _add_backup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     backup.add_argument(
         "--data-dir", help="the broker's store (default as for serve: $REPLIKA_DATA_DIR, --config, ./replika-data)"
     )
-    backup.add_argument("--config", metavar="FILE", help="take data_dir from this serve config file")
+    backup.add_argument("--store", metavar="URL", help="the broker's --store, instead of --data-dir")
+    backup.add_argument("--config", metavar="FILE", help="take data_dir (or store) from this serve config file")
 
 
 def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,7 +182,8 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     restore.add_argument("backup", metavar="BACKUP", help="the directory replika backup wrote")
     restore.add_argument("--data-dir", help="the store to restore into (default as for serve)")
-    restore.add_argument("--config", metavar="FILE", help="take data_dir from this serve config file")
+    restore.add_argument("--store", metavar="URL", help="the broker's --store, instead of --data-dir")
+    restore.add_argument("--config", metavar="FILE", help="take data_dir (or store) from this serve config file")
     restore.add_argument("--force", action="store_true", help="replace the store the data directory holds")
 
 
@@ -263,39 +270,38 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from replika_server.backup import BackupError, hot_copy  # lmdb loads only for this command
+    from replika_server import store  # the engine's modules load only for this command
 
     try:
-        config = _load(args, {"data_dir": args.data_dir})[0]
+        config = _load(args, {"data_dir": args.data_dir, "store": args.store})[0]
     except (ConfigError, TypeError) as exc:
         print(f"replika: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = hot_copy(config.data_dir, Path(args.dir))
-    except BackupError as exc:
+        result = store.backup(config.store_url, Path(args.dir))
+    except store.BackupError as exc:
         print(f"replika: backup failed: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    print(f"{result.path}: {result.size} bytes, copied from {config.data_dir} in {result.seconds:.2f} s")
+    print(f"{result.path}: {result.size} bytes, copied from {config.store_url} in {result.seconds:.2f} s")
     return EXIT_OK
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from replika_server.backup import BackupError, StoreExists, restore
-    from replika_server.store import StoreInUse
+    from replika_server import store
 
     try:
-        config = _load(args, {"data_dir": args.data_dir})[0]
+        config = _load(args, {"data_dir": args.data_dir, "store": args.store})[0]
     except (ConfigError, TypeError) as exc:
         print(f"replika: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = restore(Path(args.backup), config.data_dir, force=args.force)
-    except (StoreInUse, StoreExists) as exc:  # a mistake the user can correct: nothing was changed
+        result = store.restore(Path(args.backup), config.store_url, force=args.force)
+    except (store.StoreInUse, store.StoreExists) as exc:  # a mistake the user can correct: nothing was changed
         print(f"replika: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BackupError as exc:
+    except store.BackupError as exc:
         print(f"replika: restore failed: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(f"{result.path}: {result.size} bytes, restored from {args.backup} in {result.seconds:.2f} s")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from replika_protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD, FRAME_ROOM
+from replika_server.store import StoreUrlError, engine_of
 
 __all__ = ["Config", "ConfigError", "check_exposure", "is_loopback", "load_config_file", "parse_size", "render_toml"]
 
@@ -57,6 +58,9 @@ class Config:
     admin_cors_origins: tuple[str, ...] = ()  # browser origins besides the dashboard's own that may call the API
     text_protocol: bool = True  # connections starting with a letter speak the debug line protocol (nc)
     data_dir: Path = Path("replika-data")
+    # Where messages live, as a URL naming the engine: a directory or lmdb:///path (embedded LMDB). "" means
+    # data_dir; when both are given, store wins.
+    store: str = ""
     durability: str = "sync"
     max_frame: int = DEFAULT_MAX_FRAME
     max_batch: int = DEFAULT_MAX_BATCH
@@ -87,6 +91,11 @@ class Config:
     publish_burst: int = 0  # bucket size in messages; 0: one second's worth
 
     def __post_init__(self) -> None:
+        if self.store:
+            try:
+                engine_of(self.store)
+            except StoreUrlError as exc:
+                raise ConfigError(f"store: {exc}") from None
         if self.durability not in ("sync", "relaxed"):
             raise ConfigError("durability must be 'sync' or 'relaxed'")
         if not 0 <= self.port <= 65535:
@@ -135,6 +144,11 @@ class Config:
             raise ConfigError("max_outbound must be at least 64 KiB")
         if self.publish_rate < 0 or self.publish_burst < 0:
             raise ConfigError("publish_rate and publish_burst must be 0 (unlimited / default) or positive")
+
+    @property
+    def store_url(self) -> str:
+        """The store this broker serves: ``store`` if given, else the LMDB directory ``data_dir``."""
+        return self.store or str(self.data_dir)
 
     @classmethod
     def build(
@@ -228,6 +242,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def _from_file(name: str, default: Any, value: Any, base: Path) -> Any:
+    if name == "store" and isinstance(value, str) and value and "://" not in value:
+        return str(base / value)  # a directory, relative to the file as data_dir is
     if name in _PATHS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name} must be a path (a non-empty string)")

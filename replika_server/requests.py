@@ -30,8 +30,8 @@ from replika_server.store import (
     Stats,
     Touch,
     Unbind,
+    is_valid_pattern,
 )
-from replika_server.store._topics import is_valid_pattern
 from replika_server.store.base import DEFAULT_DEDUP_WINDOW, DEFAULT_RETRY_BACKOFF
 
 __all__ = ["Limits", "RequestError", "parse_op"]

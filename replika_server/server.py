@@ -39,7 +39,8 @@ from replika_server.broker import Broker
 from replika_server.config import Config, ConfigError, check_exposure
 from replika_server.metrics import LATENCY_BUCKETS, Histogram
 from replika_server.requests import Limits, RequestError, fetch_op, parse_op
-from replika_server.store import Fetch, LmdbConfig, LmdbStore, QueueStats, StoreError
+from replika_server.store import Fetch, Published, QueueStats, Settled, StoreError, StoreOptions
+from replika_server.store import open as open_store
 from replika_server.text import TextSession, is_text_start
 
 __all__ = ["Connection", "Reply", "Server", "run_server"]
@@ -596,15 +597,17 @@ def _queues_reply(result: list[QueueStats]) -> Frame:
     return {"queues": [s.as_dict() for s in result]}
 
 
-def _publish_reply(result: tuple[int, ...]) -> Frame:
-    reply: Frame = {"first_id": result[0], "count": result[1]}
-    if len(result) > 2:  # the request had dedup_ids: one id per payload, an earlier message's for a repeat
-        reply["ids"] = result[2]
+def _publish_reply(result: Published) -> Frame:
+    reply: Frame = {"first_id": result.first_id, "count": result.count}
+    if result.ids is not None:  # the request had dedup_ids: one id per payload, an earlier message's for a repeat
+        reply["ids"] = result.ids
     return reply
 
 
-def _settle_reply(result: dict[int, str]) -> Frame:
-    return {"failed": result}
+def _settle_reply(result: Settled) -> Frame:
+    if not result:
+        return {"failed": result}
+    return {"failed": dict.fromkeys(result, ErrorCode.STALE_LEASE.value), "reasons": result}
 
 
 def _empty_reply(result: Any) -> Frame:
@@ -761,17 +764,16 @@ class Server:
         check_exposure(config)
         tls = _tls_context(config)
         _raise_fd_limit(config.max_connections)
-        store = await LmdbStore.open(
-            LmdbConfig(
-                path=config.data_dir,
+        store = await open_store(
+            config.store_url,
+            StoreOptions(
                 durable=config.durability == "sync",
                 max_size=config.max_store_size,
-                map_size=min(256 * 1024 * 1024, config.max_store_size),
                 sync_interval=config.sync_interval,
                 max_queues=config.max_queues,
                 default_max_length=config.queue_max_length or None,
                 default_max_bytes=config.queue_max_bytes or None,
-            )
+            ),
         )
         server: Server | None = None
         try:
@@ -831,11 +833,8 @@ class Server:
         return self.admin.port if self.admin is not None else None
 
     def store_bytes(self) -> int:
-        """Size of the store's data file."""
-        try:
-            return (self.config.data_dir / "data.mdb").stat().st_size
-        except OSError:
-            return 0
+        """Bytes the store takes on disk."""
+        return self.broker.store.size_bytes()
 
     @property
     def port(self) -> int:

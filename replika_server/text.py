@@ -249,12 +249,16 @@ class TextSession:
             tokens.append(int(token))
 
         def reply(r: Frame) -> None:
-            failed = r["failed"]
-            if not failed:
+            reasons = r.get("reasons") or {}
+            if not reasons:
                 self._write("OK")
             else:
-                stale = " ".join(f"{mid}:{t}" for mid, t in zip(ids, tokens, strict=True) if mid in failed)
-                self._write(f"ERR STALE_LEASE not current (already settled, or delivered again): {stale}")
+                stale = ", ".join(
+                    f"{mid}:{t} {_STALE_WHY[reasons[mid]]}"
+                    for mid, t in zip(ids, tokens, strict=True)
+                    if mid in reasons
+                )
+                self._write(f"ERR STALE_LEASE not current: {stale}")
 
         self._request(op, {"queue": queue, "ids": ids, "tokens": tokens, **extra}, reply)
 
@@ -289,6 +293,15 @@ class TextSession:
             self._write(f"OK {len(r['queues'])}", *(_fields(s) for s in r["queues"]))
 
         self._request("queues", {}, reply)
+
+
+#: What a settle's refusal reason (SPEC.md §5, settle ops) means, for a person at a terminal.
+_STALE_WHY = {
+    "gone": "is no longer in the queue (already acked, or moved)",
+    "redelivered": "was delivered again since",
+    "settled": "was already settled by a NACK",
+    "unknown": "was never issued for this message",
+}
 
 
 def _fields(stats: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import uvloop
 
 from replika_server.config import Config
 from replika_server.server import Server
-from replika_server.store import LmdbConfig, LmdbStore
+from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 from tests.tokens import AUTH, write
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import replika
-from replika_server.store import LmdbConfig, LmdbStore, StoreInUse
+from replika_server.store import StoreInUse
+from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 from tests.conftest import WAIT, Opener, ServerProcess
 
 

@@ -27,21 +27,19 @@ from replika_server.store import (
     Ack,
     Expire,
     Fetch,
-    LmdbConfig,
-    LmdbStore,
     Nack,
     Peek,
     Publish,
+    Published,
     Purge,
     QueueOptions,
+    StaleReason,
     Stats,
     StoreError,
     Touch,
-    _delivery,
-    _publishing,
-    lmdb_engine,
 )
 from replika_server.store.base import Declare
+from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 
 Q = "q"
 DLQ = "q.dlq"
@@ -51,7 +49,7 @@ STEPS = int(os.environ.get("REPLIKA_SM_STEPS", "50"))
 
 
 class VirtualTime:
-    """Stands in for the ``time`` module inside the store: one clock for wall and monotonic time."""
+    """The store's clock: one virtual time for wall and monotonic time, moved only by the machine's steps."""
 
     def __init__(self) -> None:
         self.now = START
@@ -61,12 +59,6 @@ class VirtualTime:
 
     def monotonic(self) -> float:
         return self.now
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
-_PATCHED = (lmdb_engine, _delivery, _publishing)
 
 
 @dataclass
@@ -89,12 +81,9 @@ class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = VirtualTime()
-        self.saved = [m.time for m in _PATCHED]
-        for module in _PATCHED:
-            module.time = self.clock  # type: ignore[assignment]
         self.dir = Path(tempfile.mkdtemp(prefix="replika-sm-"))
         self.loop = asyncio.new_event_loop()
-        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False)))
+        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False, clock=self.clock)))
         self.msgs: dict[int, Msg] = {}
         self.next_id = 1
         self.dlq: list[tuple[int, bytes, str]] = []  # (priority, payload, reason) of each dead letter
@@ -108,8 +97,6 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.run(self.store.close())
             self.loop.close()
         finally:
-            for module, saved in zip(_PATCHED, self.saved, strict=True):
-                module.time = saved
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def run(self, coro: Any) -> Any:
@@ -212,7 +199,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     )
     def publish(self, n: int, prio: int, delay: float, ttl: float | None) -> None:
         payloads = [f"m{self.next_id + i}".encode() for i in range(n)]
-        assert self.one(Publish(Q, payloads, None, prio, delay, ttl)) == (self.next_id, n)
+        assert self.one(Publish(Q, payloads, None, prio, delay, ttl)) == Published(self.next_id, n)
         now = self.now()
         for payload in payloads:
             m = Msg(self.next_id, payload, prio, now, now + ttl if ttl is not None else None)
@@ -243,7 +230,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         # A fetch never sees what its own batch published, ready or not.
         op = Publish(Q, [f"m{self.next_id}".encode()], None, prio, 0.0, ttl)
         published, got = self.run(self.store.execute([op, Fetch(Q, count, 100.0, 1)])).results
-        assert published == (self.next_id, 1)
+        assert published == Published(self.next_id, 1)
         self.check_fetch(got, count, 100.0)
         now = self.now()
         self.msgs[self.next_id] = Msg(self.next_id, op.payloads[0], prio, now, now + ttl if ttl is not None else None)
@@ -269,13 +256,19 @@ class DeliveryMachine(RuleBasedStateMachine):
             m.status, m.token, m.deadline, m.due = "leased", d[1], self.now() + lease, 0.0
             self.held.append((m.id, d[1]))
 
-    def settle_model(self, pairs: list[tuple[int, int]]) -> tuple[dict[int, str], list[Msg]]:
-        failed: dict[int, str] = {}
+    def settle_model(self, pairs: list[tuple[int, int]]) -> tuple[dict[int, StaleReason], list[Msg]]:
+        """The leases an ack of ``pairs`` refuses, with why (every pair in ``held`` was issued for its id), and
+        the messages it settles."""
+        failed: dict[int, StaleReason] = {}
         ok: list[Msg] = []
         for mid, token in pairs:
             m = self.msgs.get(mid)
-            if m is None or not token or m.token != token or any(o is m for o in ok):
-                failed[mid] = "STALE_LEASE"
+            if m is None or any(o is m for o in ok):  # an ack earlier in the request deleted it
+                failed[mid] = StaleReason.GONE
+            elif m.token > token:
+                failed[mid] = StaleReason.REDELIVERED
+            elif m.token != token:  # 0: settled by a nack since
+                failed[mid] = StaleReason.SETTLED
             else:
                 ok.append(m)
         return failed, ok
@@ -294,7 +287,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     @rule(data=st.data(), delay=st.sampled_from([None, None, 0.0, 6.0]))
     def nack(self, data: st.DataObject, delay: float | None) -> None:
         pairs = data.draw(st.lists(st.sampled_from(self.held), min_size=1, max_size=3))
-        failed: dict[int, str] = {}
+        failed: dict[int, StaleReason] = {}
         for mid, token in pairs:  # one at a time: a nack settles, so a repeat in the request is stale
             f, ok = self.settle_model([(mid, token)])
             failed.update(f)
@@ -320,7 +313,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.run(self.store.close())
-        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False)))
+        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False, clock=self.clock)))
         self.acked = self.dropped = self.dead_lettered = 0
         for m in self.msgs.values():  # leases live in memory only; tokens, attempts and due times do not
             if m.status == "leased":

@@ -18,19 +18,21 @@ from replika_server.store import (
     Delivery,
     Expire,
     Fetch,
-    LmdbStore,
     Nack,
     Op,
     Publish,
+    Published,
     Purge,
     QueueOptions,
     QueueStats,
     Reject,
     Release,
+    StaleReason,
     Stats,
     StoreError,
     Touch,
 )
+from replika_server.store.lmdb_engine import LmdbStore
 from tests.conftest import WAIT, Opener
 
 # Positions in a Delivery tuple.
@@ -79,9 +81,8 @@ async def publish(
 ) -> list[int]:
     result = await one(store, Publish(queue, list(payloads), headers))
     assert not isinstance(result, StoreError), result
-    first, count = result
-    assert count == len(payloads)
-    return list(range(first, first + count))
+    assert isinstance(result, Published) and result.count == len(payloads), result
+    return list(range(result.first_id, result.first_id + result.count))
 
 
 async def fetch(store: LmdbStore, queue: str, max: int = 100, lease: float = LONG, owner: int = 1) -> list[Delivery]:
@@ -135,14 +136,14 @@ async def let_wall_time_pass(until: float) -> None:
 
 # ---------------------------------------------------------------------------------------------------- publish
 async def test_publish_returns_first_id_and_count(store: LmdbStore) -> None:
-    assert await one(store, Publish("jobs", [b"a", b"b", b"c"])) == (1, 3)
-    assert await one(store, Publish("jobs", [b"d"])) == (4, 1)
-    assert await one(store, Publish("other", [b"x", b"y"])) == (1, 2)  # ids are per queue
+    assert await one(store, Publish("jobs", [b"a", b"b", b"c"])) == Published(1, 3)
+    assert await one(store, Publish("jobs", [b"d"])) == Published(4, 1)
+    assert await one(store, Publish("other", [b"x", b"y"])) == Published(1, 2)  # ids are per queue
 
 
 async def test_ids_increase_across_batches_and_within_one(store: LmdbStore) -> None:
     results = await run(store, Publish("jobs", [b"1", b"2"]), Publish("jobs", [b"3"]))
-    assert results == [(1, 2), (3, 1)]
+    assert results == [Published(1, 2), Published(3, 1)]
     ids = await publish(store, "jobs", b"4")
     assert ids == [4]
     await ack(store, "jobs", await fetch(store, "jobs"))
@@ -187,7 +188,7 @@ async def test_fetch_creates_the_queue(store: LmdbStore) -> None:
 
 async def test_fetch_does_not_see_a_publish_of_the_same_batch(store: LmdbStore) -> None:
     results = await run(store, Publish("jobs", [b"a"]), Fetch("jobs", 10, LONG, 1))
-    assert results == [(1, 1), []]
+    assert results == [Published(1, 1), []]
     [d] = await fetch(store, "jobs")
     assert d[PAYLOAD] == b"a"
 
@@ -213,8 +214,8 @@ async def test_ack_removes(store: LmdbStore) -> None:
 async def test_ack_with_wrong_token_is_stale_and_changes_nothing(store: LmdbStore) -> None:
     await publish(store, "jobs", b"a")
     [d] = await fetch(store, "jobs")
-    assert await one(store, Ack("jobs", [(d[ID], d[TOKEN] + 1000)], 1)) == {d[ID]: "STALE_LEASE"}
-    assert await one(store, Ack("jobs", [(99, d[TOKEN])], 1)) == {99: "STALE_LEASE"}
+    assert await one(store, Ack("jobs", [(d[ID], d[TOKEN] + 1000)], 1)) == {d[ID]: StaleReason.UNKNOWN}
+    assert await one(store, Ack("jobs", [(99, d[TOKEN])], 1)) == {99: StaleReason.GONE}
     assert await counts(store, "jobs") == (0, 1, 0, 1)
     assert await ack(store, "jobs", [d]) == {}
     assert await counts(store, "jobs") == (0, 0, 0, 0)
@@ -224,19 +225,19 @@ async def test_second_ack_is_stale(store: LmdbStore) -> None:
     await publish(store, "jobs", b"a")
     ds = await fetch(store, "jobs")
     assert await ack(store, "jobs", ds) == {}
-    assert await ack(store, "jobs", ds) == {ds[0][ID]: ErrorCode.STALE_LEASE.value}
+    assert await ack(store, "jobs", ds) == {ds[0][ID]: StaleReason.GONE}
     # Twice in one batch: the first applies, the second is stale.
     await publish(store, "jobs", b"b")
     ds = await fetch(store, "jobs")
     results = await run(store, Ack("jobs", leases(ds), 1), Ack("jobs", leases(ds), 1))
-    assert results == [{}, {ds[0][ID]: "STALE_LEASE"}]
+    assert results == [{}, {ds[0][ID]: StaleReason.GONE}]
 
 
 async def test_ack_reports_only_the_failed_leases(store: LmdbStore) -> None:
     await publish(store, "jobs", b"a", b"b", b"c")
     ds = await fetch(store, "jobs")
     mixed = [(ds[0][ID], ds[0][TOKEN]), (ds[1][ID], ds[1][TOKEN] + 1000), (ds[2][ID], ds[2][TOKEN])]
-    assert await one(store, Ack("jobs", mixed, 1)) == {ds[1][ID]: "STALE_LEASE"}
+    assert await one(store, Ack("jobs", mixed, 1)) == {ds[1][ID]: StaleReason.UNKNOWN}
     assert await counts(store, "jobs") == (0, 1, 0, 1)
 
 
@@ -261,7 +262,7 @@ async def test_after_expiry_and_redelivery_the_old_token_is_stale(store: LmdbSto
     [new] = await fetch(store, "jobs")
     assert (new[ID], new[PAYLOAD], new[ATTEMPTS]) == (old[ID], b"a", 2)
     assert new[TOKEN] != old[TOKEN]
-    stale = {old[ID]: "STALE_LEASE"}
+    stale = {old[ID]: StaleReason.REDELIVERED}
     assert await ack(store, "jobs", [old]) == stale
     assert await one(store, Nack("jobs", leases([old]), 1)) == stale
     assert await one(store, Reject("jobs", leases([old]), 1)) == stale
@@ -315,7 +316,7 @@ async def test_release_makes_an_owners_leases_ready_with_attempts_counted(store:
     assert await counts(store, "jobs") == (2, 1, 0, 3)
     again = await fetch(store, "jobs", owner=3)
     assert [(d[ID], d[ATTEMPTS]) for d in again] == [(1, 2), (2, 2)]
-    assert await ack(store, "jobs", mine) == {1: "STALE_LEASE", 2: "STALE_LEASE"}
+    assert await ack(store, "jobs", mine) == {1: StaleReason.REDELIVERED, 2: StaleReason.REDELIVERED}
     assert await ack(store, "jobs", theirs, owner=2) == {}  # another owner's lease is untouched
     assert await ack(store, "jobs", again, owner=3) == {}
     assert await counts(store, "jobs") == (0, 0, 0, 0)
@@ -384,7 +385,7 @@ async def test_reject_dead_letters_at_once_with_headers(store: LmdbStore) -> Non
         DLQ_ID: str(d[ID]),
         DLQ_ATTEMPTS: "1",
     }
-    assert await ack(store, "jobs", [d]) == {d[ID]: "STALE_LEASE"}
+    assert await ack(store, "jobs", [d]) == {d[ID]: StaleReason.GONE}
 
 
 async def test_max_attempts_then_nack_dead_letters(store: LmdbStore) -> None:
@@ -510,7 +511,7 @@ async def test_delete_queue_then_ack_is_not_found(store: LmdbStore) -> None:
 async def test_errors_are_per_op_and_do_not_fail_the_batch(store: LmdbStore) -> None:
     results = await run(store, Stats("missing"), Publish("jobs", [b"a"]), Purge("missing"))
     assert isinstance(results[0], StoreError) and results[0].code == ErrorCode.NOT_FOUND
-    assert results[1] == (1, 1)
+    assert results[1] == Published(1, 1)
     assert isinstance(results[2], StoreError) and results[2].code == ErrorCode.NOT_FOUND
 
 
@@ -522,7 +523,7 @@ async def test_a_recreated_queue_does_not_accept_the_old_queues_leases(store: Lm
     await publish(store, "jobs", b"new")
     [new] = await fetch(store, "jobs")
     assert new[PAYLOAD] == b"new"
-    assert await ack(store, "jobs", [old]) == {old[ID]: "STALE_LEASE"}
+    assert await ack(store, "jobs", [old]) == {old[ID]: StaleReason.REDELIVERED}
     assert await counts(store, "jobs") == (0, 1, 0, 1)
     assert await ack(store, "jobs", [new]) == {}
 
@@ -599,7 +600,7 @@ async def test_reopen_keeps_messages_options_ids_and_requeues_leases(open_store:
     ds = await fetch(store, "jobs")
     assert [(d[ID], d[PAYLOAD], d[ATTEMPTS]) for d in ds] == [(2, b"2", 3), (4, b"4", 1), (5, b"5", 1)]
     assert ds[0][PUBLISHED_AT] == d2b[PUBLISHED_AT]
-    assert await ack(store, "jobs", [d2b]) == {2: "STALE_LEASE"}
+    assert await ack(store, "jobs", [d2b]) == {2: StaleReason.REDELIVERED}
     assert await publish(store, "jobs", b"6") == [6]
     assert await counts(store, "jobs") == (1, 3, 1, 5)
 
@@ -655,7 +656,7 @@ async def test_tokens_are_never_reused_across_a_reopen(open_store: Opener) -> No
     assert min(new) > max(old)
     for d in first:
         result = await one(store, Ack("jobs" if d[PAYLOAD] != b"x" else "other", leases([d]), 1))
-        assert result == {d[ID]: "STALE_LEASE"}
+        assert result == {d[ID]: StaleReason.REDELIVERED}
 
 
 @pytest.mark.parametrize("how", ["nack", "nack-delay", "release", "expire"])
@@ -678,8 +679,8 @@ async def test_a_tokens_validity_does_not_change_across_a_reopen(open_store: Ope
     before = await ack(store, "jobs", [first])
     store = await open_store.reopen(store)
     after = await ack(store, "jobs", [second])
-    assert before in ({}, {first[ID]: "STALE_LEASE"})
-    assert after == ({} if before == {} else {second[ID]: "STALE_LEASE"})
+    assert before in ({}, {first[ID]: StaleReason.SETTLED})
+    assert after == ({} if before == {} else {second[ID]: StaleReason.SETTLED})
 
 
 async def test_reopen_dead_letters_a_requeued_message_at_max_attempts(open_store: Opener) -> None:
@@ -721,8 +722,8 @@ async def fill(store: LmdbStore, payload: bytes, per_batch: int = 1, limit: int 
         if isinstance(result, StoreError):
             assert result.code == ErrorCode.STORE_FULL, result
             return ids
-        first, count = result
-        ids += range(first, first + count)
+        assert isinstance(result, Published)
+        ids += range(result.first_id, result.first_id + result.count)
     raise AssertionError("the store never became full")
 
 
@@ -741,7 +742,7 @@ async def test_store_full_refuses_publishes_until_consumers_drain(open_store: Op
     # Three messages' worth of room was freed: one more fits.
     result = await one(store, Publish("big", [payload]))
     assert not isinstance(result, StoreError), f"publish after draining: {result}"
-    assert result[0] > ids[-1]
+    assert isinstance(result, Published) and result.first_id > ids[-1]
     rest = await fetch(store, "big")
     assert all(d[PAYLOAD] == payload for d in rest)
     assert await ack(store, "big", rest) == {}

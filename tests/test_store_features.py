@@ -16,23 +16,26 @@ from replika_server.store import (
     DeleteQueue,
     Expire,
     Fetch,
-    LmdbStore,
     Nack,
     Peek,
     Publish,
+    Published,
     PublishTopic,
     Purge,
     QueueOptions,
     Redrive,
     Reject,
     Release,
+    StaleReason,
     Stats,
     StoreError,
     Touch,
     Unbind,
+    is_valid_pattern,
 )
 from replika_server.store._publishing import MAX_BINDINGS
-from replika_server.store._topics import is_valid_pattern, topic_matches
+from replika_server.store._topics import topic_matches
+from replika_server.store.lmdb_engine import LmdbStore
 from tests.conftest import Opener
 from tests.test_store import (
     ATTEMPTS,
@@ -69,7 +72,8 @@ async def refused(store: LmdbStore, op: Any, code: ErrorCode) -> StoreError:
 async def ids_of(store: LmdbStore, op: Publish) -> list[int]:
     result = await one(store, op)
     assert not isinstance(result, StoreError), result
-    return list(range(result[0], result[0] + result[1]))
+    assert isinstance(result, Published), result
+    return list(range(result.first_id, result.first_id + result.count))
 
 
 async def dead_letter(store: LmdbStore, queue: str, *payloads: bytes, headers: Any = None) -> None:
@@ -203,7 +207,7 @@ async def test_redriven_messages_are_new_and_reasons_start_over(store: LmdbStore
     assert dead[HEADERS] is not None and dead[HEADERS][DLQ_REASON] == "rejected"
     await one(store, Nack("jobs.dlq", leases([dead]), 1))
     assert await one(store, Redrive("jobs.dlq", None, 10)) == 1
-    assert await ack(store, "jobs.dlq", [dead]) == {dead[ID]: "STALE_LEASE"}
+    assert await ack(store, "jobs.dlq", [dead]) == {dead[ID]: StaleReason.GONE}
     [again] = await fetch(store, "jobs")
     assert again[ID] == 2 and again[ATTEMPTS] == 1
 
@@ -541,12 +545,15 @@ async def test_a_publish_within_limits_never_drops(store: LmdbStore) -> None:
 # ---------------------------------------------------------------------------------------------------- dedup
 async def test_a_repeated_dedup_id_stores_nothing_and_returns_the_first_id(store: LmdbStore) -> None:
     first = await one(store, Publish("jobs", [b"a", b"b"], dedup_ids=["x", None]))
-    assert first == (1, 2, [1, 2])
+    assert first == Published(1, 2, [1, 2])
     again = await one(store, Publish("jobs", [b"a2", b"c", b"c2"], dedup_ids=["x", "y", "y"]))
-    assert again == (3, 1, [1, 3, 3])
+    assert again == Published(3, 1, [1, 3, 3])
     assert await counts(store, "jobs") == (3, 0, 0, 3)
     await ack(store, "jobs", await fetch(store, "jobs"))
-    assert await one(store, Publish("jobs", [b"late"], dedup_ids=["x"])) == (4, 0, [1])  # acked: still a repeat
+    # acked: still a repeat
+    assert await one(store, Publish("jobs", [b"late"], dedup_ids=["x"])) == Published(
+        4, 0, [1]
+    )  # acked: still a repeat
     s = await stats(store, "jobs")
     assert (s.total, s.counters["published"], s.counters["deduplicated"]) == (0, 3, 3)
 
@@ -557,10 +564,10 @@ async def test_dedup_survives_a_reopen_and_ends_with_its_window(open_store: Open
     await one(store, Publish("jobs", [b"a"], dedup_ids=["x"]))
     seen = time.time()
     store = await open_store.reopen(store)
-    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == (2, 0, [1])
+    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == Published(2, 0, [1])
     await one(store, Publish("jobs", [b"b"], dedup_ids=["y"]))
     await let_wall_time_pass(seen + 0.3)
-    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == (3, 1, [3])  # "x" is new again
+    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == Published(3, 1, [3])  # "x" is new again
     with store._env.begin(db=store._dedup_db) as txn:
         assert txn.stat(store._dedup_db)["entries"] == 2
     await let_wall_time_pass(time.time() + 0.3 + 1.0)  # past every window and the prune slack
@@ -575,7 +582,7 @@ async def test_dedup_survives_a_reopen_and_ends_with_its_window(open_store: Open
 async def test_a_zero_window_turns_dedup_off(store: LmdbStore) -> None:
     await one(store, Declare("jobs", QueueOptions(dedup_window=0)))
     await one(store, Publish("jobs", [b"a"], dedup_ids=["x"]))
-    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == (2, 1, [2])
+    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == Published(2, 1, [2])
 
 
 async def test_deleting_a_queue_forgets_its_dedup_ids(open_store: Opener) -> None:
@@ -583,7 +590,7 @@ async def test_deleting_a_queue_forgets_its_dedup_ids(open_store: Opener) -> Non
     await one(store, Publish("jobs", [b"a"], dedup_ids=["x"]))
     await one(store, DeleteQueue("jobs"))
     store = await open_store.reopen(store)
-    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == (1, 1, [1])
+    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == Published(1, 1, [1])
     with store._env.begin(db=store._dedup_db) as txn:
         assert txn.stat(store._dedup_db)["entries"] == 1
 
@@ -593,7 +600,7 @@ async def test_a_refused_publish_records_no_dedup_id(store: LmdbStore) -> None:
     await publish(store, "jobs", b"full")
     await refused(store, Publish("jobs", [b"a"], dedup_ids=["x"]), ErrorCode.QUEUE_FULL)
     await ack(store, "jobs", await fetch(store, "jobs"))
-    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == (2, 1, [2])
+    assert await one(store, Publish("jobs", [b"a"], dedup_ids=["x"])) == Published(2, 1, [2])
 
 
 # ---------------------------------------------------------------------------------------------------- topics

@@ -27,10 +27,10 @@ from replika_server.store import (
     Delivery,
     Expire,
     Fetch,
-    LmdbStore,
     Nack,
     Op,
     Publish,
+    Published,
     Purge,
     QueueOptions,
     QueueStats,
@@ -40,6 +40,7 @@ from replika_server.store import (
     StoreError,
 )
 from replika_server.store._records import KEY, VALUE_HEAD_SIZE
+from replika_server.store.lmdb_engine import LmdbStore
 from tests.conftest import Opener
 from tests.test_store import (
     ATTEMPTS,
@@ -145,7 +146,7 @@ async def test_refusal_is_per_op_within_a_batch(store: LmdbStore) -> None:
     await one(store, Declare("jobs", QueueOptions(max_length=2)))
     batch = await store.execute([Publish("jobs", [b"1"]), Publish("jobs", [b"2", b"3"]), Publish("jobs", [b"2"])])
     ok1, full, ok2 = batch.results
-    assert ok1 == (1, 1) and ok2 == (2, 1)
+    assert ok1 == Published(1, 1) and ok2 == Published(2, 1)
     assert isinstance(full, StoreError) and full.code == ErrorCode.QUEUE_FULL
     assert [d[PAYLOAD] for d in await fetch(store, "jobs")] == [b"1", b"2"]
 

@@ -54,8 +54,12 @@ async def test_publish_fetch_ack_by_hand(server: RunningServer, session: Lines) 
     assert await session.line() == "MSG 2:2 attempts=1 bytes=0"
     assert await session.line() == ""
     assert await session.ask("ACK jobs 1:1") == "OK"
-    assert (await session.ask("ACK jobs 1:1")).startswith("ERR STALE_LEASE ")
+    assert await session.ask("ACK jobs 1:1") == (
+        "ERR STALE_LEASE not current: 1:1 is no longer in the queue (already acked, or moved)"
+    )
+    assert await session.ask("ACK jobs 2:99") == "ERR STALE_LEASE not current: 2:99 was never issued for this message"
     assert await session.ask("NACK jobs 2:2 60") == "OK"
+    assert await session.ask("ACK jobs 2:2") == "ERR STALE_LEASE not current: 2:2 was already settled by a NACK"
     stats = await session.ask("STATS jobs")
     assert stats.startswith("OK queue=jobs ready=0 in_flight=0 delayed=1 total=1 ")
     assert await session.ask("QUEUES") == "OK 1"

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Iterable, Sequence
 
-from replika_protocol import ErrorCode
 from replika_protocol.framing import PASS_THROUGH
 from replika_server.store._engine import DELIVERY_OVERHEAD, EngineCore, state_value
 from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
@@ -31,6 +29,8 @@ from replika_server.store.base import (
     Reject,
     Release,
     Settle,
+    Settled,
+    StaleReason,
     Touch,
 )
 
@@ -51,7 +51,7 @@ class Delivering(EngineCore):
         q = self._get_or_create(op.queue)
         if q.count == len(q.tracked) and not q.n_ready:
             return []  # nothing ready: skip the read transaction entirely
-        deadline = time.monotonic() + op.lease
+        deadline = self._clock.monotonic() + op.lease
         if not q.options.message_ttl and q.lane0.peek_ready(q.tracked) is None and self._lane0_only(q):
             return self._fetch_fresh(q, op, deadline)
         return self._fetch_lanes(q, op, deadline)
@@ -70,7 +70,7 @@ class Delivering(EngineCore):
         expired messages and those at max_attempts are moved out on the way."""
         out: list[Delivery] = []
         limit = q.options.max_attempts
-        now = time.time()
+        now = self._clock.time()
         budget = op.max_bytes
         state_db = self._state_db
         writes = self._writes
@@ -162,9 +162,9 @@ class Delivering(EngineCore):
         return out
 
     # ----------------------------------------------------------------------------------------------- settle
-    def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> dict[int, str]:
+    def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> Settled:
         """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs."""
-        failed: dict[int, str] = {}
+        failed: Settled = {}
         tracked = q.tracked
         owners = self._owners
         unleased = self._unleased
@@ -173,7 +173,7 @@ class Delivering(EngineCore):
         for mid, token in leases:
             t = tracked.get(mid)
             if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
-                failed[mid] = ErrorCode.STALE_LEASE.value
+                failed[mid] = self._stale(t, token)
                 continue
             del tracked[mid]
             size += t.size
@@ -198,17 +198,17 @@ class Delivering(EngineCore):
             self._touched[q.qnum] = q
         return failed
 
-    def _settle(self, op: Settle) -> dict[int, str]:
+    def _settle(self, op: Settle) -> Settled:
         q = self._queue(op.queue)
         if isinstance(op, Ack):
             return self._ack(q, op.leases)
-        failed: dict[int, str] = {}
+        failed: Settled = {}
         tracked = q.tracked
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for mid, token in op.leases:
             t = tracked.get(mid)
             if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
-                failed[mid] = ErrorCode.STALE_LEASE.value
+                failed[mid] = self._stale(t, token)
                 continue
             if isinstance(op, Nack):
                 self._nack(q, t, op.delay, op.unseen)
@@ -224,6 +224,18 @@ class Delivering(EngineCore):
                 self._lease(q, t, now + op.lease, op.owner)
                 self._lease_group(now + op.lease, q, (mid,))
         return failed
+
+    def _stale(self, t: Tracked | None, token: int) -> StaleReason:
+        """Why (id, ``token``) of a message whose record is ``t`` is not a current lease: off the hot path."""
+        if not 0 < token <= self._token_seq:
+            return StaleReason.UNKNOWN
+        if t is None:
+            return StaleReason.GONE
+        if t.token > token:
+            return StaleReason.REDELIVERED
+        if t.token == 0 and t.attempts > 0:
+            return StaleReason.SETTLED  # a nack zeroed it (tokens only grow, so this one was of an earlier delivery)
+        return StaleReason.UNKNOWN
 
     def _nack(self, q: QueueState, t: Tracked, delay: float | None, unseen: bool = False) -> None:
         q.counters.nacked += 1
@@ -243,7 +255,7 @@ class Delivering(EngineCore):
         if limit is not None and t.attempts >= limit:
             self._dead_letter(q, t.mid, t.qnum, DeadLetterReason.MAX_ATTEMPTS, t.prio)
             return
-        now = time.time()
+        now = self._clock.time()
         published_at: float | None = None
         if t.expires or q.options.message_ttl:
             value = self._read_txn().get(pack_key(t.qnum, t.mid))
@@ -285,7 +297,7 @@ class Delivering(EngineCore):
 
     # ----------------------------------------------------------------------------------------------- timers
     def _expire(self, op: Expire) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
             deadline, _, qnum, mids = heapq.heappop(heap)
@@ -299,7 +311,7 @@ class Delivering(EngineCore):
                     continue  # settled, touched or re-leased since
                 q.counters.expired += 1
                 self._lease_ended(q, t)
-        wall = time.time()
+        wall = self._clock.time()
         delays = self._delay_heap
         while delays and delays[0][0] <= wall:
             due, qnum, mid = heapq.heappop(delays)

@@ -33,13 +33,17 @@ from replika_server.store._records import (
 )
 from replika_server.store._topics import Bindings
 from replika_server.store._writes import Writes
-from replika_server.store.base import DeadLetterReason, QueueOptions, StoreError
+from replika_server.store.base import SYSTEM_CLOCK, Clock, DeadLetterReason, QueueOptions, StoreError, StoreOptions
 
 __all__ = ["DEAD_LETTER_HEADERS", "DEAD_LETTER_PREFIX", "DELIVERY_OVERHEAD", "EngineCore", "LmdbConfig"]
 
 log = structlog.get_logger("replika.store")
 
 _QNUM_SEQ = b"qnum_seq"
+
+#: The map LMDB starts with, in bytes: room for a few hundred thousand small messages before the first growth,
+#: which doubles it (address space, not disk: the file grows only by what is written).
+FIRST_MAP_SIZE = 256 * 1024 * 1024
 
 #: Bytes a delivery takes on the wire beyond its stored value (array header, id, token, attempts, timestamp).
 DELIVERY_OVERHEAD = 64
@@ -58,17 +62,12 @@ Ready = tuple[int, "bytes | memoryview", "Tracked | None"]
 
 @dataclass(frozen=True, slots=True)
 class LmdbConfig:
-    """Settings of the LMDB engine. Sizes in bytes, durations in seconds.
-
-    ``max_queues`` bounds the queues that Declare, Publish and Fetch may create (``TOO_MANY_QUEUES``); dead-letter
-    queues created to receive a message are exempt, so they may take the count past it. ``default_max_length``
-    (messages) and ``default_max_bytes`` (payload plus packed headers bytes) apply to every queue whose own
-    :class:`QueueOptions` limit is None; None is unlimited.
-    """
+    """Settings of the LMDB engine: :class:`~replika_server.store.base.StoreOptions`' (see there) plus the store's
+    directory and the first map size. Sizes in bytes, durations in seconds."""
 
     path: Path
     durable: bool = True  # fsync every commit; False: the OS flushes, and we sync every sync_interval
-    map_size: int = 256 * 1024 * 1024  # first map size; doubled on demand up to max_size
+    map_size: int = FIRST_MAP_SIZE  # doubled on demand up to max_size
     max_size: int = 64 * 1024**3
     sync_interval: float = 1.0
     # Each queue costs an index in memory and a meta record rewritten when touched; this stops a client that
@@ -76,6 +75,21 @@ class LmdbConfig:
     max_queues: int = 10_000
     default_max_length: int | None = None
     default_max_bytes: int | None = None
+    clock: Clock = SYSTEM_CLOCK
+
+    @classmethod
+    def of(cls, path: Path, options: StoreOptions) -> LmdbConfig:
+        return cls(
+            path=path,
+            durable=options.durable,
+            map_size=min(FIRST_MAP_SIZE, options.max_size),
+            max_size=options.max_size,
+            sync_interval=options.sync_interval,
+            max_queues=options.max_queues,
+            default_max_length=options.default_max_length,
+            default_max_bytes=options.default_max_bytes,
+            clock=options.clock,
+        )
 
 
 def state_value(t: Tracked) -> bytes:
@@ -90,6 +104,7 @@ class EngineCore:
 
     def __init__(self, config: LmdbConfig) -> None:
         self._config = config
+        self._clock = config.clock
         # Before LMDB touches a file: a second broker on this directory must change nothing (see _lock).
         self._lock = DirectoryLock(config.path).acquire()
         try:

@@ -8,10 +8,8 @@ changes nothing and a topic publish can check every target queue before it store
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from replika_protocol import ErrorCode
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK
@@ -29,6 +27,7 @@ from replika_server.store.base import (
     Bind,
     DeadLetterReason,
     Publish,
+    Published,
     PublishTopic,
     StoreError,
     Unbind,
@@ -67,19 +66,19 @@ class _Plan:
 class Publishing(EngineCore):
     """Publish, publish_topic, bind and unbind; see the module docstring."""
 
-    def _publish(self, op: Publish) -> Any:
+    def _publish(self, op: Publish) -> Published:
         if self._full:
             raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
         if op.priority or op.delay or op.ttl is not None or op.dedup_ids is not None:
             q = self._queues.get(op.queue)
-            plan = self._plan(op.queue, q, op, time.time())
+            plan = self._plan(op.queue, q, op, self._clock.time())
             if q is None:
                 q = self._get_or_create(op.queue)
             return self._apply(q, op, plan)
         # The hot path: plain messages into lane 0, written in one segment.
         payloads = op.payloads
         n = len(payloads)
-        now = time.time()
+        now = self._clock.time()
         headers = op.headers
         # Sized before anything changes: a batch that does not fit is refused whole, and creates no queue.
         if headers is None:
@@ -111,7 +110,7 @@ class Publishing(EngineCore):
         self._readied.add(q.name)
         if q.options.message_ttl:
             self._schedule_sweep(q, now + q.options.message_ttl)
-        return first, n
+        return Published(first, n)
 
     def _plan(self, name: str, q: QueueState | None, op: Publish, now: float) -> _Plan:
         """Resolve ``op``'s dedup ids, encode what it will store and find room for it; raises if it cannot."""
@@ -142,7 +141,7 @@ class Publishing(EngineCore):
         victims = self._room(name, q, len(values), added) if values else []
         return _Plan(now, fresh, values, added, ids, twins, victims)
 
-    def _apply(self, q: QueueState, op: Publish, plan: _Plan) -> Any:
+    def _apply(self, q: QueueState, op: Publish, plan: _Plan) -> Published:
         """Store what ``plan`` says in ``q``: (first_id, count), and the ids per payload with dedup ids."""
         if plan.victims:
             self._make_room(q, plan.victims)
@@ -167,7 +166,7 @@ class Publishing(EngineCore):
                 self._schedule_sweep(q, plan.now + q.options.message_ttl)
         ids = plan.ids
         if ids is None:
-            return first, n
+            return Published(first, n)
         assert op.dedup_ids is not None
         for k, i in enumerate(plan.fresh):
             ids[i] = first + k
@@ -183,7 +182,7 @@ class Publishing(EngineCore):
                         heapq.heappush(self._prunes, (plan.now + window + DEDUP_PRUNE_SLACK, q.qnum))
                     q.dedup.add(dedup_id, plan.now, first + k)
                     self._writes.put(self._dedup_db, dedup_key(q.qnum, dedup_id), pack_dedup(plan.now, first + k))
-        return first, n, ids
+        return Published(first, n, ids)
 
     def _store_tracked(self, q: QueueState, op: Publish, plan: _Plan, first: int) -> None:
         """Messages with a delay or a TTL of their own: under the queue's side prefix, with a record each."""
@@ -282,13 +281,15 @@ class Publishing(EngineCore):
                     )
         if self._full:
             raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
-        now = time.time()
+        now = self._clock.time()
         sub = Publish("", op.payloads, op.headers, op.priority, op.delay, op.ttl, op.dedup_ids)
         plans = [(self._queues[name], self._plan(name, self._queues[name], sub, now)) for name in names]
         out: dict[str, list[int]] = {}
         for q, plan in plans:
             result = self._apply(q, sub, plan)
-            out[q.name] = result[2] if len(result) == 3 else list(range(result[0], result[0] + result[1]))
+            out[q.name] = (
+                result.ids if result.ids is not None else list(range(result.first_id, result.first_id + result.count))
+            )
         return out
 
     def _bind(self, op: Bind) -> None:

@@ -7,23 +7,12 @@ and ``orders.eu.created``; ``*.created`` matches ``orders.created`` only). The s
 
 from __future__ import annotations
 
-import re
-
-__all__ = ["MAX_PATTERN", "Bindings", "is_valid_pattern", "topic_matches"]
+__all__ = ["MAX_PATTERN", "Bindings", "topic_matches"]
 
 #: Longest pattern, in characters: a queue name's limit, so that any queue name is also a valid pattern.
 MAX_PATTERN = 255
 #: Topics whose matching queues are remembered; cleared whole when full (publishers use few distinct topics).
 _CACHE_SIZE = 10_000
-
-_PATTERN = re.compile(r"[A-Za-z0-9._:*#-]{1,255}")
-
-
-def is_valid_pattern(pattern: object) -> bool:
-    """True for 1-255 characters of ``[A-Za-z0-9._:-]`` and the wildcards ``*`` and ``#`` as whole words."""
-    if not isinstance(pattern, str) or _PATTERN.fullmatch(pattern) is None:
-        return False
-    return all(word in ("*", "#") or ("*" not in word and "#" not in word) for word in pattern.split("."))
 
 
 def topic_matches(pattern: tuple[str, ...], topic: list[str]) -> bool:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from replika_protocol import ErrorCode
 
@@ -20,9 +23,13 @@ __all__ = [
     "DEFAULT_DEDUP_WINDOW",
     "DEFAULT_RETRY_BACKOFF",
     "MAX_RETRY_DELAY",
+    "SYSTEM_CLOCK",
     "Ack",
+    "BackupError",
+    "BackupResult",
     "BatchResult",
     "Bind",
+    "Clock",
     "DeadLetterReason",
     "Declare",
     "DeleteQueue",
@@ -31,22 +38,30 @@ __all__ = [
     "Fetch",
     "Nack",
     "Op",
+    "Operation",
     "Peek",
     "Peeked",
     "Publish",
     "PublishTopic",
+    "Published",
     "Purge",
     "QueueOptions",
     "QueueStats",
     "Redrive",
     "Reject",
     "Release",
+    "Result",
     "Settle",
+    "Settled",
+    "StaleReason",
     "Stats",
     "Store",
     "StoreError",
+    "StoreExists",
+    "StoreOptions",
     "Touch",
     "Unbind",
+    "is_valid_pattern",
 ]
 
 #: Seconds a dedup id is remembered unless the queue says otherwise: long enough to cover a producer's retries
@@ -56,6 +71,82 @@ DEFAULT_DEDUP_WINDOW = 120.0
 DEFAULT_RETRY_BACKOFF = 2.0
 #: Longest retry delay, in seconds (30 days, the longest nack delay), when the queue sets no retry_max_delay.
 MAX_RETRY_DELAY = 30 * 86400.0
+
+
+class Clock(Protocol):
+    """Where the store reads the time: wall-clock unix seconds for what must survive a restart (due times, TTLs,
+    published_at), monotonic seconds for lease deadlines. Tests pass a clock they advance by hand."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    """The real clocks (:func:`time.time`, :func:`time.monotonic`)."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+SYSTEM_CLOCK: Clock = SystemClock()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """Settings every engine honours. Sizes in bytes, durations in seconds.
+
+    ``durable``: a batch is confirmed only once committed durably (fsync on LMDB); False is the relaxed mode,
+    flushed every ``sync_interval``. ``max_size`` bounds what the store may hold (``STORE_FULL``).
+    ``max_queues`` bounds the queues that Declare, Publish and Fetch may create (``TOO_MANY_QUEUES``); dead-letter
+    queues created to receive a message are exempt, so they may take the count past it. ``default_max_length``
+    (messages) and ``default_max_bytes`` (payload plus packed headers bytes) apply to every queue whose own
+    :class:`QueueOptions` limit is None; None is unlimited.
+    """
+
+    durable: bool = True
+    max_size: int = 64 * 1024**3
+    sync_interval: float = 1.0
+    # Each queue costs an index in memory and a meta record rewritten when touched; this stops a client that
+    # publishes to ever new names from growing both without bound, while leaving room for any real deployment.
+    max_queues: int = 10_000
+    default_max_length: int | None = None
+    default_max_bytes: int | None = None
+    clock: Clock = SYSTEM_CLOCK
+
+
+class BackupError(Exception):
+    """A backup or restore could not be made; the message says why. Nothing is left at the destination."""
+
+
+class StoreExists(BackupError):
+    """A restore would replace a store that is there: a mistake unless asked for (``force``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackupResult:
+    """A finished backup or restore: where, its size in bytes, and how long it took in seconds."""
+
+    path: Path
+    size: int
+    seconds: float
+
+
+_PATTERN = re.compile(r"[A-Za-z0-9._:*#-]{1,255}")
+
+
+def is_valid_pattern(pattern: object) -> bool:
+    """True for a binding pattern: 1-255 characters of ``[A-Za-z0-9._:-]`` and the wildcards ``*`` (one word) and
+    ``#`` (zero or more words), each a whole dot-separated word."""
+    if not isinstance(pattern, str) or _PATTERN.fullmatch(pattern) is None:
+        return False
+    return all(word in ("*", "#") or ("*" not in word and "#" not in word) for word in pattern.split("."))
+
 
 #: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).
 #: A tuple, not an object, because it goes straight onto the wire as a msgpack array.
@@ -118,165 +209,6 @@ class QueueOptions:
 
 
 @dataclass(slots=True)
-class Declare:
-    queue: str
-    options: QueueOptions
-
-
-@dataclass(slots=True)
-class Publish:
-    """Store ``payloads`` (and their ``headers``) in ``queue``, all with ``priority`` (0-9, higher first), ready
-    after ``delay`` seconds, expiring ``ttl`` seconds after now (None: only the queue's message_ttl). ``dedup_ids``
-    has one entry (a str or None) per payload."""
-
-    queue: str
-    payloads: list[bytes]
-    headers: list[dict[str, str] | None] | None = None
-    priority: int = 0
-    delay: float = 0.0
-    ttl: float | None = None
-    dedup_ids: list[str | None] | None = None
-
-
-@dataclass(slots=True)
-class PublishTopic:
-    """Publish one copy of the messages to every queue bound by a pattern matching ``topic``, in one commit and
-    all-or-nothing. ``may_publish`` (when set) must allow every one of those queues, else ``FORBIDDEN``."""
-
-    topic: str
-    payloads: list[bytes]
-    headers: list[dict[str, str] | None] | None = None
-    priority: int = 0
-    delay: float = 0.0
-    ttl: float | None = None
-    dedup_ids: list[str | None] | None = None
-    may_publish: Callable[[str], bool] | None = None
-
-
-@dataclass(slots=True)
-class Bind:
-    """Route topics matching ``pattern`` to ``queue`` (created if absent); binding twice is a no-op."""
-
-    queue: str
-    pattern: str
-
-
-@dataclass(slots=True)
-class Unbind:
-    """Remove the binding of ``pattern`` to ``queue``; a binding that does not exist is a no-op."""
-
-    queue: str
-    pattern: str
-
-
-@dataclass(slots=True)
-class Fetch:
-    queue: str
-    max: int
-    lease: float  # seconds
-    owner: int  # who holds the leases (a connection); released together by Release(owner)
-    max_bytes: int = 2**62  # stop before the deliveries' size passes this (one reply frame); at least one
-
-
-@dataclass(slots=True)
-class Settle:
-    """Base of the operations that act on delivered messages by (id, token)."""
-
-    queue: str
-    leases: Iterable[Sequence[int]]  # (id, token) pairs, iterated once
-    owner: int
-
-
-@dataclass(slots=True)
-class Ack(Settle):
-    pass
-
-
-@dataclass(slots=True)
-class Nack(Settle):
-    delay: float | None = None  # seconds before the message is ready again; None: the queue's retry delay
-    unseen: bool = False  # handed back unprocessed by a client library: this delivery is not an attempt
-
-
-@dataclass(slots=True)
-class Reject(Settle):
-    pass
-
-
-@dataclass(slots=True)
-class Touch(Settle):
-    lease: float = 30.0  # seconds from now
-
-
-@dataclass(slots=True)
-class Purge:
-    queue: str
-
-
-@dataclass(slots=True)
-class DeleteQueue:
-    queue: str
-
-
-@dataclass(slots=True)
-class Release:
-    """Every lease held by ``owner`` ends now, as if expired (its connection closed)."""
-
-    owner: int
-
-
-@dataclass(slots=True)
-class Expire:
-    """Leases whose deadline passed end; delayed messages whose due time passed become ready."""
-
-
-@dataclass(slots=True)
-class Peek:
-    """Read up to ``max`` ready messages in delivery order without leasing them or changing anything."""
-
-    queue: str
-    max: int
-    max_bytes: int = 2**62  # as Fetch.max_bytes: the peeked messages' size stops before this; at least one
-
-
-@dataclass(slots=True)
-class Redrive:
-    """Move up to ``max`` ready messages of the dead-letter queue ``queue`` back: each to ``to`` if given, else to
-    the queue named by its ``replika-dead-letter-queue`` header (messages without one stay). A moved message is a
-    new message there, published now, with its payload and its headers less the ``replika-dead-letter-*`` ones."""
-
-    queue: str
-    to: str | None
-    max: int
-
-
-@dataclass(slots=True)
-class Stats:
-    queue: str | None  # None: every queue
-
-
-Op = (
-    Declare
-    | Publish
-    | Fetch
-    | Ack
-    | Nack
-    | Reject
-    | Touch
-    | Purge
-    | DeleteQueue
-    | Release
-    | Expire
-    | Stats
-    | Peek
-    | Redrive
-    | PublishTopic
-    | Bind
-    | Unbind
-)
-
-
-@dataclass(slots=True)
 class QueueStats:
     """Counts for one queue. ``ready + in_flight + delayed == total``.
 
@@ -325,33 +257,239 @@ class QueueStats:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What a Publish stored: ``count`` new messages with consecutive ids from ``first_id``. With dedup ids,
+    ``ids`` has one id per payload (an earlier message's for a repeat); else None."""
+
+    first_id: int
+    count: int
+    ids: list[int] | None = None
+
+
+class StaleReason(enum.StrEnum):
+    """Why a settle op refused a lease (``STALE_LEASE``): what the store knows of that (id, token)."""
+
+    GONE = "gone"  # the message is no longer in the queue: already acked, or dead-lettered, expired or purged
+    REDELIVERED = "redelivered"  # the message was delivered again since: this token is an earlier delivery's
+    SETTLED = "settled"  # this delivery was already settled by a nack; the message waits to be delivered again
+    UNKNOWN = "unknown"  # this token was never issued for this message
+
+
+#: A settle op's refused leases: id -> why; empty when every lease applied.
+Settled = dict[int, StaleReason]
+
+R = TypeVar("R", covariant=True)
+
+
+class Operation(Generic[R]):
+    """Base of the store's operations; ``R`` is the type of the op's result in :attr:`BatchResult.results`."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Declare(Operation[None]):
+    queue: str
+    options: QueueOptions
+
+
+@dataclass(slots=True)
+class Publish(Operation[Published]):
+    """Store ``payloads`` (and their ``headers``) in ``queue``, all with ``priority`` (0-9, higher first), ready
+    after ``delay`` seconds, expiring ``ttl`` seconds after now (None: only the queue's message_ttl). ``dedup_ids``
+    has one entry (a str or None) per payload."""
+
+    queue: str
+    payloads: list[bytes]
+    headers: list[dict[str, str] | None] | None = None
+    priority: int = 0
+    delay: float = 0.0
+    ttl: float | None = None
+    dedup_ids: list[str | None] | None = None
+
+
+@dataclass(slots=True)
+class PublishTopic(Operation["dict[str, list[int]]"]):
+    """Publish one copy of the messages to every queue bound by a pattern matching ``topic``, in one commit and
+    all-or-nothing. ``may_publish`` (when set) must allow every one of those queues, else ``FORBIDDEN``."""
+
+    topic: str
+    payloads: list[bytes]
+    headers: list[dict[str, str] | None] | None = None
+    priority: int = 0
+    delay: float = 0.0
+    ttl: float | None = None
+    dedup_ids: list[str | None] | None = None
+    may_publish: Callable[[str], bool] | None = None
+
+
+@dataclass(slots=True)
+class Bind(Operation[None]):
+    """Route topics matching ``pattern`` to ``queue`` (created if absent); binding twice is a no-op."""
+
+    queue: str
+    pattern: str
+
+
+@dataclass(slots=True)
+class Unbind(Operation[None]):
+    """Remove the binding of ``pattern`` to ``queue``; a binding that does not exist is a no-op."""
+
+    queue: str
+    pattern: str
+
+
+@dataclass(slots=True)
+class Fetch(Operation["list[Delivery]"]):
+    queue: str
+    max: int
+    lease: float  # seconds
+    owner: int  # who holds the leases (a connection); released together by Release(owner)
+    max_bytes: int = 2**62  # stop before the deliveries' size passes this (one reply frame); at least one
+
+
+@dataclass(slots=True)
+class Settle(Operation[Settled]):
+    """Base of the operations that act on delivered messages by (id, token)."""
+
+    queue: str
+    leases: Iterable[Sequence[int]]  # (id, token) pairs, iterated once
+    owner: int
+
+
+@dataclass(slots=True)
+class Ack(Settle):
+    pass
+
+
+@dataclass(slots=True)
+class Nack(Settle):
+    delay: float | None = None  # seconds before the message is ready again; None: the queue's retry delay
+    unseen: bool = False  # handed back unprocessed by a client library: this delivery is not an attempt
+
+
+@dataclass(slots=True)
+class Reject(Settle):
+    pass
+
+
+@dataclass(slots=True)
+class Touch(Settle):
+    lease: float = 30.0  # seconds from now
+
+
+@dataclass(slots=True)
+class Purge(Operation[int]):
+    queue: str
+
+
+@dataclass(slots=True)
+class DeleteQueue(Operation[None]):
+    queue: str
+
+
+@dataclass(slots=True)
+class Release(Operation[None]):
+    """Every lease held by ``owner`` ends now, as if expired (its connection closed)."""
+
+    owner: int
+
+
+@dataclass(slots=True)
+class Expire(Operation[None]):
+    """Leases whose deadline passed end; delayed messages whose due time passed become ready."""
+
+
+@dataclass(slots=True)
+class Peek(Operation["list[Peeked]"]):
+    """Read up to ``max`` ready messages in delivery order without leasing them or changing anything."""
+
+    queue: str
+    max: int
+    max_bytes: int = 2**62  # as Fetch.max_bytes: the peeked messages' size stops before this; at least one
+
+
+@dataclass(slots=True)
+class Redrive(Operation[int]):
+    """Move up to ``max`` ready messages of the dead-letter queue ``queue`` back: each to ``to`` if given, else to
+    the queue named by its ``replika-dead-letter-queue`` header (messages without one stay). A moved message is a
+    new message there, published now, with its payload and its headers less the ``replika-dead-letter-*`` ones."""
+
+    queue: str
+    to: str | None
+    max: int
+
+
+@dataclass(slots=True)
+class Stats(Operation["list[QueueStats]"]):
+    queue: str | None  # None: every queue
+
+
+Op = (
+    Declare
+    | Publish
+    | Fetch
+    | Ack
+    | Nack
+    | Reject
+    | Touch
+    | Purge
+    | DeleteQueue
+    | Release
+    | Expire
+    | Stats
+    | Peek
+    | Redrive
+    | PublishTopic
+    | Bind
+    | Unbind
+)
+
+
+#: What an op gives: see each op's ``Operation[...]``.
+Result = None | Published | Settled | int | list[QueueStats] | list[Delivery] | list[Peeked] | dict[str, list[int]]
+
+
 @dataclass(slots=True)
 class BatchResult:
-    """Per-op results, in op order, and the queues that gained ready messages (to wake long-polls)."""
+    """Per-op results, in op order (each the op's result type or a :class:`StoreError`), and the queues that
+    gained ready messages (to wake long-polls)."""
 
-    results: list[Any]
+    results: list[Result | StoreError]
     readied: set[str] = field(default_factory=set)
 
 
 class Store(abc.ABC):
-    """A durable queue engine. Single caller: the broker's event loop."""
+    """A durable queue engine. Single caller: the broker's event loop. Open one with
+    :func:`replika_server.store.open`."""
+
+    #: The engine's name as a ``--store`` URL scheme ("lmdb", "postgresql").
+    engine: str = ""
 
     @abc.abstractmethod
     async def execute(self, ops: Sequence[Op]) -> BatchResult:
-        """Apply ``ops`` in order as one durable commit.
+        """Apply ``ops`` in order as one durable commit, and return each op's result (the type its
+        ``Operation[...]`` names) or the :class:`StoreError` it failed with, in op order.
 
-        Each entry of ``results`` is the op's value or a :class:`StoreError`: Publish -> (first_id, count),
-        Fetch -> list[Delivery], Settle -> dict of id -> error code for the leases that failed (empty when all
-        applied), Purge -> count removed, Stats -> list[QueueStats], Peek -> list[Peeked], Redrive -> count moved,
-        PublishTopic -> dict of queue -> ids (one per payload), others -> None. A Publish with ``dedup_ids`` gives
-        (first_id, count, ids): first_id and count describe the messages it stored, ids has one id per payload,
-        an earlier message's for a repeat. Returns only after the
-        commit is durable as the durability mode promises.
+        A Publish gives :class:`Published`; Fetch the deliveries; a settle op (Ack, Nack, Reject, Touch) the
+        leases it refused, with why (empty when all applied); Purge the count removed; Stats the queues' stats;
+        Peek the messages read; Redrive the count moved; PublishTopic queue -> ids (one per payload); the others
+        None. Returns only after the commit is durable as the durability mode promises.
         """
+
+    @property
+    @abc.abstractmethod
+    def clock(self) -> Clock:
+        """The clock the store runs on (the broker arms its timers by it)."""
 
     @abc.abstractmethod
     def next_timer(self) -> float | None:
-        """Monotonic time at which an :class:`Expire` op next has work, or None."""
+        """Time on :attr:`clock`'s monotonic scale at which an :class:`Expire` op next has work, or None."""
+
+    @abc.abstractmethod
+    def size_bytes(self) -> int:
+        """Bytes the store takes on disk now (its data file, or its tables), for the admin views."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -54,6 +54,7 @@ from replika_server.store.base import (
     Ack,
     BatchResult,
     Bind,
+    Clock,
     Declare,
     DeleteQueue,
     Expire,
@@ -94,6 +95,8 @@ INLINE_COMMIT_OPS = 1
 
 class LmdbStore(Delivering, Publishing, Store):
     """See the module docstring. Create with :meth:`open`."""
+
+    engine = "lmdb"
 
     def __init__(self, config: LmdbConfig) -> None:
         super().__init__(config)
@@ -147,6 +150,16 @@ class LmdbStore(Delivering, Publishing, Store):
         return store
 
     # ----------------------------------------------------------------------------------------------- reading
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def size_bytes(self) -> int:
+        try:
+            return (self._config.path / "data.mdb").stat().st_size
+        except OSError:
+            return 0
+
     def next_timer(self) -> float | None:
         t: float | None = self._lease_heap[0][0] if self._lease_heap else None
         # The other timers are wall-clock (they survive a restart); the broker wants monotonic time.
@@ -155,7 +168,7 @@ class LmdbStore(Delivering, Publishing, Store):
             default=None,
         )
         if wall is not None:
-            due = wall - time.time() + time.monotonic()
+            due = wall - self._clock.time() + self._clock.monotonic()
             t = due if t is None else min(t, due)
         return t
 
@@ -292,7 +305,7 @@ class LmdbStore(Delivering, Publishing, Store):
         for heap in (self._lease_heap, self._delay_heap, self._ttl_heap, self._sweeps, self._prunes):
             heap.clear()
         self._bindings.clear()
-        now = time.time()
+        now = self._clock.time()
         with self._env.begin() as txn:
             schema = txn.get(_SCHEMA, db=self._meta_db)
             if schema not in _READABLE_SCHEMAS:
@@ -437,7 +450,7 @@ class LmdbStore(Delivering, Publishing, Store):
         new = op.options
         if new.message_ttl and new.message_ttl != old.message_ttl:
             # Messages already there expire by the new TTL: the lanes' fronts now, the records by their own time.
-            self._schedule_sweep(q, time.time())
+            self._schedule_sweep(q, self._clock.time())
             for t in q.tracked.values():
                 if t.status != LEASED:
                     published_at = self._published_at(t)
@@ -496,7 +509,7 @@ class LmdbStore(Delivering, Publishing, Store):
         out: list[Peeked] = []
         if q.count == len(q.tracked) and not q.n_ready:
             return out
-        now = time.time()
+        now = self._clock.time()
         budget = op.max_bytes
         limit = q.options.max_attempts
         for lane in q.order:
@@ -515,7 +528,7 @@ class LmdbStore(Delivering, Publishing, Store):
     def _redrive(self, op: Redrive) -> int:
         q = self._queue(op.queue)
         moved = 0
-        now = time.time()
+        now = self._clock.time()
         for lane in q.order:
             aside: list[int] = []  # ready records left in place, off the heap until the walk is over
             for mid, value, t in self._walk(q, lane):

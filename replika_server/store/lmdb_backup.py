@@ -1,4 +1,4 @@
-"""``replika backup``: a consistent copy of a store, taken beside a broker that keeps serving.
+"""The LMDB engine's backup and restore: a consistent copy of a store, taken beside a broker that keeps serving.
 
 The copy runs in its own process on the store's directory, not through the broker: LMDB lets another process
 read a snapshot while the broker writes (readers never block the writer), so a backup costs the broker no event
@@ -18,35 +18,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
 from replika_server.store._lock import FILE_MODE, DirectoryLock
+from replika_server.store.base import BackupError, BackupResult, StoreExists
 
-__all__ = ["BackupError", "BackupResult", "StoreExists", "hot_copy", "restore"]
+__all__ = ["hot_copy", "restore"]
 
 #: How often to start over when the broker grows its map between our opening the store and the copy's read
 #: transaction starting (LMDB then refuses the transaction until we adopt the new size).
 _RESIZE_RETRIES = 5
-
-
-class BackupError(Exception):
-    """The backup could not be made; the message says why. Nothing is left at the destination."""
-
-
-class StoreExists(BackupError):
-    """A restore would replace a store that is there: a mistake unless asked for (``force``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackupResult:
-    """A finished backup: where, its size in bytes, and how long the copy took in seconds."""
-
-    path: Path
-    size: int
-    seconds: float
 
 
 def hot_copy(data_dir: Path, dest: Path) -> BackupResult:
