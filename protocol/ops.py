@@ -23,6 +23,11 @@ class Op(enum.StrEnum):
     NACK = "nack"
     REJECT = "reject"
     TOUCH = "touch"
+    PEEK = "peek"
+    REDRIVE = "redrive"
+    PUBLISH_TOPIC = "publish_topic"
+    BIND = "bind"
+    UNBIND = "unbind"
 
 
 # A delivered message travels as a msgpack array, not a map: one fetch may carry thousands of them and the key

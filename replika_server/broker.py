@@ -12,20 +12,46 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol, TypeVar, cast
 
 import structlog
 
-from replika_protocol import ErrorCode
 from replika_server.metrics import BATCH_OPS_BUCKETS, LATENCY_BUCKETS, Histogram
-from replika_server.store import Expire, Fetch, Op, Release, Store, StoreError
+from replika_server.store import (
+    Delivery,
+    Expire,
+    Fetch,
+    Op,
+    Operation,
+    Release,
+    Result,
+    Store,
+    StoreCode,
+    StoreError,
+)
 
-__all__ = ["Broker", "Done"]
+__all__ = ["Broker", "Done", "FrontEnds"]
 
 log = structlog.get_logger("replika.broker")
 
-#: Called with the op's result, or with a StoreError.
-Done = Callable[[Any], None]
+R = TypeVar("R")
+#: Called with the op's result (of the type its ``Operation[R]`` names), or with the StoreError it failed with.
+Done = Callable[[R | StoreError], None]
+#: A done callback as the broker keeps it, for ops of every kind: each is only ever given its own op's result.
+_AnyDone = Callable[[Result | StoreError], None]
+_Job = tuple[Op, _AnyDone]
+
+
+class FrontEnds(Protocol):
+    """What the broker asks of the servers in front of it (implemented by the TCP server)."""
+
+    def batch_handed_out(self) -> None:
+        """Every result of a batch has been handed to its callback: write the replies now, one write per
+        connection, instead of a loop turn later."""
+
+    def reply_room(self, owner: int) -> int:
+        """Bytes of replies ``owner`` may still be sent before it must read some (0: none)."""
+
 
 # Coalesce lease-expiry timers: one wake-up serves every lease ending within this many seconds.
 _TIMER_SLACK = 0.005
@@ -38,7 +64,7 @@ class _Waiter:
 
     PARKED, PENDING, FINISHED = 0, 1, 2
 
-    def __init__(self, op: Fetch, done: Done, deadline: float) -> None:
+    def __init__(self, op: Fetch, done: Done[list[Delivery]], deadline: float) -> None:
         self.op = op
         self.done = done
         self.deadline = deadline
@@ -49,24 +75,27 @@ class _Waiter:
 class Broker:
     """Serialises batches onto the store and parks long-polling fetches. One per server, on one event loop."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, front_ends: FrontEnds | None = None, max_reply: int = 2**62) -> None:
+        """``front_ends`` (None: no reply room limit, no batch notice) bounds what fetches produce for a client
+        that does not read its replies: a fetch gets at most its owner's ``reply_room`` (but always at least one
+        message, so up to one message more) and at most ``max_reply`` bytes; with no room, it waits until
+        :meth:`resume` or until the owner's room comes back after a batch."""
         self._store = store
+        self._front_ends = front_ends
+        self._max_reply = max_reply
         self._loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Op, Done]] = []
+        self._pending: list[_Job] = []
         self._task: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[_Waiter]] = {}
         self._owner_waiters: dict[int, set[_Waiter]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closing = False
-        # While results are handed out, replies are only collected; after_dispatch (set by the server) then
+        # While results are handed out, replies are only collected; the front ends' batch_handed_out then
         # writes them, one write per connection, without waiting for another loop turn.
         self.dispatching = False
-        self.after_dispatch: Callable[[], None] = _nothing
-        # Outbound room per owner (set by limit_replies): fetches of an owner with no room wait in _deferred.
-        self._reply_room: Callable[[int], int] | None = None
-        self._max_reply = 2**62
-        self._deferred: dict[int, list[tuple[Op, Done]]] = {}
+        # Fetches of an owner with no outbound room wait here.
+        self._deferred: dict[int, list[_Job]] = {}
         self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
         self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
         # Leases, delays and TTLs that ran out while the broker was down are handled now, not at the first request.
@@ -81,14 +110,6 @@ class Broker:
     def batched_ops(self) -> int:
         """Requests those commits carried."""
         return int(self.batch_ops.sum)
-
-    def limit_replies(self, room: Callable[[int], int], max_reply: int) -> None:
-        """Bound what fetches produce for a client that does not read its replies: ``room(owner)`` is how many
-        more bytes of replies the owner may be sent. A fetch gets at most that much (but always at least one
-        message, so up to one message more); when it is 0, the fetch waits until :meth:`resume` or until the
-        owner's room comes back after a batch."""
-        self._reply_room = room
-        self._max_reply = max_reply
 
     def resume(self, owner: int) -> None:
         """``owner`` drained its replies: let its held-back fetches run."""
@@ -107,17 +128,17 @@ class Broker:
         return len(self._waiters.get(queue, ()))
 
     # ----------------------------------------------------------------------------------------------- submit
-    def submit(self, op: Op, done: Done) -> None:
+    def submit(self, op: Operation[R], done: Done[R]) -> None:
         """Queue ``op`` for the next batch; ``done`` gets its result once the batch is durable."""
         if self._closing:
-            done(StoreError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
+            done(StoreError(StoreCode.SHUTTING_DOWN, "the broker is shutting down"))
             return
-        self._pending.append((op, done))
+        self._pending.append((cast(Op, op), cast(_AnyDone, done)))
         if self._task is None:
             # The task's first step runs on the next loop turn, so every request parsed in this turn joins the batch.
             self._task = self._loop.create_task(self._run())
 
-    def fetch(self, op: Fetch, wait: float, done: Done) -> None:
+    def fetch(self, op: Fetch, wait: float, done: Done[list[Delivery]]) -> None:
         """Fetch, waiting up to ``wait`` seconds for the first message when none is ready."""
         if wait <= 0:
             self.submit(op, done)
@@ -135,7 +156,7 @@ class Broker:
         self._release(owner)
 
     def _release(self, owner: int) -> None:
-        def done(result: Any) -> None:
+        def done(result: StoreError | None) -> None:
             # A Release in a batch whose commit failed was undone with it: nobody else will end these leases.
             if isinstance(result, StoreError) and not self._closing:
                 self._release(owner)
@@ -147,8 +168,8 @@ class Broker:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                if self._reply_room is not None:
-                    batch = self._fit_fetches(batch, self._reply_room)
+                if self._front_ends is not None:
+                    batch = self._fit_fetches(batch, self._front_ends.reply_room)
                     if not batch:
                         break
                 # perf_counter, not loop.time(): uvloop's clock moves in millisecond steps, too coarse for commits.
@@ -157,7 +178,7 @@ class Broker:
                     result = await self._store.execute([op for op, _ in batch])
                 except Exception:
                     log.exception("batch_failed", ops=len(batch))
-                    error = StoreError(ErrorCode.INTERNAL, "internal error")
+                    error = StoreError(StoreCode.INTERNAL, "internal error")
                     for _, done in batch:
                         done(error)
                     continue
@@ -170,7 +191,8 @@ class Broker:
                     except Exception:  # one broken callback must not leave the rest of the batch unanswered
                         log.exception("reply_callback_failed")
                 self.dispatching = False
-                self.after_dispatch()
+                if self._front_ends is not None:
+                    self._front_ends.batch_handed_out()
                 for queue in result.readied:
                     self._wake(queue)
                 self._arm_timer()
@@ -179,10 +201,10 @@ class Broker:
         finally:
             self._task = None
 
-    def _fit_fetches(self, batch: list[tuple[Op, Done]], room_of: Callable[[int], int]) -> list[tuple[Op, Done]]:
+    def _fit_fetches(self, batch: list[_Job], room_of: Callable[[int], int]) -> list[_Job]:
         """Size each fetch to its owner's outbound room, holding back those of owners with none."""
         rooms: dict[int, int] = {}
-        kept: list[tuple[Op, Done]] = []
+        kept: list[_Job] = []
         for item in batch:
             op = item[0]
             if type(op) is Fetch:
@@ -202,12 +224,12 @@ class Broker:
     def _recheck_deferred(self) -> None:
         """Fetches held back within a batch (by earlier fetches' room) go again if their owner has room now.
         Owners still out of room have unsent replies above the high-water mark and will call :meth:`resume`."""
-        assert self._reply_room is not None
-        for owner in [o for o in self._deferred if self._reply_room(o) > 0]:
+        assert self._front_ends is not None
+        for owner in [o for o in self._deferred if self._front_ends.reply_room(o) > 0]:
             self._pending.extend(self._deferred.pop(owner))
 
     # ----------------------------------------------------------------------------------------------- long polls
-    def _waiter_result(self, waiter: _Waiter, result: Any) -> None:
+    def _waiter_result(self, waiter: _Waiter, result: list[Delivery] | StoreError) -> None:
         if waiter.state == _Waiter.FINISHED:
             return  # its connection closed meanwhile; Release ends any lease it just got
         if result == [] and not self._closing and self._loop.time() < waiter.deadline:
@@ -276,12 +298,12 @@ class Broker:
         self._closing = True  # first, so that a steady stream of requests cannot keep the drain going
         while self._task is not None:
             await self._task
-        callbacks = [w.done for parked in self._waiters.values() for w in parked]
+        callbacks: list[Done[list[Delivery]]] = [w.done for parked in self._waiters.values() for w in parked]
         for parked in list(self._waiters.values()):
             for waiter in list(parked):
                 self._finish_waiter(waiter)
         deferred, self._deferred = self._deferred, {}
-        callbacks += [done for held in deferred.values() for _, done in held]
+        callbacks += [done for held in deferred.values() for _, done in held]  # fetches, all of them
         for done in callbacks:
             try:
                 done([])  # a long poll ends empty, as at its deadline
@@ -290,7 +312,3 @@ class Broker:
         if self._timer is not None:
             self._timer.cancel()
         await self._store.close()
-
-
-def _nothing() -> None:
-    pass

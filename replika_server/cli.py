@@ -244,10 +244,10 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format, config.log_stream)
     import uvloop
 
-    from replika_server.server import Server, run_server
+    from replika_server.node import Node, run
     from replika_server.store import StoreInUse
 
-    def report_port(server: Server) -> None:
+    def report_port(server: Node) -> None:
         # The admin port first: a script waiting for the broker's port file may then read both.
         if config.admin_port_file is not None and server.admin_port is not None:
             config.admin_port_file.write_text(str(server.admin_port))
@@ -255,7 +255,7 @@ def _serve(args: argparse.Namespace) -> int:
             config.port_file.write_text(str(server.port))
 
     async def serve() -> None:
-        await run_server(config, on_ready=report_port)
+        await run(config, on_ready=report_port)
 
     try:
         uvloop.run(serve())

@@ -7,11 +7,10 @@ comes out. Field names and limits are those of SPEC.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from replika_protocol import MAX_HEADERS_BYTES, ErrorCode, Frame, is_valid_queue_name
+from replika_protocol import MAX_HEADERS_BYTES, ErrorCode, Frame, Op, is_valid_queue_name
 from replika_server.store import (
     Ack,
     Bind,
@@ -26,12 +25,12 @@ from replika_server.store import (
     QueueOptions,
     Redrive,
     Reject,
-    Settle,
     Stats,
     Touch,
     Unbind,
     is_valid_pattern,
 )
+from replika_server.store import Op as StoreOp
 from replika_server.store.base import DEFAULT_DEDUP_WINDOW, DEFAULT_RETRY_BACKOFF
 
 __all__ = ["Limits", "RequestError", "parse_op"]
@@ -114,7 +113,7 @@ def _int(frame: Frame, key: str, default: int | None, lo: int, hi: int) -> int |
     return value
 
 
-def _headers(value: Any) -> dict[str, str] | None:
+def _headers(value: object) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -196,7 +195,12 @@ def _publish_topic(frame: Frame, owner: int, limits: Limits) -> PublishTopic:
     return PublishTopic(topic, m.payloads, m.headers, m.priority, m.delay, m.ttl, m.dedup_ids)
 
 
-def _binding(cls: type[Bind] | type[Unbind]) -> Any:
+#: Turns a request's fields into its store op (the connection's lease owner id and the limits given), or raises
+#: RequestError.
+Parser = Callable[[Frame, int, Limits], StoreOp]
+
+
+def _binding(cls: type[Bind] | type[Unbind]) -> Parser:
     def parse(frame: Frame, owner: int, limits: Limits) -> Bind | Unbind:
         queue = queue_field(frame)
         pattern = frame.get("pattern")
@@ -250,8 +254,8 @@ def _leases(frame: Frame, limits: Limits) -> Iterable[Sequence[int]]:
     return leases
 
 
-def _settle(cls: type[Settle]) -> Any:
-    def parse(frame: Frame, owner: int, limits: Limits) -> Settle:
+def _settle(cls: type[Ack] | type[Reject]) -> Parser:
+    def parse(frame: Frame, owner: int, limits: Limits) -> Ack | Reject:
         return cls(queue_field(frame), _leases(frame, limits), owner)
 
     return parse
@@ -321,26 +325,35 @@ def _queues(frame: Frame, owner: int, limits: Limits) -> Stats:
     return Stats(None)
 
 
-_PARSERS: dict[str, Any] = {
-    "publish": _publish,
-    "ack": _settle(Ack),
-    "nack": _nack,
-    "reject": _settle(Reject),
-    "touch": _touch,
-    "declare": _declare,
-    "delete_queue": lambda frame, owner, limits: DeleteQueue(queue_field(frame)),
-    "purge": lambda frame, owner, limits: Purge(queue_field(frame)),
-    "stats": _stats,
-    "queues": _queues,
-    "peek": _peek,
-    "redrive": _redrive,
-    "publish_topic": _publish_topic,
-    "bind": _binding(Bind),
-    "unbind": _binding(Unbind),
+def _delete_queue(frame: Frame, owner: int, limits: Limits) -> DeleteQueue:
+    return DeleteQueue(queue_field(frame))
+
+
+def _purge(frame: Frame, owner: int, limits: Limits) -> Purge:
+    return Purge(queue_field(frame))
+
+
+#: Every op but hello, ping (the connection's own) and fetch (:func:`fetch_op`, which has a long-poll wait too).
+_PARSERS: dict[str, Parser] = {
+    Op.PUBLISH: _publish,
+    Op.ACK: _settle(Ack),
+    Op.NACK: _nack,
+    Op.REJECT: _settle(Reject),
+    Op.TOUCH: _touch,
+    Op.DECLARE: _declare,
+    Op.DELETE_QUEUE: _delete_queue,
+    Op.PURGE: _purge,
+    Op.STATS: _stats,
+    Op.QUEUES: _queues,
+    Op.PEEK: _peek,
+    Op.REDRIVE: _redrive,
+    Op.PUBLISH_TOPIC: _publish_topic,
+    Op.BIND: _binding(Bind),
+    Op.UNBIND: _binding(Unbind),
 }
 
 
-def parse_op(name: str, frame: Frame, owner: int, limits: Limits) -> Any:
+def parse_op(name: str, frame: Frame, owner: int, limits: Limits) -> StoreOp:
     """The store op for request ``frame`` (any op but hello, ping and fetch), or :class:`RequestError`."""
     parser = _PARSERS.get(name)
     if parser is None:

@@ -9,20 +9,20 @@ group commit, leases held by this connection), answered one at a time in order.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from replika_protocol import ErrorCode, Frame
+from replika_protocol import ErrorCode, Frame, Op
+from replika_server.auth import Principal
+from replika_server.pipeline import Outcome, Pipeline
+from replika_server.replies import reply_frame
 from replika_server.requests import RequestError
 from replika_server.store import StoreError
 
-if TYPE_CHECKING:
-    from replika_server.server import Connection, Server
-
-__all__ = ["TextSession", "is_text_start"]
+__all__ = ["TextConnection", "TextSession", "is_text_start"]
 
 #: Longest line before AUTH (when authentication is configured): nothing long is needed to log in.
 MAX_LINE_UNAUTHENTICATED = 4096
@@ -50,10 +50,33 @@ def is_text_start(first: int) -> bool:
     return 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
 
 
+class TextConnection(Protocol):
+    """What a text session needs of its connection (:class:`~replika_server.connection.Connection`)."""
+
+    principal: Principal | None
+    owner: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def closed(self) -> bool: ...
+
+    def write_pressure(self) -> bool:
+        """Whether replies are not being taken (answer no more lines until :meth:`TextSession.resume`)."""
+
+    def send_text(self, data: bytes) -> None: ...
+    def set_text_backlog(self, full: bool) -> None: ...
+    def begin_request(self) -> None: ...
+    def end_request(self) -> None: ...
+    def text_authenticated(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class TextSession:
-    def __init__(self, conn: Connection, server: Server) -> None:
+    def __init__(self, conn: TextConnection, pipeline: Pipeline, info: Callable[[], dict[str, object]]) -> None:
         self._conn = conn
-        self._server = server
+        self._pipeline = pipeline
+        self._info = info
         self._buf = bytearray()
         self._lines: collections.deque[bytes] = collections.deque()
         self._busy = False
@@ -81,7 +104,7 @@ class TextSession:
     def _max_line(self) -> int:
         if self._conn.principal is None:
             return MAX_LINE_UNAUTHENTICATED
-        return self._server.config.max_payload + 1024  # PUB carries a payload on its line
+        return self._pipeline.config.max_payload + 1024  # PUB carries a payload on its line
 
     def feed(self, data: bytes) -> None:
         if self._closing:
@@ -169,13 +192,18 @@ class TextSession:
 
     # ----------------------------------------------------------------------------------------------- requests
     def _request(self, op: str, frame: Frame, reply: Callable[[Frame], None]) -> None:
-        """Send ``frame`` down the binary protocol's path; ``reply`` gets the reply map."""
+        """Send ``frame`` down the binary protocol's path; ``reply`` gets the binary reply's fields."""
         principal = self._conn.principal
         assert principal is not None
-        run = self._server.admit(principal, op, {"op": op, **frame}, self._conn.owner)
+        admitted = self._pipeline.admit(principal, op, {"op": op, **frame}, self._conn.owner)
         self._busy = True
         self._conn.begin_request()
-        run(lambda result: self._done(result, reply))
+        store_op = admitted.op
+
+        def done(result: Outcome) -> None:
+            self._done(result if isinstance(result, StoreError) else reply_frame(store_op, result), reply)
+
+        admitted.run(done)
 
     def _done(self, result: Frame | StoreError, reply: Callable[[Frame], None]) -> None:
         self._busy = False
@@ -183,7 +211,7 @@ class TextSession:
         if self._conn.closed:
             return
         if isinstance(result, StoreError):
-            self._err(result.code, result.message)
+            self._err(ErrorCode(result.code), result.message)
         else:
             reply(result)
         self._next()
@@ -203,7 +231,7 @@ class TextSession:
     def _auth(self, args: list[str], rest: bytes) -> None:
         if len(args) != 1:
             raise RequestError(ErrorCode.BAD_REQUEST, "usage: AUTH <token>")
-        principal = self._server.authenticate(args[0])
+        principal = self._pipeline.authenticate(args[0])
         if principal is None:
             self._fatal(ErrorCode.UNAUTHORIZED, "unknown token")
             return
@@ -216,7 +244,7 @@ class TextSession:
         if not queue:
             raise RequestError(ErrorCode.BAD_REQUEST, "usage: PUB <queue> <text>")
         self._request(
-            "publish",
+            Op.PUBLISH,
             {"queue": queue.decode("utf-8", "replace"), "payloads": [payload]},
             lambda r: self._write(f"OK {r['first_id']}"),
         )
@@ -237,7 +265,7 @@ class TextSession:
                 lines.append(payload)
             self._write(*lines)
 
-        self._request("fetch", frame, reply)
+        self._request(Op.FETCH, frame, reply)
 
     def _settle(self, op: str, queue: str, handles: list[str], **extra: Any) -> None:
         ids, tokens = [], []
@@ -277,22 +305,15 @@ class TextSession:
         if len(args) > 1:
             raise RequestError(ErrorCode.BAD_REQUEST, "usage: STATS [queue]")
         if args:
-            self._request("stats", {"queue": args[0]}, lambda r: self._write("OK " + _fields(r["stats"])))
+            self._request(Op.STATS, {"queue": args[0]}, lambda r: self._write("OK " + _fields(r["stats"])))
             return
-        server = self._server
-        info = {
-            "version": server.version,
-            "uptime": f"{time.time() - server.started_at:.1f}",
-            "connections": len(server.connections),
-            "durability": server.config.durability,
-        }
-        self._write("OK " + " ".join(f"{k}={v}" for k, v in info.items()))
+        self._write("OK " + " ".join(f"{k}={v}" for k, v in self._info().items()))
 
     def _queues(self, args: list[str], rest: bytes) -> None:
         def reply(r: Frame) -> None:
             self._write(f"OK {len(r['queues'])}", *(_fields(s) for s in r["queues"]))
 
-        self._request("queues", {}, reply)
+        self._request(Op.QUEUES, {}, reply)
 
 
 #: What a settle's refusal reason (SPEC.md §5, settle ops) means, for a person at a terminal.

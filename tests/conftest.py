@@ -18,7 +18,7 @@ import pytest
 import uvloop
 
 from replika_server.config import Config
-from replika_server.server import Server
+from replika_server.node import Node as Server
 from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 from tests.tokens import AUTH, write
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import replika
 from replika_server.config import Config
-from replika_server.server import Server
+from replika_server.node import Node as Server
 from replika_server.store.lmdb_engine import LmdbStore
 from tests.conftest import WAIT, RunningServer, ServerProcess, serving
 from tests.tokens import ADMIN, AUTH, READER, write

@@ -18,7 +18,7 @@ import pytest
 import replika
 from replika_protocol import ErrorCode, Frame, encode_frame
 from replika_server.config import Config
-from replika_server.server import Server
+from replika_server.node import Node as Server
 from tests.conftest import WAIT, RunningServer
 from tests.raw import Raw, expect_error, header, padded_body
 

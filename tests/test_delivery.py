@@ -276,7 +276,7 @@ async def test_consume_reconnects_after_the_server_restarts(server: RunningServe
     port = server.port
     await server.server.stop()
     from replika_server.config import Config
-    from replika_server.server import Server
+    from replika_server.node import Node as Server
 
     server.server = await Server.start(Config(host="127.0.0.1", port=port, data_dir=server.data_dir, admin_port=None))
     async with replika.AsyncClient(server.url) as producer:

@@ -18,7 +18,7 @@ import replika
 from replika_protocol import ErrorCode
 from replika_server.auth import RateLimit, TokenBucket, load_auth
 from replika_server.config import Config, ConfigError, check_exposure, is_loopback
-from replika_server.server import Server
+from replika_server.node import Node as Server
 from tests.conftest import WAIT, ServerProcess, serving
 from tests.raw import Raw, expect_error, header
 from tests.tokens import ADMIN, AUTH, ORDERS, READER, write
@@ -462,7 +462,7 @@ async def test_a_flood_of_small_bad_requests_from_a_client_that_does_not_read_st
         for _ in range(40):
             conn.writer.write(junk * 65536)  # 320 KiB a write, 12.5 MiB in all, never reading a reply
             await asyncio.wait_for(conn.writer.drain(), WAIT)  # returns while the server keeps reading
-            assert transport.get_write_buffer_size() + server_conn._out_size < 1024 * 1024
+            assert transport.get_write_buffer_size() + server_conn._out.size < 1024 * 1024
             if not transport.is_reading():
                 break  # the server held back what it read and stopped reading: the flood is contained
         assert not transport.is_reading()
@@ -470,7 +470,7 @@ async def test_a_flood_of_small_bad_requests_from_a_client_that_does_not_read_st
 
 
 async def test_a_closed_connection_that_never_reads_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("replika_server.server.CLOSE_GRACE", 0.2)
+    monkeypatch.setattr("replika_server.connection.CLOSE_GRACE", 0.2)
     async with serving(tmp_path / "d", idle_timeout=0.3, max_payload=64 * 1024) as srv:
         async with replika.AsyncClient(srv.url) as client:
             await client.publish_many("q", [b"p" * 60_000] * 200)

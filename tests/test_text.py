@@ -145,7 +145,7 @@ async def test_a_flood_of_lines_from_a_client_that_does_not_read_stays_bounded(s
         await asyncio.wait_for(session.writer.drain(), WAIT)
         transport = conn._transport
         assert transport is not None
-        assert transport.get_write_buffer_size() + conn._out_size < 1024 * 1024
+        assert transport.get_write_buffer_size() + conn._out.size < 1024 * 1024
         if not transport.is_reading():
             break
     assert not transport.is_reading()  # held back until the client reads

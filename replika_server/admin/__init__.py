@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from replika_server.admin.sampler import Sampler
     from replika_server.config import Config
-    from replika_server.server import Server
+    from replika_server.node import Node as Server
 
 __all__ = ["AdminServer"]
 

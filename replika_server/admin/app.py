@@ -35,7 +35,7 @@ from replika_server.auth import Principal
 from replika_server.config import is_loopback
 
 if TYPE_CHECKING:
-    from replika_server.server import Server
+    from replika_server.node import Node as Server
 
 __all__ = ["create_app"]
 

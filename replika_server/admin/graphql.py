@@ -17,7 +17,7 @@ from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
 
 if TYPE_CHECKING:
-    from replika_server.server import Server
+    from replika_server.node import Node as Server
 
 __all__ = ["graphql_router"]
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from replika_protocol import ErrorCode, Frame
 from replika_server.auth import Principal
 from replika_server.requests import RequestError
-from replika_server.store import QueueStats, Stats, StoreError
+from replika_server.store import QueueStats, Stats, StoreCode, StoreError
 
 if TYPE_CHECKING:
-    from replika_server.server import Server
+    from replika_server.node import Node as Server
 
 __all__ = ["HTTP_OWNER", "ApiError", "Ops", "message_json"]
 
@@ -113,7 +113,7 @@ class Ops:
         run(functools.partial(_settle, done))
         result = await done
         if isinstance(result, StoreError):
-            raise ApiError(result.code, result.message)
+            raise ApiError(ErrorCode(result.code), result.message)
         return result
 
     async def all_stats(self) -> list[QueueStats]:
@@ -123,7 +123,7 @@ class Ops:
         self.broker.submit(Stats(None), functools.partial(_settle, done))
         result = await done
         if isinstance(result, StoreError):
-            raise ApiError(result.code, result.message)
+            raise ApiError(ErrorCode(result.code), result.message)
         return list(result)
 
     async def store_answers(self) -> None:
@@ -131,8 +131,8 @@ class Ops:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.broker.submit(Stats("replika-readyz-probe"), functools.partial(_settle, done))
         result = await done
-        if isinstance(result, StoreError) and result.code != ErrorCode.NOT_FOUND:
-            raise ApiError(result.code, result.message)
+        if isinstance(result, StoreError) and result.code != StoreCode.NOT_FOUND:
+            raise ApiError(ErrorCode(result.code), result.message)
 
     def info(self) -> dict[str, Any]:
         server = self.server

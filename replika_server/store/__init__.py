@@ -12,7 +12,9 @@ from pathlib import Path
 
 from replika_server.store._lock import StoreInUse
 from replika_server.store.base import (
+    MAX_QUEUE_NAME,
     SYSTEM_CLOCK,
+    VIEW_THRESHOLD,
     Ack,
     BackupError,
     BackupResult,
@@ -45,16 +47,20 @@ from replika_server.store.base import (
     StaleReason,
     Stats,
     Store,
+    StoreCode,
     StoreError,
     StoreExists,
     StoreOptions,
     Touch,
     Unbind,
     is_valid_pattern,
+    is_valid_queue_name,
 )
 
 __all__ = [
+    "MAX_QUEUE_NAME",
     "SYSTEM_CLOCK",
+    "VIEW_THRESHOLD",
     "Ack",
     "BackupError",
     "BackupResult",
@@ -87,6 +93,7 @@ __all__ = [
     "StaleReason",
     "Stats",
     "Store",
+    "StoreCode",
     "StoreError",
     "StoreExists",
     "StoreInUse",
@@ -97,6 +104,7 @@ __all__ = [
     "backup",
     "engine_of",
     "is_valid_pattern",
+    "is_valid_queue_name",
     "open",
     "restore",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
-from replika_protocol.framing import PASS_THROUGH
 from replika_server.store._engine import DELIVERY_OVERHEAD, EngineCore, state_value
 from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
 from replika_server.store._records import (
@@ -20,6 +19,7 @@ from replika_server.store._records import (
     unpack_key,
 )
 from replika_server.store.base import (
+    VIEW_THRESHOLD,
     Ack,
     DeadLetterReason,
     Delivery,
@@ -144,7 +144,7 @@ class Delivering(EngineCore):
             owned.add(t)
             records.append((key, pack_state(1, token, 0.0)))
             published_at, hlen = unpack_head(value)
-            if hlen or size - head >= PASS_THROUGH:
+            if hlen or size - head >= VIEW_THRESHOLD:
                 published_at, payload, headers = decode_delivered(value)
                 out.append((mid, token, 1, published_at, payload, headers))
             else:

@@ -18,7 +18,6 @@ from pathlib import Path
 import lmdb
 import structlog
 
-from replika_protocol import ErrorCode
 from replika_server.store._lock import FILE_MODE, DirectoryLock, tighten_modes
 from replika_server.store._queue import LEASED, READY, Lane, QueueState, Tracked
 from replika_server.store._records import (
@@ -33,7 +32,15 @@ from replika_server.store._records import (
 )
 from replika_server.store._topics import Bindings
 from replika_server.store._writes import Writes
-from replika_server.store.base import SYSTEM_CLOCK, Clock, DeadLetterReason, QueueOptions, StoreError, StoreOptions
+from replika_server.store.base import (
+    SYSTEM_CLOCK,
+    Clock,
+    DeadLetterReason,
+    QueueOptions,
+    StoreCode,
+    StoreError,
+    StoreOptions,
+)
 
 __all__ = ["DEAD_LETTER_HEADERS", "DEAD_LETTER_PREFIX", "DELIVERY_OVERHEAD", "EngineCore", "LmdbConfig"]
 
@@ -167,7 +174,7 @@ class EngineCore:
     def _queue(self, name: str) -> QueueState:
         q = self._queues.get(name)
         if q is None:
-            raise StoreError(ErrorCode.NOT_FOUND, f"queue {name!r} does not exist")
+            raise StoreError(StoreCode.NOT_FOUND, f"queue {name!r} does not exist")
         return q
 
     def _new_qnum(self) -> int:
@@ -183,7 +190,7 @@ class EngineCore:
             max_queues = self._config.max_queues
             if limited and len(self._queues) >= max_queues:
                 raise StoreError(
-                    ErrorCode.TOO_MANY_QUEUES,
+                    StoreCode.TOO_MANY_QUEUES,
                     f"cannot create queue {name!r}: the store holds {len(self._queues)} queues, its max_queues is "
                     f"{max_queues}",
                 )

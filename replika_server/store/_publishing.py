@@ -11,7 +11,6 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from replika_protocol import ErrorCode
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK
 from replika_server.store._engine import EngineCore, Ready, state_value
 from replika_server.store._queue import DELAYED, READY, Lane, QueueState, Tracked
@@ -29,6 +28,7 @@ from replika_server.store.base import (
     Publish,
     Published,
     PublishTopic,
+    StoreCode,
     StoreError,
     Unbind,
 )
@@ -68,7 +68,7 @@ class Publishing(EngineCore):
 
     def _publish(self, op: Publish) -> Published:
         if self._full:
-            raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
+            raise StoreError(StoreCode.STORE_FULL, "the store is full; consumers must drain it first")
         if op.priority or op.delay or op.ttl is not None or op.dedup_ids is not None:
             q = self._queues.get(op.queue)
             plan = self._plan(op.queue, q, op, self._clock.time())
@@ -239,7 +239,7 @@ class Publishing(EngineCore):
                 f"queue {name!r} is full: it holds {size} bytes, its max_bytes is {max_bytes}; {added} more do not "
                 f"fit{why}"
             )
-        raise StoreError(ErrorCode.QUEUE_FULL, message)
+        raise StoreError(StoreCode.QUEUE_FULL, message)
 
     def _oldest_ready(self, q: QueueState, over_count: int, over_bytes: int) -> list[Victim] | None:
         """The fewest ready messages of ``q``, lowest ids first across its lanes, whose removal frees at least
@@ -277,10 +277,10 @@ class Publishing(EngineCore):
             for name in names:
                 if not op.may_publish(name):
                     raise StoreError(
-                        ErrorCode.FORBIDDEN, f"may not publish to queue {name!r}, which topic {op.topic!r} reaches"
+                        StoreCode.FORBIDDEN, f"may not publish to queue {name!r}, which topic {op.topic!r} reaches"
                     )
         if self._full:
-            raise StoreError(ErrorCode.STORE_FULL, "the store is full; consumers must drain it first")
+            raise StoreError(StoreCode.STORE_FULL, "the store is full; consumers must drain it first")
         now = self._clock.time()
         sub = Publish("", op.payloads, op.headers, op.priority, op.delay, op.ttl, op.dedup_ids)
         plans = [(self._queues[name], self._plan(name, self._queues[name], sub, now)) for name in names]
@@ -297,7 +297,7 @@ class Publishing(EngineCore):
         if op.pattern in q.bindings:
             return
         if len(q.bindings) >= MAX_BINDINGS:
-            raise StoreError(ErrorCode.BAD_REQUEST, f"queue {q.name!r} has {MAX_BINDINGS} bindings, the most allowed")
+            raise StoreError(StoreCode.BAD_REQUEST, f"queue {q.name!r} has {MAX_BINDINGS} bindings, the most allowed")
         q.bindings.add(op.pattern)
         self._bindings.add(q.name, op.pattern)
         self._writes.meta[binding_key(q.name, op.pattern)] = b""

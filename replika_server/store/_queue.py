@@ -23,9 +23,8 @@ from __future__ import annotations
 import enum
 import heapq
 
-from replika_protocol import MAX_QUEUE_NAME
 from replika_server.store._dedup import DedupIndex
-from replika_server.store.base import MAX_RETRY_DELAY, QueueOptions, QueueStats
+from replika_server.store.base import MAX_QUEUE_NAME, MAX_RETRY_DELAY, QueueOptions, QueueStats
 
 
 class Status(enum.IntEnum):

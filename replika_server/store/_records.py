@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from replika_protocol.framing import PASS_THROUGH
+from replika_server.store.base import VIEW_THRESHOLD
 
 # msgs and state keys: (queue number u32, message id u64). A queue number, not its name, keeps keys at 12 bytes;
 # numbers are never reused, so a deleted queue's stray keys can never alias a new queue.
@@ -66,13 +66,13 @@ def decode_message(value: bytes | memoryview) -> tuple[float, bytes, dict[str, s
 
 
 def decode_delivered(value: bytes | memoryview) -> tuple[float, bytes | memoryview, dict[str, str] | None]:
-    """:func:`decode_message` for a delivery: a payload of at least ``PASS_THROUGH`` bytes is a view of
+    """:func:`decode_message` for a delivery: a payload of at least ``VIEW_THRESHOLD`` bytes is a view of
     ``value`` (which the caller must own: bytes, not a view into LMDB's map), not a copy of it. The reply
     passes it to the transport uncopied too, so a big message is copied once on its way out, not three times."""
     if isinstance(value, bytes):
         published_at, hlen = unpack_head(value)
         start = VALUE_HEAD_SIZE + hlen
-        if len(value) - start >= PASS_THROUGH:
+        if len(value) - start >= VIEW_THRESHOLD:
             headers: Any = msgpack.unpackb(value[VALUE_HEAD_SIZE:start], raw=False) if hlen else None
             return published_at, memoryview(value)[start:], headers
     return decode_message(value)

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from replika_protocol import ErrorCode
-
 __all__ = [
     "DEFAULT_DEDUP_WINDOW",
     "DEFAULT_RETRY_BACKOFF",
+    "MAX_QUEUE_NAME",
     "MAX_RETRY_DELAY",
     "SYSTEM_CLOCK",
+    "VIEW_THRESHOLD",
     "Ack",
     "BackupError",
     "BackupResult",
@@ -56,12 +56,14 @@ __all__ = [
     "StaleReason",
     "Stats",
     "Store",
+    "StoreCode",
     "StoreError",
     "StoreExists",
     "StoreOptions",
     "Touch",
     "Unbind",
     "is_valid_pattern",
+    "is_valid_queue_name",
 ]
 
 #: Seconds a dedup id is remembered unless the queue says otherwise: long enough to cover a producer's retries
@@ -150,16 +152,44 @@ def is_valid_pattern(pattern: object) -> bool:
 
 #: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).
 #: A tuple, not an object, because it goes straight onto the wire as a msgpack array.
-#: The payload is a memoryview (of bytes the store owns) when it is at least ``PASS_THROUGH`` bytes long.
+#: The payload is a memoryview (of bytes the store owns) when it is at least ``VIEW_THRESHOLD`` bytes long.
 Delivery = tuple[int, int, int, float, "bytes | memoryview", "dict[str, str] | None"]
 #: A message read by :class:`Peek`, without a lease: (id, attempts, published_at unix s, payload, headers or None).
 Peeked = tuple[int, int, float, bytes, "dict[str, str] | None"]
 
 
-class StoreError(Exception):
-    """An operation the store refused; ``code`` is the wire error code."""
+#: Longest queue name, in characters, and the names a queue may have: the wire protocol's rule (SPEC.md §5), kept
+#: here too because the store depends on no other layer; a test checks that the two agree.
+MAX_QUEUE_NAME = 255
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,255}")
+#: Payloads of at least this many bytes are handed out as views of what the store read (no copy); the framing
+#: passes such views to the socket uncopied (replika_protocol.framing.PASS_THROUGH, the same value).
+VIEW_THRESHOLD = 65536
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+
+def is_valid_queue_name(name: object) -> bool:
+    """True when ``name`` is a str of 1-255 characters from ``[A-Za-z0-9._:-]``."""
+    return isinstance(name, str) and _QUEUE_NAME.fullmatch(name) is not None
+
+
+class StoreCode(enum.StrEnum):
+    """Why the store refused an op: the same strings as the wire protocol's error codes (SPEC.md §6), which the
+    server turns them into."""
+
+    BAD_REQUEST = "BAD_REQUEST"
+    NOT_FOUND = "NOT_FOUND"
+    FORBIDDEN = "FORBIDDEN"
+    QUEUE_FULL = "QUEUE_FULL"
+    TOO_MANY_QUEUES = "TOO_MANY_QUEUES"
+    STORE_FULL = "STORE_FULL"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
+
+
+class StoreError(Exception):
+    """An operation the store refused; ``code`` says why (a wire error code's string)."""
+
+    def __init__(self, code: StoreCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

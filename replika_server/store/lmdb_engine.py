@@ -26,7 +26,6 @@ from typing import Any
 import lmdb
 import structlog
 
-from replika_protocol import ErrorCode, is_valid_queue_name
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK, Delivering
 from replika_server.store._engine import (
     DEAD_LETTER_HEADERS,
@@ -71,9 +70,11 @@ from replika_server.store.base import (
     Release,
     Stats,
     Store,
+    StoreCode,
     StoreError,
     Touch,
     Unbind,
+    is_valid_queue_name,
 )
 
 __all__ = ["LmdbConfig", "LmdbStore"]
@@ -197,7 +198,7 @@ class LmdbStore(Delivering, Publishing, Store):
             # A bug left the index half-changed; LMDB was not touched yet, so rebuild from it.
             log.exception("batch_apply_failed")
             self._recover_after_failure()
-            err = StoreError(ErrorCode.INTERNAL, "internal error while applying the batch")
+            err = StoreError(StoreCode.INTERNAL, "internal error while applying the batch")
             return BatchResult([err] * len(ops))
         finally:
             if self._rtxn is not None:
@@ -252,16 +253,16 @@ class LmdbStore(Delivering, Publishing, Store):
                     new_size = soft + self._reserve
                 else:
                     self._full = True
-                    return StoreError(ErrorCode.STORE_FULL, "the store has reached its maximum size")
+                    return StoreError(StoreCode.STORE_FULL, "the store has reached its maximum size")
                 self._env.set_mapsize(new_size)  # no transaction is open in this process here
                 log.info("store_map_grown", map_size=new_size)
             except lmdb.Error as exc:
                 if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
                     log.warning("store_disk_full", error=str(exc))
                     self._full = True
-                    return StoreError(ErrorCode.STORE_FULL, "the disk holding the store is full")
+                    return StoreError(StoreCode.STORE_FULL, "the disk holding the store is full")
                 log.error("store_commit_failed", error=str(exc))
-                return StoreError(ErrorCode.INTERNAL, f"commit failed: {exc}")
+                return StoreError(StoreCode.INTERNAL, f"commit failed: {exc}")
 
     def _used_bytes(self) -> int:
         """Bytes of live pages (free pages excluded), i.e. what the data needs, not the file's high-water mark."""
