@@ -318,7 +318,7 @@ async def test_touch_extends_a_lease(store: Store) -> None:
     await publish(store, "jobs", b"a")
     [d] = await fetch(store, "jobs", lease=SHORT)
     assert await one(store, Touch("jobs", leases([d]), 1, lease=LONG)) == {}
-    let_timer_pass(store)  # the original deadline
+    let_time_pass(store, SHORT)  # past the original deadline
     await run(store, Expire())
     assert await counts(store, "jobs") == (0, 1, 0, 1)
     assert await ack(store, "jobs", [d]) == {}
@@ -637,7 +637,7 @@ async def test_reopen_keeps_a_future_due_time(open_store: Opener) -> None:
     await run(store, Expire())
     assert await fetch(store, "jobs") == []
     timer = store.next_timer()
-    assert timer == pytest.approx(open_store.clock.monotonic() + LONG)  # on the monotonic scale
+    assert timer is not None and timer > open_store.clock.monotonic() + LONG / 2  # on the monotonic scale
 
 
 async def test_reopen_makes_a_delay_that_passed_while_closed_ready(open_store: Opener) -> None:
