@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import uvloop
 
 from replika_server.config import Config
 from replika_server.node import Node as Server
-from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
+from replika_server.store import Store
+from tests.engines import ENGINES, LmdbOpener, Opener, StoreSpace
 from tests.tokens import AUTH, write
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
@@ -141,41 +142,51 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 # ----------------------------------------------------------------------------------------------- stores
-@dataclass
-class Opener:
-    """Opens stores on one path; every store it opened is closed at teardown (close is idempotent)."""
-
-    path: Path
-    opened: list[LmdbStore] = field(default_factory=list)
-
-    async def __call__(self, **config: Any) -> LmdbStore:
-        store = await LmdbStore.open(LmdbConfig(path=self.path, **config))
-        self.opened.append(store)
-        return store
-
-    async def reopen(self, store: LmdbStore, **config: Any) -> LmdbStore:
-        await store.close()
-        return await self(**config)
-
-
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[Opener]:
-    """Stores on one path, closed at teardown; any unhandled event-loop exception fails the test."""
+@contextlib.asynccontextmanager
+async def _loop_errors_fail() -> AsyncIterator[None]:
+    """Any exception the event loop could not hand to anyone in the block fails the test."""
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-    opener = Opener(tmp_path / "s")
-    try:
-        yield opener
-    finally:
-        for store in opener.opened:
-            await store.close()
+    yield
     assert not errors, f"unhandled event loop errors: {errors}"
 
 
+@pytest.fixture(params=list(ENGINES))
+def store_space(request: pytest.FixtureRequest) -> Iterator[StoreSpace]:
+    """Fresh stores of one engine: every test that uses this (or ``open_store``, ``store``) runs once per entry of
+    tests/engines.py's ENGINES, so a new engine inherits the whole store contract suite."""
+    with ENGINES[request.param](request) as space:
+        yield space
+
+
 @pytest.fixture
-async def store(open_store: Opener) -> LmdbStore:
+async def open_store(store_space: StoreSpace) -> AsyncIterator[Opener]:
+    """Stores at one fresh URL of the engine under test, on a manual clock (``open_store.clock``), closed at
+    teardown; any unhandled event-loop exception fails the test."""
+    opener = Opener(store_space.new())
+    async with _loop_errors_fail():
+        try:
+            yield opener
+        finally:
+            await opener.close()
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> Store:
+    """An open, empty store of the engine under test, on a manual clock (``store.clock``)."""
     return await open_store()
+
+
+@pytest.fixture
+async def open_lmdb(tmp_path: Path) -> AsyncIterator[LmdbOpener]:
+    """LMDB stores at one path, on a manual clock, closed at teardown: for the tests of that engine itself."""
+    opener = LmdbOpener(tmp_path / "s")
+    async with _loop_errors_fail():
+        try:
+            yield opener
+        finally:
+            await opener.close()
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import pytest
 import replika
 from replika_server.store import StoreInUse
 from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
-from tests.conftest import WAIT, Opener, ServerProcess
+from tests.conftest import WAIT, ServerProcess
+from tests.engines import LmdbOpener
 
 
 def replika_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,12 +47,12 @@ def test_a_second_broker_on_a_live_data_directory_exits_2_and_touches_nothing(tm
         first.stop()
 
 
-async def test_a_second_store_in_the_same_process_is_refused_until_the_first_closes(open_store: Opener) -> None:
-    first = await open_store()
+async def test_a_second_store_in_the_same_process_is_refused_until_the_first_closes(open_lmdb: LmdbOpener) -> None:
+    first = await open_lmdb()
     with pytest.raises(StoreInUse, match=f"in use by pid {os.getpid()} on host "):
-        await LmdbStore.open(LmdbConfig(path=open_store.path))
+        await LmdbStore.open(LmdbConfig(path=open_lmdb.path))
     await first.close()
-    await open_store()  # the lock went with the first store
+    await open_lmdb()  # the lock went with the first store
 
 
 def test_kill_9_releases_the_lock(tmp_path: Path) -> None:
@@ -108,10 +109,10 @@ def test_restore_refuses_a_live_data_directory_and_an_existing_store(tmp_path: P
     assert missing.returncode == 1 and "no backup in" in missing.stderr
 
 
-async def test_the_store_is_owner_only(open_store: Opener) -> None:
-    store = await open_store()
+async def test_the_store_is_owner_only(open_lmdb: LmdbOpener) -> None:
+    store = await open_lmdb()
     await store.close()
-    path = open_store.path
+    path = open_lmdb.path
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
     assert files == {"data.mdb": 0o600, "lock.mdb": 0o600, "replika.lock": 0o600}
@@ -119,5 +120,5 @@ async def test_the_store_is_owner_only(open_store: Opener) -> None:
     # A store an older version left readable to others is tightened when opened.
     for name in files:
         (path / name).chmod(0o644)
-    await open_store()
+    await open_lmdb()
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == files

@@ -1,10 +1,11 @@
-"""The real LMDB store against a small in-memory model of the delivery semantics (hypothesis state machine).
+"""Each engine's store against a small in-memory model of the delivery semantics (hypothesis state machine).
 
 Every step runs one batch on the store and the same operation on the model, then compares what a client can see:
 each fetch's deliveries (ids, payloads, attempts, in order), each settle's failed map, and after every step the
-queue's counts, the ready messages in delivery order (peek) and the dead-letter queue's contents. The clock is
-virtual: the store's ``time`` is replaced by one that moves only when a step says so, so leases, delays, retry
-backoff and TTLs run out exactly when the model says, with no sleeping. Restarts close and reopen the store.
+queue's counts, the ready messages in delivery order (peek) and the dead-letter queue's contents. The store runs on
+a manual clock that moves only when a step says so, so leases, delays, retry backoff and TTLs run out exactly when
+the model says, with no sleeping. Restarts close and reopen the store. The machine runs once per engine (the
+``store_space`` fixture), each example on a fresh store.
 
 The default run is short, for the suite; ``REPLIKA_SM_EXAMPLES=5000`` (and ``REPLIKA_SM_STEPS``) runs it long.
 """
@@ -13,21 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TypeVar, cast
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
+from replika_server import store as stores
 from replika_server.store import (
     Ack,
+    Declare,
+    Delivery,
     Expire,
     Fetch,
     Nack,
+    Op,
+    Operation,
     Peek,
     Publish,
     Published,
@@ -35,30 +46,23 @@ from replika_server.store import (
     QueueOptions,
     StaleReason,
     Stats,
+    Store,
     StoreError,
+    StoreOptions,
     Touch,
 )
-from replika_server.store.base import Declare
-from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
+from replika_server.store.base import Expired
+from tests.clock import ManualClock
+from tests.engines import StoreSpace
 
 Q = "q"
 DLQ = "q.dlq"
-START = 1_800_000_000.0  # virtual unix seconds
 EXAMPLES = int(os.environ.get("REPLIKA_SM_EXAMPLES", "60"))
 STEPS = int(os.environ.get("REPLIKA_SM_STEPS", "50"))
 
-
-class VirtualTime:
-    """The store's clock: one virtual time for wall and monotonic time, moved only by the machine's steps."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
+T = TypeVar("T")
+R = TypeVar("R")
+R2 = TypeVar("R2")
 
 
 @dataclass
@@ -78,12 +82,13 @@ class Msg:
 
 
 class DeliveryMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, space: StoreSpace) -> None:
         super().__init__()
-        self.clock = VirtualTime()
-        self.dir = Path(tempfile.mkdtemp(prefix="replika-sm-"))
+        self.clock = ManualClock()
+        self.space = space
+        self.url = space.new()
         self.loop = asyncio.new_event_loop()
-        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False, clock=self.clock)))
+        self.store = self.open()
         self.msgs: dict[int, Msg] = {}
         self.next_id = 1
         self.dlq: list[tuple[int, bytes, str]] = []  # (priority, payload, reason) of each dead letter
@@ -97,19 +102,27 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.run(self.store.close())
             self.loop.close()
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.space.drop(self.url)
 
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(asyncio.wait_for(coro, 30))
+    def open(self) -> Store:
+        return self.run(stores.open(self.url, StoreOptions(durable=False, clock=self.clock)))
 
-    def one(self, op: Any) -> Any:
-        [result] = self.run(self.store.execute([op])).results
+    def run(self, aw: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(asyncio.wait_for(aw, 30))
+
+    def one(self, op: Operation[R]) -> R:
+        [result] = self.run(self.store.execute([cast(Op, op)])).results
         assert not isinstance(result, StoreError), result
-        return result
+        return cast(R, result)
+
+    def both(self, first: Operation[R], second: Operation[R2]) -> tuple[R, R2]:
+        a, b = self.run(self.store.execute([cast(Op, first), cast(Op, second)])).results
+        assert not isinstance(a, StoreError) and not isinstance(b, StoreError), (a, b)
+        return cast(R, a), cast(R2, b)
 
     # ------------------------------------------------------------------------------------------- the model
     def now(self) -> float:
-        return self.clock.now
+        return self.clock.time()
 
     def expiry(self, m: Msg) -> float | None:
         ends = [e for e in (m.expires,) if e is not None]
@@ -180,7 +193,9 @@ class DeliveryMachine(RuleBasedStateMachine):
         retry_delay=st.sampled_from([0.0, 0.0, 3.0]),
         expired=st.sampled_from(["dead_letter", "drop"]),
     )
-    def declare(self, max_attempts: int | None, message_ttl: float | None, retry_delay: float, expired: Any) -> None:
+    def declare(
+        self, max_attempts: int | None, message_ttl: float | None, retry_delay: float, expired: Expired
+    ) -> None:
         self.options = QueueOptions(
             max_attempts=max_attempts,
             message_ttl=message_ttl,
@@ -189,7 +204,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             retry_max_delay=10.0,
             expired=expired,
         )
-        assert self.one(Declare(Q, self.options)) is None
+        self.one(Declare(Q, self.options))
 
     @rule(
         n=st.integers(1, 3),
@@ -217,7 +232,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     def ack_and_fetch_in_one_batch(self, data: st.DataObject, count: int) -> None:
         # The fetch reads committed data, where the acked messages are still present: it must not see them.
         pairs = data.draw(st.lists(st.sampled_from(self.held), min_size=1, max_size=3))
-        acked, got = self.run(self.store.execute([Ack(Q, pairs, 1), Fetch(Q, count, 100.0, 1)])).results
+        acked, got = self.both(Ack(Q, pairs, 1), Fetch(Q, count, 100.0, 1))
         failed, ok = self.settle_model(pairs)
         assert acked == failed
         for m in ok:
@@ -229,14 +244,14 @@ class DeliveryMachine(RuleBasedStateMachine):
     def publish_and_fetch_in_one_batch(self, prio: int, ttl: float | None, count: int) -> None:
         # A fetch never sees what its own batch published, ready or not.
         op = Publish(Q, [f"m{self.next_id}".encode()], None, prio, 0.0, ttl)
-        published, got = self.run(self.store.execute([op, Fetch(Q, count, 100.0, 1)])).results
+        published, got = self.both(op, Fetch(Q, count, 100.0, 1))
         assert published == Published(self.next_id, 1)
         self.check_fetch(got, count, 100.0)
         now = self.now()
         self.msgs[self.next_id] = Msg(self.next_id, op.payloads[0], prio, now, now + ttl if ttl is not None else None)
         self.next_id += 1
 
-    def check_fetch(self, got: list[Any], count: int, lease: float) -> None:
+    def check_fetch(self, got: list[Delivery], count: int, lease: float) -> None:
         expected: list[Msg] = []
         for m in self.ready_order():
             if self.expired(m):
@@ -306,14 +321,14 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     @rule(dt=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 12.0, 30.0]))
     def advance(self, dt: float) -> None:
-        self.clock.now += dt
+        self.clock.advance(dt)
         self.one(Expire())
         self.timers()
 
     @rule()
     def restart(self) -> None:
         self.run(self.store.close())
-        self.store = self.run(LmdbStore.open(LmdbConfig(path=self.dir / "s", durable=False, clock=self.clock)))
+        self.store = self.open()
         self.acked = self.dropped = self.dead_lettered = 0
         for m in self.msgs.values():  # leases live in memory only; tokens, attempts and due times do not
             if m.status == "leased":
@@ -350,7 +365,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         if not self.dlq:
             return
         dead = self.one(Peek(DLQ, 1000))
-        got = sorted((d[3], d[4]["replika-dead-letter-reason"]) for d in dead)
+        got = sorted((d[3], (d[4] or {})["replika-dead-letter-reason"]) for d in dead)
         assert got == sorted((payload, reason) for _, payload, reason in self.dlq)
         # Dead letters keep their priority: the dead-letter queue delivers them highest first.
         prio_of = {payload: prio for prio, payload, _ in self.dlq}
@@ -358,10 +373,17 @@ class DeliveryMachine(RuleBasedStateMachine):
         assert prios == sorted(prios, reverse=True)
 
 
-DeliveryMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestDeliveryMachine = DeliveryMachine.TestCase
+
+
+def test_delivery_machine(store_space: StoreSpace) -> None:
+    class Machine(DeliveryMachine):  # hypothesis makes one per example, with no arguments
+        def __init__(self) -> None:
+            super().__init__(store_space)
+
+    run_state_machine_as_test(Machine, settings=SETTINGS)
