@@ -18,7 +18,14 @@ from typing import Any
 import structlog
 
 from replika_server import __version__, cli_client
-from replika_server.cli_client import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from replika_server.cli_client import (
+    EXIT_CODES,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STORE_FAILED,
+    EXIT_USAGE,
+)
 from replika_server.config import DEFAULT_PORT, Config, ConfigError, load_config_file, render_toml
 from replika_server.logs import configure_logging
 
@@ -218,6 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from replika_server.server import Server, run_server
+    from replika_server.store import StoreError
 
     def report_port(server: Server) -> None:
         # The admin port first: a script waiting for the broker's port file may then read both.
@@ -237,6 +245,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
         return EXIT_ERROR
+    except StoreError as exc:  # run_server's STORE_FAILED, raised once in-flight requests were answered
+        structlog.get_logger("replika").critical("exiting", code=exc.code, error=str(exc), exit_code=EXIT_STORE_FAILED)
+        return EXIT_STORE_FAILED
     return EXIT_OK
 
 

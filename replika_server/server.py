@@ -906,7 +906,8 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 
 async def run_server(config: Config, on_ready: Callable[[Server], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening. If the store
+    fails meanwhile, shut down the same way, then raise its ``STORE_FAILED`` :class:`StoreError`."""
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     server = await Server.start(config, admin_in_background=True)
     gc.freeze()  # what start-up made lives as long as the process: no collection needs to walk it
@@ -918,6 +919,14 @@ async def run_server(config: Config, on_ready: Callable[[Server], None] | None =
     # Only now tell whoever waits for us (a port file): a SIGTERM sent as soon as it appears must stop us cleanly.
     if on_ready is not None:
         on_ready(server)
-    await stop.wait()
-    log.info("shutting_down")
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.broker.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    failure = server.broker.failure
+    log.info("shutting_down", reason="store_failed" if failure is not None else "signal")
     await server.stop()
+    if failure is not None:
+        # Answered what was in flight; now exit non-zero, so that a supervisor restarts the broker and LMDB
+        # reopens at its last durable commit.
+        raise failure

@@ -28,6 +28,8 @@ class Ledger:
     confirmed: set[bytes] = field(default_factory=set)  # their publish was confirmed
     acked: set[bytes] = field(default_factory=set)  # their ack was confirmed
     refused: dict[str, int] = field(default_factory=dict)  # error codes the load met, by count
+    # Confirmed although sent after some reply said STORE_FAILED: a store that failed must take no more writes.
+    late: set[bytes] = field(default_factory=set)
 
     def violations(self, stored: set[bytes]) -> dict[str, list[bytes]]:
         """What ``stored`` (every payload in the store after the fault) breaks: ``lost`` (confirmed, never
@@ -36,6 +38,7 @@ class Ledger:
             "lost": sorted(self.confirmed - self.acked - stored),
             "resurrected": sorted(stored & self.acked),
             "phantom": sorted(stored - self.attempted),
+            "confirmed_after_store_failed": sorted(self.late),
         }
         return {kind: items for kind, items in found.items() if items}
 
@@ -53,6 +56,7 @@ async def _produce(client: replika.AsyncClient, queue: str, tag: str, ledger: Le
         batch = [f"{tag}:{i + j}".encode() for j in range(rng.choice((1, 1, 2, 5)))]
         i += len(batch)
         ledger.attempted.update(batch)
+        after_failure = "STORE_FAILED" in ledger.refused
         try:
             if len(batch) == 1:
                 await client.publish(queue, batch[0])
@@ -62,6 +66,8 @@ async def _produce(client: replika.AsyncClient, queue: str, tag: str, ledger: Le
             ledger.note(exc)
             return
         ledger.confirmed.update(batch)
+        if after_failure:
+            ledger.late.update(batch)
 
 
 async def _consume(client: replika.AsyncClient, queue: str, ledger: Ledger) -> None:
