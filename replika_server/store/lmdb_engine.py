@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,11 @@ INLINE_COMMIT_OPS = 1
 #: Ops that write nothing, answered from the last commit after the store failed.
 _READ_ONLY = (Stats, Peek)
 
+#: Free bytes on the store's disk below which a failed commit is put down to a full disk (STORE_FULL, retried
+#: once there is room again) rather than to a failing one: LMDB reports a write that a full disk cut short as
+#: EIO, not ENOSPC, and a short write leaves next to nothing free.
+DISK_FULL_FREE = 1024 * 1024
+
 
 class LmdbStore(Delivering, Publishing, Store):
     """See the module docstring. Create with :meth:`open`."""
@@ -114,6 +120,7 @@ class LmdbStore(Delivering, Publishing, Store):
         self._sync_task: asyncio.Task[None] | None = None
         self._failed: StoreError | None = None  # STORE_FAILED: a commit or sync failed, nothing more is written
         self._readable = True  # False if even reloading the last commit failed after that
+        self._out_of_disk = False  # _full because the disk is: cleared when it has room again, not only by deletes
         self._handlers: dict[type, Callable[[Any], Any]] = {
             Declare: self._declare,
             Publish: self._publish,
@@ -182,6 +189,11 @@ class LmdbStore(Delivering, Publishing, Store):
     async def _execute(self, ops: Sequence[Op]) -> BatchResult:
         results: list[Any] = []
         self._unleased.clear()
+        if self._out_of_disk and self._free_disk() >= DISK_FULL_FREE:
+            # Room again (files deleted, the disk grown): try publishes again; a commit that still does not fit
+            # sets the flag back.
+            self._full = self._out_of_disk = False
+            log.info("store_has_room_again", reason="disk")
         try:
             for op in ops:
                 try:
@@ -257,11 +269,20 @@ class LmdbStore(Delivering, Publishing, Store):
                 self._env.set_mapsize(new_size)  # no transaction is open in this process here
                 log.info("store_map_grown", map_size=new_size)
             except lmdb.Error as exc:
-                if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
-                    log.warning("store_disk_full", error=str(exc))
-                    self._full = True
+                enospc = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+                if enospc or self._free_disk() < DISK_FULL_FREE:
+                    log.warning("store_disk_full", error=str(exc), free_bytes=self._free_disk())
+                    self._full = self._out_of_disk = True
                     return StoreError(ErrorCode.STORE_FULL, "the disk holding the store is full")
                 return self._fail(exc)
+
+    def _free_disk(self) -> int:
+        """Bytes this process may still write on the store's disk (root may use the blocks kept for it)."""
+        try:
+            st = os.statvfs(self._config.path)
+        except OSError:
+            return 0
+        return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
     def _fail(self, exc: Exception) -> StoreError:
         """Fail the store for good (see the module docstring): the error every later write gets."""
