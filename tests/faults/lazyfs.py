@@ -180,14 +180,7 @@ class LazyFS(pyfuse3.Operations):  # type: ignore[misc]
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
         if fields.update_size:
-            self._change()
-            fd = os.open(path, os.O_RDWR)
-            try:
-                size = os.fstat(fd).st_size
-                self._remember(inode, fd, attr.st_size, max(0, size - attr.st_size))
-                os.ftruncate(fd, attr.st_size)
-            finally:
-                os.close(fd)
+            self._truncate(inode, path, attr.st_size)
         if fields.update_mode:
             _os(os.chmod, path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -201,6 +194,16 @@ class LazyFS(pyfuse3.Operations):  # type: ignore[misc]
             _os(os.utime, path, ns=(atime, mtime), follow_symlinks=False)
         return self._attrs(path)
 
+    def _truncate(self, inode: int, path: str, length: int) -> None:
+        self._change()
+        fd = _os(os.open, path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            self._remember(inode, fd, length, max(0, size - length))
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+
     def _open_fd(self, inode: int, path: str, flags: int, mode: int = 0o644) -> pyfuse3.FileInfo:
         # Read-write whatever was asked, so that a write on a write-only handle can read what it replaces.
         # O_DSYNC/O_SYNC are this layer's to honour (see write), not the backing disk's.
@@ -211,9 +214,10 @@ class LazyFS(pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=fd, keep_cache=False)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & os.O_TRUNC:
-            self._change()
-        return self._open_fd(inode, self._path(inode), flags & ~os.O_TRUNC)
+        path = self._path(inode)
+        if flags & os.O_TRUNC:  # libfuse passes O_TRUNC on to open (atomic_o_trunc) rather than as a setattr
+            self._truncate(inode, path, 0)
+        return self._open_fd(inode, path, flags & ~os.O_TRUNC)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any

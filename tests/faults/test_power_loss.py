@@ -10,15 +10,18 @@ relaxed`` (which confirms before syncing) must find losses, or the rig proves no
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.faults.ledger import Ledger, drain, run_load
-from tests.faults.rig import PowerRig, power_rig
+from tests.faults.rig import LazyMount, PowerRig, power_rig
 
 pytestmark = pytest.mark.faults
 
@@ -66,3 +69,35 @@ async def test_power_loss_catches_a_broker_that_confirms_before_syncing(tmp_path
         result = await _round(rig, ledger, 0, rng)
     assert result["dropped_writes"], result
     assert result["violations"].get("lost"), result  # type: ignore[attr-defined]
+
+
+def test_the_lazy_filesystem_drops_exactly_the_unsynced_writes(tmp_path: Path) -> None:
+    mount = LazyMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "ctl", tmp_path / "lazyfs.log")
+    (tmp_path / "backing").mkdir()
+    mount.mount()
+    try:
+        synced, lost = mount.mountpoint / "synced", mount.mountpoint / "lost"
+        fd = os.open(synced, os.O_CREAT | os.O_RDWR)
+        os.write(fd, b"durable")
+        os.fdatasync(fd)
+        os.pwrite(fd, b"DUR", 0)  # overwritten in place, never synced
+        os.pwrite(fd, b" and more", 7)  # grows the file, never synced
+        os.close(fd)
+        lost.write_bytes(b"never synced")
+        assert synced.read_bytes() == b"DURable and more"
+        # flock works between processes on the mount (the kernel handles it), as on a local disk
+        with synced.open("rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            other = f"import fcntl; fcntl.flock(open({str(synced)!r}, 'rb'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+            assert subprocess.run([sys.executable, "-c", other], capture_output=True).returncode != 0
+        assert mount.command("stats")["pending"] == 3
+        report = mount.command("crash")
+        assert report["dropped_writes"] == 3, report
+        with pytest.raises(OSError):
+            lost.write_bytes(b"after the power went")
+        mount.unmount()
+        mount.mount()  # the machine back on: a new mount, no page cache
+        assert synced.read_bytes() == b"durable"
+        assert lost.read_bytes() == b""  # created (directory entries are durable at once), its data lost
+    finally:
+        mount.force_unmount()
