@@ -923,9 +923,9 @@ async def run_server(config: Config, on_ready: Callable[[Server], None] | None =
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:
         wait.cancel()
-    failure = server.broker.failure
-    log.info("shutting_down", reason="store_failed" if failure is not None else "signal")
+    log.info("shutting_down", reason="signal" if stop.is_set() else "store_failed")
     await server.stop()
+    failure = server.broker.failure  # read after the drain, which may be where the store failed
     if failure is not None:
         # Answered what was in flight; now exit non-zero, so that a supervisor restarts the broker and LMDB
         # reopens at its last durable commit.
