@@ -265,8 +265,9 @@ def _os(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 async def _control(fs: LazyFS, path: str) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(path)
+    await sock.bind(path + ".new")
     sock.listen(8)
+    os.rename(path + ".new", path)  # the path appears only once it is listening: the rig waits for it
 
     async def serve(stream: trio.SocketStream) -> None:
         buf = b""

@@ -26,16 +26,20 @@ class Ledger:
 
     attempted: set[bytes] = field(default_factory=set)  # sent in a publish, confirmed or not
     confirmed: set[bytes] = field(default_factory=set)  # their publish was confirmed
+    acking: set[bytes] = field(default_factory=set)  # sent in an ack, confirmed or not
     acked: set[bytes] = field(default_factory=set)  # their ack was confirmed
     refused: dict[str, int] = field(default_factory=dict)  # error codes the load met, by count
-    # Confirmed although sent after some reply said STORE_FAILED: a store that failed must take no more writes.
+    # Confirmed although sent after some reply of the same broker said STORE_FAILED: a store that failed must
+    # take no more writes.
     late: set[bytes] = field(default_factory=set)
+    store_failed: bool = False  # a reply said STORE_FAILED during this load (reset by run_load)
 
     def violations(self, stored: set[bytes]) -> dict[str, list[bytes]]:
-        """What ``stored`` (every payload in the store after the fault) breaks: ``lost`` (confirmed, never
-        acked, gone), ``resurrected`` (acked and confirmed, back again), ``phantom`` (never published)."""
+        """What ``stored`` (every payload in the store after the fault) breaks: ``lost`` (confirmed, never sent
+        in an ack, gone: an ack in flight may have been applied), ``resurrected`` (acked and confirmed, back
+        again), ``phantom`` (never published)."""
         found = {
-            "lost": sorted(self.confirmed - self.acked - stored),
+            "lost": sorted(self.confirmed - self.acking - stored),
             "resurrected": sorted(stored & self.acked),
             "phantom": sorted(stored - self.attempted),
             "confirmed_after_store_failed": sorted(self.late),
@@ -44,10 +48,13 @@ class Ledger:
 
     def settle(self, drained: set[bytes]) -> None:
         """``drained`` was fetched and acked by :func:`drain`, with every ack confirmed."""
+        self.acking |= drained
         self.acked |= drained
 
     def note(self, exc: replika.ReplikaError) -> None:
         self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
+        if exc.code == "STORE_FAILED":
+            self.store_failed = True
 
 
 async def _produce(client: replika.AsyncClient, queue: str, tag: str, ledger: Ledger, rng: random.Random) -> None:
@@ -56,7 +63,7 @@ async def _produce(client: replika.AsyncClient, queue: str, tag: str, ledger: Le
         batch = [f"{tag}:{i + j}".encode() for j in range(rng.choice((1, 1, 2, 5)))]
         i += len(batch)
         ledger.attempted.update(batch)
-        after_failure = "STORE_FAILED" in ledger.refused
+        after_failure = ledger.store_failed
         try:
             if len(batch) == 1:
                 await client.publish(queue, batch[0])
@@ -75,6 +82,7 @@ async def _consume(client: replika.AsyncClient, queue: str, ledger: Ledger) -> N
         try:
             msgs = await client.fetch(queue, max=20, wait=0.2)
             if msgs:
+                ledger.acking.update(m.payload for m in msgs)
                 await client.ack(msgs)
         except replika.ReplikaError as exc:
             ledger.note(exc)
@@ -91,16 +99,18 @@ async def run_load(
     *,
     after: int,
     rng: random.Random,
+    consumers: int = 2,
 ) -> object:
-    """Publish (4 producers on 2 connections) and consume (2 consumers) on ``queue`` until ``after`` more
+    """Publish (4 producers on 2 connections) and consume (``consumers`` on a third) on ``queue`` until ``after`` more
     publishes are confirmed, then await ``fault()`` while the load still runs, and wait for the load to end by
     itself on the errors the fault causes. Returns what ``fault`` returned."""
     clients = [replika.AsyncClient(url) for _ in range(3)]
     for client in clients:
         await client.connect()
     start = len(ledger.confirmed)
+    ledger.store_failed = False  # a new broker (or a restarted one) owes nothing to an earlier one's failure
     tasks = [asyncio.ensure_future(_produce(clients[n % 2], queue, f"{tag}.{n}", ledger, rng)) for n in range(4)]
-    tasks += [asyncio.ensure_future(_consume(clients[2], queue, ledger)) for _ in range(2)]
+    tasks += [asyncio.ensure_future(_consume(clients[2], queue, ledger)) for _ in range(consumers)]
     try:
         async with asyncio.timeout(WAIT * 2):
             while len(ledger.confirmed) - start < after:
