@@ -4,6 +4,9 @@ Requests from every connection are queued with :meth:`Broker.submit` and execute
 of requests becomes one store batch, i.e. one write transaction and one fsync. While a batch commits, new requests
 pile up and become the next batch, so under load batches grow by themselves and the fsync cost per message falls.
 Each request's callback runs only after its batch is durable.
+
+When the store fails (a batch answered ``STORE_FAILED``: a write or fsync failed), the broker stops its timers
+and sets :attr:`Broker.failed`; the server then shuts down, and the process exits for a restart to recover.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class Broker:
         self.dispatching = False
         # Fetches of an owner with no outbound room wait here.
         self._deferred: dict[int, list[_Job]] = {}
+        self.failure: StoreError | None = None  # the store's STORE_FAILED error, once it failed
+        self.failed = asyncio.Event()  # set with failure: whoever runs the broker should stop it
         self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
         self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
         # Leases, delays and TTLs that ran out while the broker was down are handled now, not at the first request.
@@ -158,7 +163,8 @@ class Broker:
     def _release(self, owner: int) -> None:
         def done(result: StoreError | None) -> None:
             # A Release in a batch whose commit failed was undone with it: nobody else will end these leases.
-            if isinstance(result, StoreError) and not self._closing:
+            # (Not after the store failed: it refuses every write, and the leases end with the process.)
+            if isinstance(result, StoreError) and not self._closing and self.failure is None:
                 self._release(owner)
 
         self.submit(Release(owner), done)
@@ -182,6 +188,11 @@ class Broker:
                     for _, done in batch:
                         done(error)
                     continue
+                # The failed commit's batch is all STORE_FAILED, later ones refuse every write: the first result
+                # tells, at no cost per op.
+                first = result.results[0] if result.results else None
+                if type(first) is StoreError and first.code == StoreCode.STORE_FAILED and self.failure is None:
+                    self._store_failed(first)
                 self.batch_ops.observe(len(batch))
                 self.commit_seconds.observe(time.perf_counter() - started)
                 self.dispatching = True
@@ -200,6 +211,13 @@ class Broker:
                     self._recheck_deferred()
         finally:
             self._task = None
+
+    def _store_failed(self, error: StoreError) -> None:
+        self.failure = error
+        if self._timer is not None:  # expiring leases would only be refused, and re-armed, for ever
+            self._timer.cancel()
+            self._timer = None
+        self.failed.set()
 
     def _fit_fetches(self, batch: list[_Job], room_of: Callable[[int], int]) -> list[_Job]:
         """Size each fetch to its owner's outbound room, holding back those of owners with none."""
@@ -277,7 +295,7 @@ class Broker:
     # ----------------------------------------------------------------------------------------------- timers
     def _arm_timer(self) -> None:
         when = self._store.next_timer()
-        if when is None or self._closing:
+        if when is None or self._closing or self.failure is not None:
             return
         when += _TIMER_SLACK
         if self._timer is not None:

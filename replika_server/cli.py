@@ -18,7 +18,14 @@ from typing import Any
 import structlog
 
 from replika_server import __version__, cli_client
-from replika_server.cli_client import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from replika_server.cli_client import (
+    EXIT_CODES,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STORE_FAILED,
+    EXIT_USAGE,
+)
 from replika_server.config import DEFAULT_PORT, Config, ConfigError, load_config_file, render_toml
 from replika_server.logs import configure_logging
 
@@ -245,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from replika_server.node import Node, run
-    from replika_server.store import StoreInUse
+    from replika_server.store import StoreError, StoreInUse
 
     def report_port(server: Node) -> None:
         # The admin port first: a script waiting for the broker's port file may then read both.
@@ -266,6 +273,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         structlog.get_logger("replika").error("cannot_start", error=str(exc))
         return EXIT_ERROR
+    except StoreError as exc:  # run's STORE_FAILED, raised once in-flight requests were answered
+        structlog.get_logger("replika").critical("exiting", code=exc.code, error=str(exc), exit_code=EXIT_STORE_FAILED)
+        return EXIT_STORE_FAILED
     return EXIT_OK
 
 

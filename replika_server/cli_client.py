@@ -20,11 +20,22 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import replika
 
-__all__ = ["EXIT_CODES", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE", "add_commands", "run"]
+__all__ = [
+    "EXIT_CODES",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PIPE",
+    "EXIT_STORE_FAILED",
+    "EXIT_USAGE",
+    "add_commands",
+    "run",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the broker refused (its code on stderr), the connection failed, serve or backup failed
 EXIT_USAGE = 2  # bad arguments or settings (argparse's own code for them)
+EXIT_STORE_FAILED = 74  # serve: the store failed a write or fsync (sysexits' EX_IOERR); restart to recover
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 EXIT_PIPE = 141  # standard output closed by its reader (`| head`), as a shell reports SIGPIPE
 EXIT_CODES = f"""exit codes:
@@ -32,6 +43,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_ERROR}    failed: the broker refused (stderr: "replika: CODE: message", CODE as in SPEC.md) or
        cannot be reached; serve could not listen; backup could not copy
   {EXIT_USAGE}    bad usage: unknown flag, missing argument, invalid URL, invalid setting or config file
+  {EXIT_STORE_FAILED}   serve: the store failed a write or fsync (STORE_FAILED); what was in flight was answered,
+       nothing unsynced was confirmed; restart it (LMDB reopens at its last durable commit)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_PIPE}  standard output was closed early (e.g. piped into head)"""
 

@@ -211,7 +211,8 @@ class Node:
 
 
 async def run(config: Config, on_ready: Callable[[Node], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` runs once listening. If the store
+    fails meanwhile, shut down the same way, then raise its ``STORE_FAILED`` :class:`StoreError`."""
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     node = await Node.start(config, admin_in_background=True)
     gc.freeze()  # what start-up made lives as long as the process: no collection needs to walk it
@@ -223,6 +224,14 @@ async def run(config: Config, on_ready: Callable[[Node], None] | None = None) ->
     # Only now tell whoever waits for us (a port file): a SIGTERM sent as soon as it appears must stop us cleanly.
     if on_ready is not None:
         on_ready(node)
-    await stop.wait()
-    log.info("shutting_down")
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(node.broker.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    log.info("shutting_down", reason="signal" if stop.is_set() else "store_failed")
     await node.stop()
+    failure = node.broker.failure  # read after the drain, which may be where the store failed
+    if failure is not None:
+        # Answered what was in flight; now exit non-zero, so that a supervisor restarts the broker and LMDB
+        # reopens at its last durable commit.
+        raise failure

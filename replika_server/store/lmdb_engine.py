@@ -6,6 +6,12 @@ fsync) on a single commit thread, so the loop keeps parsing the next batch's req
 the group commit. Only one batch is ever in flight. If a commit fails, the in-memory index is rebuilt from LMDB,
 which the failed transaction never touched, and every op of the batch gets the error.
 
+A commit that fails for any reason but a full map or disk fails the store (``STORE_FAILED``), for good: after a
+failed write or fsync the kernel may have dropped the dirty pages and report the next fsync as fine (PostgreSQL's
+"fsyncgate"), so no later commit could be trusted to carry them. From then on every op that would write is
+refused with that error, reads (stats, peek) are answered from the last commit, and the broker exits so that a
+restart reopens LMDB at its last durable commit.
+
 What LMDB holds (layouts in :mod:`._records`): ``msgs`` (every message, under its lane's or the side prefix),
 ``state`` (a record per delivered, delayed or TTL'd message), ``dedup`` (dedup ids within their window) and
 ``meta`` (per queue its counters, options, lane and side prefixes; bindings; the token and prefix sequences; the
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +100,14 @@ _READABLE_SCHEMAS = (None, b"1", b"2")
 #: Batches of at most this many ops commit on the event loop thread instead of the commit thread.
 INLINE_COMMIT_OPS = 1
 
+#: Ops that write nothing, answered from the last commit after the store failed.
+_READ_ONLY = (Stats, Peek)
+
+#: Free bytes on the store's disk below which a failed commit is put down to a full disk (STORE_FULL, retried
+#: once there is room again) rather than to a failing one: LMDB reports a write that a full disk cut short as
+#: EIO, not ENOSPC, and a short write leaves next to nothing free.
+DISK_FULL_FREE = 1024 * 1024
+
 
 class LmdbStore(Delivering, Publishing, Store):
     """See the module docstring. Create with :meth:`open`."""
@@ -107,6 +122,9 @@ class LmdbStore(Delivering, Publishing, Store):
         # Room beyond max_size that only the batch which reached it, and later deletes, may use.
         self._reserve = max(4 * 1024 * 1024, config.max_size // 8)
         self._sync_task: asyncio.Task[None] | None = None
+        self._failed: StoreError | None = None  # STORE_FAILED: a commit or sync failed, nothing more is written
+        self._readable = True  # False if even reloading the last commit failed after that
+        self._out_of_disk = False  # _full because the disk is: cleared when it has room again, not only by deletes
         self._handlers: dict[type, Callable[[Any], Any]] = {
             Declare: self._declare,
             Publish: self._publish,
@@ -181,6 +199,8 @@ class LmdbStore(Delivering, Publishing, Store):
             raise RuntimeError("one batch at a time: the broker serialises execute()")
         self._busy = True
         try:
+            if self._failed is not None:
+                return self._refuse(ops, self._failed)
             return await self._execute(ops)
         finally:
             self._busy = False
@@ -188,6 +208,11 @@ class LmdbStore(Delivering, Publishing, Store):
     async def _execute(self, ops: Sequence[Op]) -> BatchResult:
         results: list[Any] = []
         self._unleased.clear()
+        if self._out_of_disk and self._free_disk() >= DISK_FULL_FREE:
+            # Room again (files deleted, the disk grown): try publishes again; a commit that still does not fit
+            # sets the flag back.
+            self._full = self._out_of_disk = False
+            log.info("store_has_room_again", reason="disk")
         try:
             for op in ops:
                 try:
@@ -217,7 +242,13 @@ class LmdbStore(Delivering, Publishing, Store):
             # and the thread hand-off costs it tens of microseconds of latency: commit it on the loop.
             error = await self._commit(writes, inline=len(ops) <= INLINE_COMMIT_OPS)
             if error is not None:
-                self._recover_after_failure()
+                try:
+                    self._recover_after_failure()
+                except lmdb.Error:
+                    if self._failed is None:
+                        raise
+                    log.exception("store_unreadable")  # LMDB may refuse every transaction after a fatal error
+                    self._readable = False
                 return BatchResult([error] * len(ops))
             self._token_seq_stored = self._token_seq
             if writes.deletes and self._full:
@@ -257,12 +288,47 @@ class LmdbStore(Delivering, Publishing, Store):
                 self._env.set_mapsize(new_size)  # no transaction is open in this process here
                 log.info("store_map_grown", map_size=new_size)
             except lmdb.Error as exc:
-                if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
-                    log.warning("store_disk_full", error=str(exc))
-                    self._full = True
+                enospc = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+                if enospc or self._free_disk() < DISK_FULL_FREE:
+                    log.warning("store_disk_full", error=str(exc), free_bytes=self._free_disk())
+                    self._full = self._out_of_disk = True
                     return StoreError(StoreCode.STORE_FULL, "the disk holding the store is full")
-                log.error("store_commit_failed", error=str(exc))
-                return StoreError(StoreCode.INTERNAL, f"commit failed: {exc}")
+                return self._fail(exc)
+
+    def _free_disk(self) -> int:
+        """Bytes this process may still write on the store's disk (root may use the blocks kept for it)."""
+        try:
+            st = os.statvfs(self._config.path)
+        except OSError:
+            return 0
+        return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+    def _fail(self, exc: Exception) -> StoreError:
+        """Fail the store for good (see the module docstring): the error every later write gets."""
+        log.critical("store_failed", error=str(exc), path=str(self._config.path))
+        self._failed = StoreError(
+            StoreCode.STORE_FAILED, f"the store failed ({exc}); nothing more is written until the broker restarts"
+        )
+        return self._failed
+
+    def _refuse(self, ops: Sequence[Op], failed: StoreError) -> BatchResult:
+        """A batch after the store failed: reads answered from the last commit, every other op refused."""
+        results: list[Any] = []
+        for op in ops:
+            if not (self._readable and type(op) in _READ_ONLY):
+                results.append(failed)
+                continue
+            try:
+                results.append(self._handlers[type(op)](op))
+            except StoreError as exc:
+                results.append(exc)
+            except lmdb.Error:
+                results.append(failed)
+        if self._rtxn is not None:
+            self._rtxn.abort()
+            self._rtxn = None
+        self._writes, self._touched, self._readied = Writes(), {}, set()  # reads log nothing; keep it that way
+        return BatchResult(results)
 
     def _used_bytes(self) -> int:
         """Bytes of live pages (free pages excluded), i.e. what the data needs, not the file's high-water mark."""
@@ -281,9 +347,10 @@ class LmdbStore(Delivering, Publishing, Store):
             await asyncio.sleep(self._config.sync_interval)
             try:
                 await loop.run_in_executor(self._executor, self._env.sync, True)
-            except lmdb.Error:
-                # Keep trying: relaxed mode's promise is a sync every interval, not one failure and silence.
-                log.exception("store_sync_failed")
+            except lmdb.Error as exc:
+                # Never try again: a second sync may succeed with the first one's pages already dropped.
+                self._fail(exc)
+                return
 
     async def close(self) -> None:
         if self._closed:
@@ -292,7 +359,8 @@ class LmdbStore(Delivering, Publishing, Store):
         if self._sync_task is not None:
             self._sync_task.cancel()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._env.sync, True)
+        if self._failed is None:  # after a failure a sync would only pretend: what it covers may be gone
+            await loop.run_in_executor(self._executor, self._env.sync, True)
         self._executor.shutdown(wait=True)
         self._env.close()
         self._lock.release()  # last: nobody may open the files while this process still writes them

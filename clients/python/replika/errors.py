@@ -19,6 +19,7 @@ __all__ = [
     "ReplikaError",
     "ShuttingDown",
     "StaleLease",
+    "StoreFailed",
     "StoreFull",
     "TooManyQueues",
     "Unauthorized",
@@ -118,6 +119,13 @@ class TooManyQueues(ReplikaError, codes=("TOO_MANY_QUEUES",)):
 
 class StoreFull(ReplikaError, codes=("STORE_FULL",)):
     """The broker's store cannot take more data until consumers drain it."""
+
+    retriable = True
+
+
+class StoreFailed(ReplikaError, codes=("STORE_FAILED",)):
+    """The broker's store failed a write or fsync: this request was not applied, or not durably, and the broker
+    refuses every write until it restarts (it exits to be restarted). Retriable against the restarted broker."""
 
     retriable = True
 
