@@ -3,21 +3,20 @@ mutations. Every field goes through the same operations, and so the same authori
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import strawberry
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 from strawberry.types import Info as ResolveInfo
 
+from replika_server.admin.deps import principal
+from replika_server.admin.errors import errors
 from replika_server.admin.ops import Ops, message_json
 from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
-
-if TYPE_CHECKING:
-    from replika_server.server import Server
 
 __all__ = ["graphql_router"]
 
@@ -177,12 +176,65 @@ class Mutation:
         return int(reply["moved"])
 
 
-def graphql_router(
-    server: Server, ops: Ops, sampler: Sampler, principal: Callable[[Request], Principal]
-) -> GraphQLRouter[Any, Any]:
-    schema = strawberry.Schema(query=Query, mutation=Mutation)
+async def _context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
+    return _Context(p, request.app.state.ops, request.app.state.sampler)
 
-    async def context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
-        return _Context(p, ops, sampler)
 
-    return GraphQLRouter(schema, context_getter=context)
+def graphql_router() -> GraphQLRouter[Any, Any]:
+    """GraphQL on ``""`` (mounted at ``/graphql``): POST a query, or GET one as ``?query=``; a GET without one,
+    from a browser, is the GraphiQL page."""
+    router: GraphQLRouter[Any, Any] = GraphQLRouter(
+        strawberry.Schema(query=Query, mutation=Mutation), context_getter=_context
+    )
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            _document(route)
+    return router
+
+
+#: The parts of a GraphQL request, in a POST's JSON body or as a GET's query parameters.
+_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["query"],
+    "properties": {
+        "query": {"type": "string", "description": "a GraphQL document"},
+        "variables": {"type": ["object", "null"]},
+        "operationName": {"type": ["string", "null"]},
+    },
+}
+_JSON_RESULT = {"application/json": {"schema": {"type": "object", "properties": {"data": {}, "errors": {}}}}}
+_REFUSED = {
+    "description": "not a GraphQL request (no query, a body that is not JSON, a mutation over GET)",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
+_POST = {
+    "summary": "Run a GraphQL query or mutation",
+    "body": {"requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST}}}},
+    "result": {
+        "description": "the result; errors in the query are in its 'errors' (GraphQL over HTTP, application/json)",
+        "content": _JSON_RESULT,
+    },
+}
+_GET = {
+    "summary": "Run a GraphQL query given as ?query=, or (from a browser, without one) the GraphiQL page",
+    "body": {
+        "parameters": [
+            {"name": "query", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "variables", "in": "query", "content": {"application/json": {"schema": {"type": "object"}}}},
+            {"name": "operationName", "in": "query", "required": False, "schema": {"type": "string"}},
+        ]
+    },
+    "result": {
+        "description": "the result as JSON; the GraphiQL page as HTML to a browser that asks without a query",
+        "content": {**_JSON_RESULT, "text/html": {"schema": {"type": "string"}}},
+    },
+}
+
+
+def _document(route: APIRoute) -> None:
+    """Strawberry's routes read the request themselves: say in the OpenAPI document what they take and give."""
+    post = "POST" in (route.methods or ())
+    doc: dict[str, Any] = _POST if post else _GET
+    route.summary = doc["summary"]
+    route.openapi_extra = doc["body"]
+    route.responses = {200: doc["result"], 400: _REFUSED, **errors(401, 403, *((413,) if post else ()))}
