@@ -27,7 +27,7 @@ from fastapi.openapi.utils import get_openapi
 
 from replika_server.admin import events, health, messages, pages, queues
 from replika_server.admin.deps import GUARDED
-from replika_server.admin.errors import install_handlers
+from replika_server.admin.errors import allow_table, install_handlers
 from replika_server.admin.graphql import graphql_router
 from replika_server.admin.guard import Guard
 from replika_server.admin.ops import Ops
@@ -62,10 +62,11 @@ def create_app(ops: Ops, sampler: Sampler) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     install_handlers(app)
-    for router in (health.router, queues.router, messages.router, events.router):
-        app.include_router(router)
-    app.include_router(graphql_router(), prefix="/graphql")
-    app.include_router(pages.router)
+    included = [(r, "") for r in (health.router, queues.router, messages.router, events.router)]
+    included += [(graphql_router(), "/graphql"), (pages.router, "")]
+    for router, prefix in included:
+        app.include_router(router, prefix=prefix)
+    app.state.allow = allow_table(app, included)
     app.openapi = lambda: _openapi(app, auth=config.auth is not None)  # type: ignore[method-assign]
     return app
 

@@ -8,17 +8,19 @@ code has some (``retry_after`` for ``RATE_LIMITED``). FastAPI's own request vali
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
-from fastapi import Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import Route, compile_path
 
 from replika_protocol import ErrorCode, Frame
 
-__all__ = ["STATUS", "ApiError", "ErrorBody", "errors", "install_handlers"]
+__all__ = ["STATUS", "ApiError", "ErrorBody", "allow_table", "errors", "install_handlers"]
 
 #: HTTP status per wire error code.
 STATUS = {
@@ -38,6 +40,9 @@ STATUS = {
     ErrorCode.STORE_FULL: 507,
     ErrorCode.SHUTTING_DOWN: 503,
 }
+
+#: Each route's path pattern and the methods it takes.
+AllowTable = list[tuple[re.Pattern[str], frozenset[str]]]
 
 #: The code of an error the web framework raises itself (a malformed JSON body, an unknown path).
 _FRAMEWORK_CODES = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 413: ErrorCode.PAYLOAD_TOO_LARGE}
@@ -116,15 +121,23 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _methods(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        allowed = getattr(route, "methods", None)
-        if allowed and route.matches(request.scope)[0] != Match.NONE:
-            methods |= allowed
-    return methods
+    path = request.url.path
+    table: AllowTable = request.app.state.allow
+    return {method for pattern, methods in table if pattern.match(path) for method in methods}
 
 
-def install_handlers(app: Any) -> None:
+def allow_table(app: FastAPI, included: Iterable[tuple[APIRouter, str]]) -> AllowTable:
+    """Each route's path pattern and methods, for ``Allow``: the app's own routes, and those of the routers it
+    ``included`` with their prefixes (recent FastAPI keeps an included router whole in ``app.routes``)."""
+    table = [(r.path_regex, frozenset(r.methods)) for r in app.router.routes if isinstance(r, Route) and r.methods]
+    for router, prefix in included:
+        for route in router.routes:
+            if isinstance(route, Route) and route.methods:
+                table.append((compile_path(prefix + route.path)[0], frozenset(route.methods)))
+    return table
+
+
+def install_handlers(app: FastAPI) -> None:
     """Give ``app`` the API's error shape for :class:`ApiError` and the framework's own refusals."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)

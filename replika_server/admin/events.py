@@ -28,6 +28,17 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
 
+#: One event of the stream (OpenAPI 3.1 describes a text/event-stream by its events); data is JSON.
+_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["history", "sample", "revoked"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+
+
 @router.get(
     "/events",
     summary="Server-sent events: a 'history' event, then a 'sample' event per second (queues, info)",
@@ -35,7 +46,7 @@ class EventStream(StreamingResponse):
     responses={
         200: {
             "description": "an endless event stream: 'history', then 'sample' events; 'revoked' ends it",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _EVENT}},
         },
         **errors(401, 403),
     },

@@ -3,6 +3,7 @@ mutations. Every field goes through the same operations, and so the same authori
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import strawberry
@@ -12,8 +13,9 @@ from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 from strawberry.types import Info as ResolveInfo
 
+from replika_protocol import ErrorCode
 from replika_server.admin.deps import principal
-from replika_server.admin.errors import errors
+from replika_server.admin.errors import ApiError, ErrorBody, errors
 from replika_server.admin.ops import Ops, message_json
 from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
@@ -177,7 +179,20 @@ class Mutation:
 
 
 async def _context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
+    if request.method == "POST" and "json" in request.headers.get("content-type", ""):
+        await _check_body(request)
     return _Context(p, request.app.state.ops, request.app.state.sampler)
+
+
+async def _check_body(request: Request) -> None:
+    """Strawberry answers a body that is not UTF-8, or JSON that is a string, a number, true or null, with a 500
+    (it calls .get() on it): refuse those first. The body stays cached on the request for Strawberry to read."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:  # not JSON, or not even UTF-8 (which Strawberry let through as a 500 too)
+        raise ApiError(ErrorCode.BAD_REQUEST, "the request body is not JSON") from None
+    if not isinstance(body, dict | list):
+        raise ApiError(ErrorCode.BAD_REQUEST, 'a GraphQL request is a JSON object: {"query": "..."}')
 
 
 def graphql_router() -> GraphQLRouter[Any, Any]:
@@ -197,14 +212,18 @@ _REQUEST: dict[str, Any] = {
     "type": "object",
     "required": ["query"],
     "properties": {
-        "query": {"type": "string", "description": "a GraphQL document"},
+        "query": {"type": "string", "minLength": 1, "description": "a GraphQL document"},
         "variables": {"type": ["object", "null"]},
-        "operationName": {"type": ["string", "null"]},
     },
+    # Not in the schema, since no schema can say which names the document defines: a name that is not there is
+    # a 400.
+    "description": "Also operationName: which operation of the document to run, when it holds several.",
 }
 _JSON_RESULT = {"application/json": {"schema": {"type": "object", "properties": {"data": {}, "errors": {}}}}}
 _REFUSED = {
-    "description": "not a GraphQL request (no query, a body that is not JSON, a mutation over GET)",
+    "model": ErrorBody,
+    "description": "not a GraphQL request (no query, a body that is not a JSON object, a mutation over GET, "
+    "an operationName the document does not define): text from Strawberry, or the API's JSON error",
     "content": {"text/plain": {"schema": {"type": "string"}}},
 }
 _POST = {
@@ -219,9 +238,8 @@ _GET = {
     "summary": "Run a GraphQL query given as ?query=, or (from a browser, without one) the GraphiQL page",
     "body": {
         "parameters": [
-            {"name": "query", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "query", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}},
             {"name": "variables", "in": "query", "content": {"application/json": {"schema": {"type": "object"}}}},
-            {"name": "operationName", "in": "query", "required": False, "schema": {"type": "string"}},
         ]
     },
     "result": {

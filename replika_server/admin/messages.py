@@ -9,16 +9,15 @@ with an XML body of its own, and a partly applied settle is a success to retry o
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from replika_protocol import ErrorCode
+from replika_protocol import ErrorCode, is_valid_queue_name
 from replika_server.admin.deps import OpsDep, Queue, Who
 from replika_server.admin.errors import ApiError, errors
-from replika_server.admin.models import U64_MAX, Leases, NothingSettled, PublishBatch, Settle, SettleReply, Touch
+from replika_server.admin.models import Leases, NothingSettled, PublishBatch, Settle, SettleReply, Touch
 from replika_server.admin.ops import Ops, message_json
 from replika_server.admin.seam import MAX_LEASE
 from replika_server.auth import Principal
@@ -62,9 +61,10 @@ async def publish(p: Who, queue: Queue, ops: OpsDep, request: Request) -> dict[s
 @router.post("/publish-batch", summary="Publish many messages (JSON)", responses=_PUBLISH)
 async def publish_batch(p: Who, queue: Queue, ops: OpsDep, batch: PublishBatch) -> dict[str, Any]:
     payloads = [_payload(m.payload, m.encoding) for m in batch.messages]
+    headers = [_headers(m.headers) for m in batch.messages]
     if not payloads:
+        _may_publish(p, queue)  # nothing to store, but a request the broker would refuse is refused
         return {"ids": []}
-    headers = [m.headers for m in batch.messages]
     fields: dict[str, Any] = {"queue": queue, "payloads": payloads}
     if any(headers):
         fields["headers"] = headers
@@ -73,16 +73,37 @@ async def publish_batch(p: Who, queue: Queue, ops: OpsDep, batch: PublishBatch) 
 
 
 def _payload(text: str, encoding: str) -> bytes:
-    try:
-        if encoding == "base64":
+    if encoding == "base64":
+        try:
             return base64.b64decode(text, validate=True)
-        if encoding == "utf-8":
-            return text.encode()
-    except binascii.Error:
-        raise ApiError(ErrorCode.BAD_REQUEST, "a payload is not valid base64") from None
-    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") has no UTF-8 form
-        raise ApiError(ErrorCode.BAD_REQUEST, "a payload is not valid Unicode text") from None
+        except ValueError:  # not base64, or not even ASCII
+            raise ApiError(ErrorCode.BAD_REQUEST, "a payload is not valid base64") from None
+    if encoding == "utf-8":
+        return _utf8(text, "a payload").encode()
     raise ApiError(ErrorCode.BAD_REQUEST, "encoding must be utf-8 or base64")
+
+
+def _headers(headers: dict[str, str] | None) -> dict[str, str] | None:
+    for key, value in (headers or {}).items():
+        _utf8(key, "a header name")
+        _utf8(value, "a header value")
+    return headers
+
+
+def _utf8(text: str, what: str) -> str:
+    """``text``, if it has a UTF-8 form: JSON's escapes can spell a lone surrogate ("\\ud800"), msgpack cannot."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"{what} is not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
+def _may_publish(p: Principal, queue: str) -> None:
+    if not is_valid_queue_name(queue):
+        raise ApiError(ErrorCode.BAD_REQUEST, "field 'queue' must be a queue name: 1-255 characters of [A-Za-z0-9._:-]")
+    if not p.may_publish(queue):
+        raise ApiError(ErrorCode.FORBIDDEN, f"token {p.name!r} may not publish to queue {queue!r}")
 
 
 @router.post(
@@ -92,11 +113,12 @@ async def fetch(
     p: Who,
     queue: Queue,
     ops: OpsDep,
-    max: Annotated[int, Query(ge=1, json_schema_extra={"maximum": U64_MAX})] = 1,
+    max: Annotated[int, Query(ge=1)] = 1,
     wait: Annotated[float, Query(ge=0, le=MAX_HTTP_WAIT)] = 0.0,
     lease: Annotated[float, Query(gt=0, json_schema_extra={"minimum": 0.001, "maximum": MAX_LEASE})] = 30.0,
 ) -> dict[str, Any]:
-    reply = await ops.call(p, "fetch", queue=queue, max=max, wait=wait, lease=lease)
+    # The broker lowers max to --max-batch too, but refuses one past 64 bits: here any count means "all you can".
+    reply = await ops.call(p, "fetch", queue=queue, max=min(max, ops.config.max_batch), wait=wait, lease=lease)
     return {"messages": [message_json(queue, m, leased=True) for m in reply["msgs"]]}
 
 

@@ -15,13 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from replika_server.admin.errors import ErrorBody
 from replika_server.admin.seam import MAX_DELAY, MAX_LEASE, StaleReason
 
-__all__ = ["U64_MAX", "Leases", "NothingSettled", "PublishBatch", "PublishMessage", "Settle", "SettleReply", "Touch"]
+__all__ = [
+    "MAX_JSON_INT",
+    "Leases",
+    "NothingSettled",
+    "PublishBatch",
+    "PublishMessage",
+    "Settle",
+    "SettleReply",
+    "Touch",
+]
 
-U64_MAX = 2**64 - 1
+#: The largest id or lease token a JSON body may carry: JSON's exact integers (RFC 7493, I-JSON), which a
+#: JavaScript client can hold; the broker's counters start at 1 and never come near it.
+MAX_JSON_INT = 2**53 - 1
 #: Standard base64 with its padding, as ``base64.b64decode(..., validate=True)`` takes it.
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
-_Id = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": U64_MAX})]
+_Id = Annotated[int, Field(ge=0, le=MAX_JSON_INT)]
 
 
 def _number(lo: float, hi: float, description: str) -> dict[str, Any]:
