@@ -2,7 +2,11 @@
 
 Starts a broker, runs traffic through three queues (after 40 seconds the sparklines and charts have a history),
 with some messages dead-lettered, and meanwhile saves ``dashboard.png`` (the queues) and
-``dashboard-queue.png`` (one queue's page) from headless chromium. Needs chromium and chromedriver.
+``dashboard-queue.png`` (one queue's page) from headless chromium. Needs chromium and chromedriver (Debian:
+``apt-get install chromium chromium-driver``, which ``./dev test`` installs).
+
+Each page is shot once its live feed is connected and has shown samples, never while it still says
+"connecting". Chromium runs with ``--no-sandbox``: as root (a container, CI) it refuses to start without it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,11 +24,16 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import replika
 
 TRAFFIC_SECONDS = 40
+#: Seconds to wait for a page, its live feed or a sample before giving up.
+PAGE_WAIT = 30
+#: Samples (one a second) a page shows before its screenshot: the rates and sparklines have settled.
+SETTLE_SAMPLES = 2
 
 
 def start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -62,6 +72,35 @@ async def traffic(url: str, seconds: float) -> None:
             await asyncio.sleep(0.25)
 
 
+def browser() -> WebDriver:
+    chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        raise SystemExit("needs chromium and chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,860"):
+        options.add_argument(arg)
+    options.binary_location = chromium
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+
+
+def sampled(driver: WebDriver) -> str:
+    """When the page last got a sample from the live feed ('' before the first)."""
+    return str(driver.find_element(By.TAG_NAME, "body").get_attribute("data-sampled") or "")
+
+
+def shoot(driver: WebDriver, url: str, ready_selector: str, path: Path) -> None:
+    """Open ``url``, wait until the live feed is on and ``ready_selector`` is shown, let SETTLE_SAMPLES samples
+    arrive, and save the screenshot to ``path``."""
+    wait = WebDriverWait(driver, PAGE_WAIT, poll_frequency=0.1)
+    driver.get(url)
+    wait.until(lambda d: "on" in (d.find_element(By.ID, "live").get_attribute("class") or ""), "the live feed")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ready_selector), ready_selector)
+    for _ in range(SETTLE_SAMPLES):
+        seen = sampled(driver)
+        wait.until(lambda d: sampled(d) not in ("", seen), "a sample")  # noqa: B023 (called before seen changes)
+    driver.save_screenshot(str(path))
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs")
     out.mkdir(parents=True, exist_ok=True)
@@ -72,20 +111,11 @@ def main() -> None:
             feeder = threading.Thread(target=lambda: asyncio.run(traffic(url, TRAFFIC_SECONDS + 30)), daemon=True)
             feeder.start()
             time.sleep(TRAFFIC_SECONDS)  # history for the sparklines and charts
-            options = webdriver.ChromeOptions()
-            for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,860"):
-                options.add_argument(arg)
-            options.binary_location = "/usr/bin/chromium"
-            driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+            driver = browser()
             try:
-                driver.get(f"http://127.0.0.1:{admin_port}/")
-                WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-queue="orders"]'))
-                time.sleep(2)  # two more samples: the sparklines and rates settle
-                driver.save_screenshot(str(out / "dashboard.png"))
-                driver.get(f"http://127.0.0.1:{admin_port}/#/queues/orders")
-                WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#peek-rows tr"))
-                time.sleep(2)
-                driver.save_screenshot(str(out / "dashboard-queue.png"))
+                base = f"http://127.0.0.1:{admin_port}/"
+                shoot(driver, base, 'tr[data-queue="orders"]', out / "dashboard.png")
+                shoot(driver, base + "#/queues/orders", "#peek-rows tr", out / "dashboard-queue.png")
             finally:
                 driver.quit()
         finally:

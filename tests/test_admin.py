@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import replika
+from replika_server.admin.seam import BrokerState, BrokerView
 from replika_server.config import Config
 from replika_server.node import Node as Server
 from replika_server.store.lmdb_engine import LmdbStore
@@ -28,6 +29,9 @@ from tests.tokens import ADMIN, AUTH, READER, write
 async def admin(tmp_path: Path) -> AsyncIterator[RunningServer]:
     async with serving(tmp_path / "d", admin_port=0) as srv:
         yield srv
+
+
+JSON = {"content-type": "application/json"}
 
 
 def http(srv: RunningServer, token: str | None = None) -> httpx.AsyncClient:
@@ -76,9 +80,70 @@ async def test_publish_fetch_and_ack_over_http_meet_the_tcp_protocol(admin: Runn
         reply = await h.post("/api/queues/jobs/nack", json={"leases": [[3, got[2]["lease"]]], "delay": 60})
         assert reply.json() == {"failed": {}}
         again = await h.post("/api/queues/jobs/ack", json={"leases": [[1, got[0]["lease"]]]})
-        assert again.json() == {"failed": {"1": "STALE_LEASE"}}
+        assert again.status_code == 409  # nothing was acked: a script checking the status sees it
+        assert again.json()["failed"] == {"1": "STALE_LEASE"} and again.json()["code"] == "STALE_LEASE"
         stats = await client.stats("jobs")
         assert (stats["ready"], stats["delayed"], stats["total"]) == (0, 1, 1)
+
+
+async def test_a_settle_that_settles_nothing_is_a_409_and_one_that_settles_some_lists_the_rest(
+    admin: RunningServer,
+) -> None:
+    async with http(admin) as h:
+        await h.post("/api/queues/jobs/publish-batch", json={"messages": [{"payload": str(i)} for i in range(4)]})
+        got = (await h.post("/api/queues/jobs/fetch", params={"max": 4})).json()["messages"]
+        a, b, c, d = ([m["id"], m["lease"]] for m in got)
+        for op, pair in (("ack", a), ("nack", b), ("reject", c)):
+            reply = await h.post(f"/api/queues/jobs/{op}", json={"leases": [pair, pair]})  # a repeat is sent once
+            assert (reply.status_code, reply.json()) == (200, {"failed": {}}), op
+        touched = await h.post("/api/queues/jobs/touch", json={"leases": [d], "lease": 120})
+        assert (touched.status_code, touched.json()) == (200, {"failed": {}})
+        never = [b[0], d[1] + 1000]  # a token this broker never issued
+        for op in ("ack", "nack", "reject", "touch"):
+            stale = await h.post(f"/api/queues/jobs/{op}", json={"leases": [a, never]})
+            assert stale.status_code == 409, op
+            assert stale.json() == {
+                "code": "STALE_LEASE",
+                "message": "no lease was settled: each lease is stale (see reasons)",
+                "failed": {str(a[0]): "STALE_LEASE", str(b[0]): "STALE_LEASE"},
+                "reasons": {str(a[0]): "gone", str(b[0]): "unknown"},
+            }, op
+        # Two tokens for one message: the reply, keyed by id, cannot say whether one of them applied.
+        either = await h.post("/api/queues/jobs/touch", json={"leases": [d, [d[0], d[1] + 1000]]})
+        assert (either.status_code, either.json()["failed"]) == (200, {str(d[0]): "STALE_LEASE"})
+        some = await h.post("/api/queues/jobs/ack", json={"leases": [d, b]})
+        assert some.status_code == 200  # d was acked; b had been nacked, so its token is spent
+        assert some.json() == {"failed": {str(b[0]): "STALE_LEASE"}, "reasons": {str(b[0]): "settled"}}
+        assert (await h.get("/api/queues/jobs")).json()["total"] == 1  # b ready again; a and d acked
+        dead = (await h.get("/api/queues/jobs/dead-letters")).json()["messages"]
+        assert [m["payload"] for m in dead] == ["2"]  # c, rejected
+        spec = (await h.get("/openapi.json")).json()
+        for op in ("ack", "nack", "reject", "touch"):
+            assert "409" in spec["paths"][f"/api/queues/{{queue}}/{op}"]["post"]["responses"], op
+
+
+async def test_the_framework_s_refusals_have_the_api_s_shape_and_a_true_allow_header(admin: RunningServer) -> None:
+    async with http(admin) as h:
+        missing = await h.get("/api/no/such/path")
+        assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND")
+        not_json = await h.post("/api/queues/jobs/ack", content=b"{", headers={"content-type": "application/json"})
+        assert not_json.status_code == 422 and not_json.json()["detail"]  # FastAPI's validation, as documented
+        for path, allowed in (("/api/queues/jobs", "DELETE, GET"), ("/graphql", "GET, POST")):
+            refused = await h.request("PUT", path)
+            assert (refused.status_code, refused.headers["allow"]) == (405, allowed), path
+        # Text that has no UTF-8 form (JSON can spell a lone surrogate) is refused, not a 500.
+        for message in ({"payload": "\ud800"}, {"payload": "x", "headers": {"k": "\ud800"}}):
+            body = json.dumps({"messages": [message]})  # "\\ud800": valid JSON, not valid Unicode
+            bad = await h.post("/api/queues/jobs/publish-batch", content=body, headers=JSON)
+            assert (bad.status_code, bad.json()["code"]) == (400, "BAD_REQUEST"), message
+        nothing = await h.post("/api/queues/bad name!/publish-batch", json={"messages": []})
+        assert nothing.status_code == 400  # an empty batch still names a queue the broker would take
+        graphql = await h.post("/graphql", content=b'"a string"', headers={"content-type": "application/json"})
+        assert graphql.status_code == 400
+
+
+async def test_the_broker_is_what_the_sidecar_s_seam_says(admin: RunningServer) -> None:
+    assert isinstance(admin.server, BrokerView) and isinstance(admin.server.broker, BrokerState)
 
 
 async def test_errors_carry_the_protocol_codes(admin: RunningServer) -> None:

@@ -65,6 +65,8 @@ def test_the_dashboard_shows_queues_filling_and_draining_live(
 ) -> None:
     browser.get(f"http://127.0.0.1:{broker.admin_port}/")
     wait_for(browser, "the live feed connects", lambda d: "on" in d.find_element(By.ID, "live").get_attribute("class"))
+    # What scripts/dashboard_screenshot.py waits for before a screenshot.
+    wait_for(browser, "a first sample", lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-sampled"))
     with replika.Client(broker.url) as client:
         client.declare("jobs", max_attempts=1)
         client.publish_many("jobs", [b"job %d" % i for i in range(5)])

@@ -1,5 +1,6 @@
 """The admin sidecar: an HTTP server in the broker's own process and event loop (dashboard, admin API, GraphQL,
-Prometheus metrics), reading the broker's state directly.
+Prometheus metrics), reading the broker's state directly, through one narrow view
+(:class:`~replika_server.admin.seam.BrokerView`).
 
 Built on FastAPI (OpenAPI docs at ``/docs`` for free, request validation from type hints, Strawberry's GraphQL
 router) served by uvicorn, started here on the broker's running loop rather than through ``uvicorn.run``, which
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
     import uvicorn
 
     from replika_server.admin.sampler import Sampler
+    from replika_server.admin.seam import BrokerView
     from replika_server.config import Config
-    from replika_server.node import Node as Server
 
 __all__ = ["AdminServer"]
 
@@ -57,8 +58,9 @@ class AdminServer:
         sock.setblocking(False)
         return cls(config, sock)
 
-    async def serve(self, server: Server, *, import_in_thread: bool = False) -> None:
-        """Load the web stack and start answering HTTP on the bound socket."""
+    async def serve(self, node: BrokerView, *, import_in_thread: bool = False) -> None:
+        """Load the web stack and start answering HTTP on the bound socket, for the broker ``node`` (anything
+        with the members of :class:`~replika_server.admin.seam.BrokerView`)."""
         if import_in_thread:
             # The import holds the GIL in slices: the loop keeps serving the broker's connections meanwhile.
             await asyncio.to_thread(lambda: [importlib.import_module(name) for name in _WEB_STACK])
@@ -68,9 +70,9 @@ class AdminServer:
         from replika_server.admin.ops import Ops
         from replika_server.admin.sampler import Sampler
 
-        ops = Ops(server)
+        ops = Ops(node)
         sampler = Sampler(ops)
-        app = create_app(server, ops, sampler)
+        app = create_app(ops, sampler)
         http = uvicorn.Server(
             uvicorn.Config(
                 app,

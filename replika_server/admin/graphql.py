@@ -3,21 +3,22 @@ mutations. Every field goes through the same operations, and so the same authori
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import json
+from typing import Any
 
 import strawberry
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.scalars import JSON
 from strawberry.types import Info as ResolveInfo
 
+from replika_protocol import ErrorCode
+from replika_server.admin.deps import principal
+from replika_server.admin.errors import ApiError, ErrorBody, errors
 from replika_server.admin.ops import Ops, message_json
 from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
-
-if TYPE_CHECKING:
-    from replika_server.node import Node as Server
 
 __all__ = ["graphql_router"]
 
@@ -177,12 +178,81 @@ class Mutation:
         return int(reply["moved"])
 
 
-def graphql_router(
-    server: Server, ops: Ops, sampler: Sampler, principal: Callable[[Request], Principal]
-) -> GraphQLRouter[Any, Any]:
-    schema = strawberry.Schema(query=Query, mutation=Mutation)
+async def _context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
+    if request.method == "POST" and "json" in request.headers.get("content-type", ""):
+        await _check_body(request)
+    return _Context(p, request.app.state.ops, request.app.state.sampler)
 
-    async def context(request: Request, p: Principal = Depends(principal)) -> _Context:  # noqa: B008
-        return _Context(p, ops, sampler)
 
-    return GraphQLRouter(schema, context_getter=context)
+async def _check_body(request: Request) -> None:
+    """Strawberry answers a body that is not UTF-8, or JSON that is a string, a number, true or null, with a 500
+    (it calls .get() on it): refuse those first. The body stays cached on the request for Strawberry to read."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:  # not JSON, or not even UTF-8 (which Strawberry let through as a 500 too)
+        raise ApiError(ErrorCode.BAD_REQUEST, "the request body is not JSON") from None
+    if not isinstance(body, dict | list):
+        raise ApiError(ErrorCode.BAD_REQUEST, 'a GraphQL request is a JSON object: {"query": "..."}')
+
+
+def graphql_router() -> GraphQLRouter[Any, Any]:
+    """GraphQL on ``""`` (mounted at ``/graphql``): POST a query, or GET one as ``?query=``; a GET without one,
+    from a browser, is the GraphiQL page."""
+    router: GraphQLRouter[Any, Any] = GraphQLRouter(
+        strawberry.Schema(query=Query, mutation=Mutation), context_getter=_context
+    )
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            _document(route)
+    return router
+
+
+#: The parts of a GraphQL request, in a POST's JSON body or as a GET's query parameters.
+_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["query"],
+    "properties": {
+        "query": {"type": "string", "minLength": 1, "description": "a GraphQL document"},
+        "variables": {"type": ["object", "null"]},
+    },
+    # Not in the schema, since no schema can say which names the document defines: a name that is not there is
+    # a 400.
+    "description": "Also operationName: which operation of the document to run, when it holds several.",
+}
+_JSON_RESULT = {"application/json": {"schema": {"type": "object", "properties": {"data": {}, "errors": {}}}}}
+_REFUSED = {
+    "model": ErrorBody,
+    "description": "not a GraphQL request (no query, a body that is not a JSON object, a mutation over GET, "
+    "an operationName the document does not define): text from Strawberry, or the API's JSON error",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
+_POST = {
+    "summary": "Run a GraphQL query or mutation",
+    "body": {"requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST}}}},
+    "result": {
+        "description": "the result; errors in the query are in its 'errors' (GraphQL over HTTP, application/json)",
+        "content": _JSON_RESULT,
+    },
+}
+_GET = {
+    "summary": "Run a GraphQL query given as ?query=, or (from a browser, without one) the GraphiQL page",
+    "body": {
+        "parameters": [
+            {"name": "query", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}},
+            {"name": "variables", "in": "query", "content": {"application/json": {"schema": {"type": "object"}}}},
+        ]
+    },
+    "result": {
+        "description": "the result as JSON; the GraphiQL page as HTML to a browser that asks without a query",
+        "content": {**_JSON_RESULT, "text/html": {"schema": {"type": "string"}}},
+    },
+}
+
+
+def _document(route: APIRoute) -> None:
+    """Strawberry's routes read the request themselves: say in the OpenAPI document what they take and give."""
+    post = "POST" in (route.methods or ())
+    doc: dict[str, Any] = _POST if post else _GET
+    route.summary = doc["summary"]
+    route.openapi_extra = doc["body"]
+    route.responses = {200: doc["result"], 400: _REFUSED, **errors(401, 403, *((413,) if post else ()))}

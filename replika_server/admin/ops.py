@@ -1,6 +1,9 @@
 """What the HTTP APIs (JSON and GraphQL) do to the broker: the same requests as the TCP protocol, built as request
 frames and sent down the same path (validation, authorization, rate limits, group commit), so that HTTP can never
 do what a TCP client with the same token could not.
+
+:class:`Ops` is the only holder of the :class:`~replika_server.admin.seam.BrokerView`: the routes, the sampler and
+GraphQL ask it, never the broker.
 """
 
 from __future__ import annotations
@@ -9,58 +12,20 @@ import asyncio
 import base64
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from replika_protocol import ErrorCode, Frame
+from replika_server.admin.errors import ApiError
+from replika_server.admin.prometheus import render
+from replika_server.admin.seam import BrokerView, QueueStats, RequestError, Stats, StoreCode, StoreError
 from replika_server.auth import Principal
-from replika_server.requests import RequestError
-from replika_server.store import QueueStats, Stats, StoreCode, StoreError
-
-if TYPE_CHECKING:
-    from replika_server.node import Node as Server
+from replika_server.config import Config
 
 __all__ = ["HTTP_OWNER", "ApiError", "Ops", "message_json"]
 
 #: The lease owner of fetches made over HTTP. Connection owners count from 1; this one is never released, so
 #: HTTP leases end by ack, nack or their deadline, as a stateless client needs.
 HTTP_OWNER = 0
-
-#: HTTP status per wire error code.
-STATUS = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.UNKNOWN_OP: 400,
-    ErrorCode.BAD_FRAME: 400,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.TOO_MANY_QUEUES: 409,
-    ErrorCode.PAYLOAD_TOO_LARGE: 413,
-    ErrorCode.BATCH_TOO_LARGE: 413,
-    ErrorCode.FRAME_TOO_LARGE: 413,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.QUEUE_FULL: 507,
-    ErrorCode.STORE_FULL: 507,
-    ErrorCode.SHUTTING_DOWN: 503,
-}
-
-
-class ApiError(Exception):
-    """An error for an HTTP client: the wire code, a message, the HTTP status and extra fields."""
-
-    def __init__(self, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
-        self.status = STATUS.get(code, 500)
-
-    @property
-    def extensions(self) -> dict[str, Any]:
-        """GraphQL errors carry these (graphql-core copies an original error's ``extensions``)."""
-        return {"code": self.code.value, **self.extra}
-
-    def body(self) -> dict[str, Any]:
-        return {"code": self.code.value, "message": self.message, **self.extra}
 
 
 def _settle(done: asyncio.Future[Any], result: Any) -> None:
@@ -96,18 +61,26 @@ def message_json(queue: str, m: list[Any] | tuple[Any, ...], leased: bool) -> di
 
 
 class Ops:
-    """Broker operations on behalf of a principal, raising :class:`ApiError`."""
+    """Broker operations on behalf of a principal, raising :class:`ApiError`, and the broker's state as the
+    sidecar shows it."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.broker = server.broker
+    def __init__(self, node: BrokerView) -> None:
+        self._node = node
+
+    @property
+    def config(self) -> Config:
+        return self._node.config
+
+    @property
+    def version(self) -> str:
+        return self._node.version
 
     async def call(self, principal: Principal, op: str, **fields: Any) -> Any:
         """Run request ``op`` with ``fields`` (as a TCP client would send them) and return its reply map."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Frame | StoreError] = loop.create_future()
         try:
-            run = self.server.admit(principal, op, {"op": op, **fields}, HTTP_OWNER)
+            run = self._node.admit(principal, op, {"op": op, **fields}, HTTP_OWNER)
         except RequestError as exc:
             raise ApiError(exc.code, exc.message, exc.extra) from None
         run(functools.partial(_settle, done))
@@ -118,37 +91,68 @@ class Ops:
 
     async def all_stats(self) -> list[QueueStats]:
         """Every queue's stats, unfiltered (for the sampler; callers filter by principal)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
-        self.broker.submit(Stats(None), functools.partial(_settle, done))
-        result = await done
+        result = await self._stats(None)
         if isinstance(result, StoreError):
             raise ApiError(ErrorCode(result.code), result.message)
         return list(result)
 
     async def store_answers(self) -> None:
         """A round trip through the broker's batch loop and the store, as cheap as one can be (for /readyz)."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.broker.submit(Stats("replika-readyz-probe"), functools.partial(_settle, done))
-        result = await done
+        result = await self._stats("replika-readyz-probe")
         if isinstance(result, StoreError) and result.code != StoreCode.NOT_FOUND:
             raise ApiError(ErrorCode(result.code), result.message)
 
+    async def _stats(self, queue: str | None) -> list[QueueStats] | StoreError:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._node.broker.submit(Stats(queue), functools.partial(_settle, done))
+        result: list[QueueStats] | StoreError = await done
+        return result
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        """Who ``token`` is; None for nobody. Without ``--auth`` everybody is the anonymous principal."""
+        return self._node.authenticate(token)
+
+    def successor(self, principal: Principal) -> Principal | None:
+        """``principal`` after the latest auth reload: itself without ``--auth``, None once revoked."""
+        auth = self._node.auth
+        return principal if auth is None else auth.successor(principal)
+
+    def consumers(self, queue: str) -> int:
+        """Fetches long-polling ``queue`` now."""
+        return self._node.broker.consumers(queue)
+
     def info(self) -> dict[str, Any]:
-        server = self.server
-        config = server.config
+        node = self._node
+        config = node.config
         return {
-            "version": server.version,
-            "uptime_seconds": round(time.time() - server.started_at, 3),
-            "started_at": server.started_at,
-            "connections": len(server.connections),
-            "connections_accepted": server.accepted,
-            "connections_refused": server.refused,
+            "version": node.version,
+            "uptime_seconds": round(time.time() - node.started_at, 3),
+            "started_at": node.started_at,
+            "connections": len(node.connections),
+            "connections_accepted": node.accepted,
+            "connections_refused": node.refused,
             "durability": config.durability,
-            "store_bytes": server.store_bytes(),
+            "store_bytes": node.store_bytes(),
             "max_store_bytes": config.max_store_size,
             "tls": config.tls_cert is not None,
             "auth": config.auth is not None,
-            "port": server.port,
-            "batches": self.broker.batches,
+            "port": node.port,
+            "batches": node.broker.batches,
         }
+
+    async def metrics(self) -> str:
+        """``/metrics`` in the Prometheus text format."""
+        node = self._node
+        return render(
+            await self.all_stats(),
+            version=node.version,
+            uptime=time.time() - node.started_at,
+            connections=len(node.connections),
+            accepted=node.accepted,
+            refused=node.refused,
+            store_bytes=node.store_bytes(),
+            max_store_bytes=node.config.max_store_size,
+            publish_confirm=node.publish_confirm,
+            batch_requests=node.broker.batch_ops,
+            commit_seconds=node.broker.commit_seconds,
+        )

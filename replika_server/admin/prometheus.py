@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from replika_server.admin.seam import QueueStats
 from replika_server.metrics import Histogram
-from replika_server.store import QueueStats
 
 __all__ = ["CONTENT_TYPE", "render"]
 

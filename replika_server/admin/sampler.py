@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from replika_server.store import QueueStats
+from replika_server.admin.seam import QueueStats
 
 if TYPE_CHECKING:
     from replika_server.admin.ops import Ops
@@ -109,7 +109,7 @@ class Sampler:
         dead = by_name.get(s.dead_letter)
         row = s.as_dict()
         row["dead"] = dead.total if dead is not None else 0
-        row["consumers"] = self._ops.broker.consumers(s.name)
+        row["consumers"] = self._ops.consumers(s.name)
         row["rates"] = rates
         return row
 

@@ -71,6 +71,8 @@ function setLive(on) {
 }
 
 function onSample(sample) {
+  // When the page last got a sample (seconds since the epoch): what screenshots and tests wait for.
+  document.body.dataset.sampled = String(sample.t);
   renderInfo(sample.info);
   const seen = new Set();
   for (const row of sample.queues) {
