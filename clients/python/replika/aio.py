@@ -11,11 +11,15 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from replika._core import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    CONSUME_POLL,
     DEFAULT_URL,
-    ClientCore,
+    ClientProtocol,
+    Payload,
+    as_bytes,
     check,
     check_queue,
-    hand_back_request,
     parse_url,
     publish_ids,
     publish_options,
@@ -24,18 +28,10 @@ from replika._core import (
     topic_ids,
 )
 from replika._message import Message, PeekedMessage
-from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
-from replika_protocol import Frame, ProtocolError
+from replika.errors import ConnectionLost, ReplikaError
+from replika_protocol import Frame
 
 __all__ = ["AsyncClient"]
-
-Payload = bytes | bytearray | memoryview | str
-#: How long each fetch of consume() waits on the server for a message, in seconds. Short enough to notice a
-#: dead connection, long enough that an idle consumer costs next to nothing.
-CONSUME_POLL = 5.0
-#: Reconnect backoff of consume(), in seconds: first delay and ceiling.
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 5.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -100,14 +96,12 @@ class AsyncClient:
     ) -> None:
         self._endpoint = parse_url(url)
         self._ssl = tls_context(self._endpoint, ssl)
-        self._core = ClientCore(client_name, token)
+        self._core: ClientProtocol[asyncio.Future[Frame]] = ClientProtocol(client_name, token, self._endpoint, _waiting)
         self._connect_timeout = connect_timeout
         self._keepalive: asyncio.TimerHandle | None = None
         self._protocol: _Protocol | None = None
         self._last_write = 0.0
         self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, tuple[asyncio.Future[Frame], str | None]] = {}
-        self._out: list[bytes] = []
         self._flush_scheduled = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -153,13 +147,12 @@ class AsyncClient:
                 )
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
-            self._core.reset()
+            self._core.connection_made()
             self._transport = transport
             self._protocol = protocol
-            rid, data = self._core.hello()
             hello: asyncio.Future[Frame] = loop.create_future()
-            self._pending[rid] = (hello, None)
-            self._write(data)
+            self._core.send(*self._core.hello(), hello)
+            self._schedule_flush()
             protocol.adopt()
             try:
                 reply = await asyncio.wait_for(hello, self._connect_timeout)
@@ -180,8 +173,8 @@ class AsyncClient:
             return
         if asyncio.get_running_loop().time() - self._last_write >= interval * 0.9:
             rid, data = self._core.request("ping")
-            self._pending[rid] = (_unawaited_future(), None)  # its reply needs no one
-            self._write(data)
+            self._core.send(rid, data, None)  # its reply needs no one
+            self._schedule_flush()
         self._arm_keepalive()
 
     async def close(self) -> None:
@@ -211,40 +204,22 @@ class AsyncClient:
         self._fail_pending(ConnectionLost(f"connection to the broker lost{reason}"))
 
     def _fail_pending(self, error: ReplikaError) -> None:
-        pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
+        for fut in self._core.connection_lost():
             if not fut.done():
                 fut.set_exception(error)
 
     def _on_data(self, data: bytes) -> None:
-        try:
-            frames = self._core.decoder.feed(data)
-        except ProtocolError as exc:
-            self._fail_pending(ProtocolViolation(f"bad reply stream: {exc}", exc.code.value))
+        core = self._core
+        for fut, frame in core.receive_data(data):
+            fut.set_result(frame)
+        if core.failure is not None:
+            self._fail_pending(core.failure)
             self._abort()
-            return
-        for frame in frames:
-            entry = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
-            if entry is None:
-                if frame.get("id") is None and frame.get("ok") is False:
-                    # A connection-level error: the server closes after sending it.
-                    self._fail_pending(error_from_reply(frame))
-                continue
-            fut, fetch_queue = entry
-            if not fut.done():
-                fut.set_result(frame)
-            elif fetch_queue is not None and frame.get("msgs"):
-                self._return_abandoned(fetch_queue, frame["msgs"])
-
-    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
-        rid, data = hand_back_request(self._core, queue, msgs)
-        self._pending[rid] = (_unawaited_future(), None)
-        self._write(data)
+        elif core.has_data_to_send:  # fetches nobody waits for any more are handed back
+            self._schedule_flush()
 
     # ----------------------------------------------------------------------------------------------- requests
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Coalesce every request made in this loop turn into one write (one syscall).
@@ -252,24 +227,29 @@ class AsyncClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and self._transport is not None and not self._transport.is_closing():
-            out, self._out = self._out, []
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-            self._last_write = asyncio.get_running_loop().time()
+        if self._transport is not None and not self._transport.is_closing():
+            data = self._core.data_to_send()
+            if data:
+                self._transport.write(data)
+                self._last_write = asyncio.get_running_loop().time()
 
     async def _send(self, rid: int, data: bytes, fetch_queue: str | None) -> Frame:
         if self._transport is None:
             raise ConnectionLost("not connected")
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (fut, fetch_queue)
-        self._write(data)
-        if not self._writable.is_set():
-            try:
+        self._core.send(rid, data, fut, fetch_queue)
+        self._schedule_flush()
+        try:
+            if not self._writable.is_set():
                 await self._writable.wait()
-            except asyncio.CancelledError:
-                fut.cancel()  # so that a fetch's late reply is handed back, not left holding leases
-                raise
-        return await fut
+            return await fut
+        except asyncio.CancelledError:
+            # Its reply is dropped when it comes, a fetch's messages handed back rather than left holding leases.
+            fut.cancel()
+            if fetch_queue is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._core.hand_back(fetch_queue, fut.result())  # it landed before the cancellation reached us
+                self._schedule_flush()
+            raise
 
     async def _send_all(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
         """Pipeline ``requests`` and await every reply. One request is awaited directly: gather() would wrap it
@@ -434,7 +414,7 @@ class AsyncClient:
         """Store many messages; return their ids in order. Split into requests as the server's limits need,
         all pipelined. ``priority``, ``delay`` and ``ttl`` apply to every message (see :meth:`publish`);
         ``dedup_ids`` has one entry (str or None) per payload."""
-        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        items = [as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
         extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
@@ -466,7 +446,7 @@ class AsyncClient:
         check_queue(topic)
         extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
         await self._ensure()
-        item = [_as_bytes(payload, self._core.max_payload)]
+        item = [as_bytes(payload, self._core.max_payload)]
         hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
         chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
         return {queue: ids[0] for queue, ids in topic_ids(await self._send_all(chunks)).items()}
@@ -569,18 +549,6 @@ class AsyncClient:
                     await self._settle("nack", rest, delay=0.0, unseen=True)
 
 
-def _unawaited_future() -> asyncio.Future[Frame]:
-    """A future for a reply nobody waits for (a keep-alive ping, a hand-back): its failure, when the connection
-    drops, is expected and must not be reported as an exception never retrieved."""
-    fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-    fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-    return fut
-
-
-def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:
-    data = payload.encode() if isinstance(payload, str) else payload
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"payload must be bytes-like or str, not {type(payload).__name__}")
-    if len(data) > limit:
-        raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the server's limit of {limit}")
-    return data
+def _waiting(fut: asyncio.Future[Frame]) -> bool:
+    """Whether the caller still waits for this reply (a cancelled call's future is done)."""
+    return not fut.done()

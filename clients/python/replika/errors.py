@@ -11,6 +11,7 @@ __all__ = [
     "ConnectionRefusedByServer",
     "Forbidden",
     "InternalError",
+    "NotABroker",
     "NotFound",
     "PayloadTooLarge",
     "ProtocolViolation",
@@ -65,6 +66,11 @@ class ConnectionRefusedByServer(ConnectionLost, codes=("TOO_MANY_CONNECTIONS", "
 
 class ProtocolViolation(ReplikaError, codes=("BAD_FRAME", "FRAME_TOO_LARGE", "UNKNOWN_OP")):
     """One side broke the wire protocol (a bug, or a server of another version)."""
+
+
+class NotABroker(ProtocolViolation, codes=("NOT_A_BROKER",)):
+    """The server is not a Replika broker: it answered in HTTP, as the broker's admin sidecar (port 8333 by
+    default) does. The message names the broker's default port. A client-side code: no broker sends it."""
 
 
 class UnsupportedVersion(ReplikaError, codes=("UNSUPPORTED_VERSION",)):

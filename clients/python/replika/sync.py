@@ -11,11 +11,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from replika._core import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    CONSUME_POLL,
     DEFAULT_URL,
-    ClientCore,
+    ClientProtocol,
+    Payload,
+    as_bytes,
     check,
     check_queue,
-    hand_back_request,
     parse_url,
     publish_ids,
     publish_options,
@@ -24,9 +28,8 @@ from replika._core import (
     topic_ids,
 )
 from replika._message import PeekedMessage, SyncMessage
-from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
-from replika.errors import ConnectionLost, ProtocolViolation, ReplikaError, error_from_reply
-from replika_protocol import Frame, ProtocolError
+from replika.errors import ConnectionLost, ReplikaError
+from replika_protocol import Frame
 
 __all__ = ["Client"]
 
@@ -59,13 +62,13 @@ class Client:
         self._endpoint = parse_url(url)
         self._ssl = tls_context(self._endpoint, ssl)
         self._last_io = 0.0
-        self._core = ClientCore(client_name, token)
+        # Waiters are request ids: a reply is kept in _replies until the call that sent the request reads it.
+        self._core: ClientProtocol[int] = ClientProtocol(client_name, token, self._endpoint)
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         self._replies: dict[int, Frame] = {}
-        self._abandoned: dict[int, str] = {}  # fetches whose caller left: their messages go back (nack)
 
     def __enter__(self) -> Client:
         self.connect()
@@ -101,11 +104,12 @@ class Client:
                 raise ConnectionLost(f"TLS handshake with {ep.host}:{ep.port} failed: {exc}") from None
         self._sock = sock
         self._sock_timeout = self._connect_timeout
-        self._core.reset()
+        self._core.connection_made()
         self._replies.clear()
         rid, data = self._core.hello()
+        self._core.send(rid, data, rid)
         try:
-            self._sendall(data)
+            self._flush()
             self._core.on_hello(self._wait(rid, self._connect_timeout))
         except BaseException:
             self._drop()
@@ -121,9 +125,13 @@ class Client:
                 self._sock.close()
             finally:
                 self._sock = None
-                self._abandoned.clear()
+                self._core.connection_lost()  # nobody waits in a blocking client once its call has raised
 
-    def _sendall(self, data: bytes) -> None:
+    def _flush(self) -> None:
+        """Send every request the core has queued."""
+        data = self._core.data_to_send()
+        if not data:
+            return
         assert self._sock is not None
         try:
             self._set_timeout(self._timeout)
@@ -142,41 +150,32 @@ class Client:
     def _wait(self, rid: int, timeout: float | None = None) -> Frame:
         """Read until the reply to ``rid`` arrives, keeping other replies for their callers."""
         while rid not in self._replies:
-            sock = self._sock
-            if sock is None:
-                raise ConnectionLost("not connected")
-            try:
-                self._set_timeout(timeout if timeout is not None else self._timeout)
-                data = sock.recv(_RECV)
-            except OSError as exc:
-                self._drop()
-                raise ConnectionLost(f"connection to the broker lost: {exc}") from None
-            if not data:
-                self._drop()
-                raise ConnectionLost("the broker closed the connection")
-            self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
-            try:
-                frames = self._core.decoder.feed(data)
-            except ProtocolError as exc:
-                self._drop()
-                raise ProtocolViolation(f"bad reply stream: {exc}", exc.code.value) from None
-            for frame in frames:
-                frid = frame.get("id")
-                if frid is None and frame.get("ok") is False:
-                    self._drop()
-                    raise error_from_reply(frame)
-                if isinstance(frid, int):
-                    abandoned = self._abandoned.pop(frid, None)
-                    if abandoned is None:
-                        self._replies[frid] = frame
-                    elif frame.get("msgs"):
-                        self._return_abandoned(abandoned, frame["msgs"])
+            self._receive(timeout if timeout is not None else self._timeout)
         return self._replies.pop(rid)
 
-    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        rid, data = hand_back_request(self._core, queue, msgs)
-        self._abandoned[rid] = queue  # its reply is of no interest either
-        self._sendall(data)
+    def _receive(self, timeout: float | None) -> None:
+        """One read from the socket, its replies routed by the core; raise if the connection failed."""
+        sock = self._sock
+        if sock is None:
+            raise ConnectionLost("not connected")
+        try:
+            self._set_timeout(timeout)
+            data = sock.recv(_RECV)
+        except OSError as exc:
+            self._drop()
+            raise ConnectionLost(f"connection to the broker lost: {exc}") from None
+        if not data:
+            self._drop()
+            raise ConnectionLost("the broker closed the connection")
+        self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
+        core = self._core
+        for rid, frame in core.receive_data(data):
+            self._replies[rid] = frame
+        if core.failure is not None:
+            failure = core.failure
+            self._drop()
+            raise failure
+        self._flush()  # fetches nobody waits for any more are handed back
 
     def _ensure(self) -> None:
         interval = self._core.keepalive_interval
@@ -188,11 +187,12 @@ class Client:
     def _call(self, op: str, **fields: Any) -> Frame:
         self._ensure()
         rid, data = self._core.request(op, **fields)
-        self._sendall(data)
-        return check(self._wait(rid))
+        return check(self._pipeline([(rid, data)])[0])
 
     def _pipeline(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
-        self._sendall(b"".join(data for _, data in requests))
+        for rid, data in requests:
+            self._core.send(rid, data, rid)
+        self._flush()
         return [self._wait(rid) for rid, _ in requests]
 
     # ----------------------------------------------------------------------------------------------- queues
@@ -312,7 +312,7 @@ class Client:
         dedup_ids: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Store many messages; return their ids in order. Options as :meth:`AsyncClient.publish_many`."""
-        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        items = [as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
         extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
@@ -341,7 +341,7 @@ class Client:
         check_queue(topic)
         extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
         self._ensure()
-        item = [_as_bytes(payload, self._core.max_payload)]
+        item = [as_bytes(payload, self._core.max_payload)]
         hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
         chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
         return {queue: ids[0] for queue, ids in topic_ids(self._pipeline(chunks)).items()}
@@ -365,7 +365,8 @@ class Client:
 
     def _start_fetch(self, queue: str, max: int, wait: float, lease: float) -> int:
         rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
-        self._sendall(data)
+        self._core.send(rid, data, rid, fetch_queue=queue)
+        self._flush()
         return rid
 
     def _finish_fetch(self, rid: int, queue: str, wait: float) -> list[SyncMessage]:
@@ -432,7 +433,7 @@ class Client:
                 landed = self._replies.pop(pending, None)
                 if landed is None:
                     # Don't block for the long poll: hand its messages back whenever its reply turns up.
-                    self._abandoned[pending] = queue
+                    self._core.abandon(pending)
                 elif landed.get("msgs"):
                     buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
             if self._sock is not None:
