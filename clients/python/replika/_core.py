@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from replika._message import MessageData
+from replika._settle import Settles
 from replika.errors import (
     BadRequest,
     NotABroker,
     PayloadTooLarge,
     ProtocolViolation,
     ReplikaError,
-    StaleLease,
     error_from_reply,
 )
 from replika_protocol import (
@@ -47,6 +47,23 @@ DEFAULT_ADMIN_PORT = 8333
 #: How long each fetch of consume() waits on the server for a message, in seconds. Short enough to notice a
 #: dead connection, long enough that an idle consumer costs next to nothing.
 CONSUME_POLL = 5.0
+#: Settle requests not waited for that the blocking client lets go unanswered before it reads their replies:
+#: a bound on what the broker must hold for a client that only writes (it stops reading a client that does not
+#: read, which would stall both). About 40 bytes of reply each.
+SETTLE_WINDOW = 1024
+#: consume()'s default ``prefetch``: the most messages it leases ahead of its caller. Deep enough that a fast
+#: caller never waits on a commit (a fetch's reply waits for its commit, about 0.3-1 ms with an fsync, so a
+#: window of N carries at most N/2 messages per commit); the lease and byte bounds of Prefetch keep a slow caller
+#: from holding that many.
+DEFAULT_PREFETCH = 500
+#: consume()'s first fetch, before the caller's pace is known.
+FIRST_WINDOW = 100
+#: Share of a lease that the messages consume() holds ahead may take the caller to finish: the rest is margin
+#: before their leases would run out while they wait.
+LEASE_SHARE = 0.25
+#: Payload bytes consume() aims to hold ahead at most (a window of big messages is smaller).
+BUFFER_BYTES = 16 * 1024 * 1024
+_SMOOTHING = 1 / 8  # weight of the newest sample in consume()'s pace averages
 #: Reconnect backoff of consume(), in seconds: first delay and ceiling.
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
@@ -105,6 +122,44 @@ def _always(waiter: object) -> bool:
     return True
 
 
+class Prefetch:
+    """How far ``consume()`` fetches ahead of its caller: at most ``limit`` messages leased ahead, and never more
+    than the caller is seen to finish within LEASE_SHARE of a lease (their leases run while they wait in the
+    buffer) or than BUFFER_BYTES of payload. Sans-IO: the client reports how long the caller held each message
+    and asks how much to fetch now."""
+
+    __slots__ = ("_budget", "_bytes_per_msg", "_per_msg", "limit", "window")
+
+    def __init__(self, limit: int, lease: float) -> None:
+        self.limit = max(1, limit)
+        self.window = min(self.limit, FIRST_WINDOW)
+        self._budget = lease * LEASE_SHARE
+        self._per_msg = 0.0  # seconds the caller holds a message, averaged
+        self._bytes_per_msg = 0.0
+
+    def handed_out(self, held: float, size: int) -> None:
+        """The caller took ``held`` seconds over a message of ``size`` payload bytes before asking for the next."""
+        self._per_msg += (held - self._per_msg) * _SMOOTHING
+        self._bytes_per_msg += (size - self._bytes_per_msg) * _SMOOTHING
+        window = self.limit
+        if self._per_msg > 0:
+            window = min(window, int(self._budget / self._per_msg))
+        if self._bytes_per_msg > 0:
+            window = min(window, int(BUFFER_BYTES / self._bytes_per_msg))
+        self.window = max(1, window)
+
+    def full(self, buffered: int) -> bool:
+        """Whether ``buffered`` messages leave no room worth a fetch, whatever is in flight."""
+        return self.window - buffered < max(1, self.window // 2)
+
+    def want(self, buffered: int, requested: int) -> int:
+        """How many messages to fetch now (0: none yet), with ``buffered`` waiting to be handed out and
+        ``requested`` asked for by fetches in flight. It fetches once half the window is free, so a caller
+        faster than the broker has two fetches in flight: the broker has the next in hand when a commit ends."""
+        room = self.window - buffered - requested
+        return room if room >= max(1, self.window // 2) else 0
+
+
 class ClientProtocol(Generic[W]):
     """One connection's protocol state: request ids, server limits, the requests in flight and their waiters.
 
@@ -132,6 +187,8 @@ class ClientProtocol(Generic[W]):
         self.failure: ReplikaError | None = None
         self._waiting: dict[int, tuple[W | None, str | None]] = {}  # rid -> (waiter or None, fetch's queue)
         self._out: list[bytes] = []
+        #: Settles sent without a waiter, and their failures until the client raises them.
+        self.settles = Settles()
         self._head: bytes | None = b""  # the first bytes received, until they show whether the server speaks HTTP
 
     def connection_made(self) -> None:
@@ -144,9 +201,12 @@ class ClientProtocol(Generic[W]):
         self._head = b""
 
     def connection_lost(self) -> list[W]:
-        """The connection is gone: the waiters of every request in flight, to be failed by the caller."""
+        """The connection is gone: the waiters of every request in flight, to be failed by the caller. Settles
+        not waited for and not yet confirmed become one :class:`ConnectionLost` for the caller (they may or may
+        not have been applied)."""
         waiters = [w for w, _ in self._waiting.values() if w is not None]
         self._waiting.clear()
+        self.settles.connection_lost()
         return waiters
 
     # ----------------------------------------------------------------------------------------------- sending
@@ -160,11 +220,38 @@ class ClientProtocol(Generic[W]):
     def send(self, rid: int, data: bytes, waiter: W | None, fetch_queue: str | None = None) -> None:
         """Queue request ``data`` (id ``rid``) to be sent; its reply goes to ``waiter`` (None: nobody needs it). A
         fetch names its queue, so that its messages can be handed back if its waiter is gone when they come."""
+        if self.settles.has_open:
+            self._close_settles()  # the wire keeps call order: settles queued before this go before it
         self._waiting[rid] = (waiter, fetch_queue)
         self._out.append(data)
 
+    def settle(self, op: str, msgs: Iterable[MessageData], extra: dict[str, Any]) -> None:
+        """Queue ``op`` (ack, nack, reject, touch) of ``msgs`` with the op's ``extra`` fields, without a waiter:
+        consecutive settles of one op, queue and options become one request (of at most ``max_batch`` pairs) when
+        the bytes are next taken. The reply is checked here; a failure waits in :attr:`settles` for the caller."""
+        self.settles.add(op, msgs, extra, self._close_settles)
+
+    def _close_settles(self) -> None:
+        group = self.settles.take_open()
+        if group is None:
+            return
+        step = self.max_batch
+        for i in range(0, len(group.ids), step):
+            ids = group.ids if len(group.ids) <= step else group.ids[i : i + step]
+            tokens = group.tokens if len(group.tokens) <= step else group.tokens[i : i + step]
+            rid, data = self.request(group.op, queue=group.queue, ids=ids, tokens=tokens, **group.extra)
+            self.settles.sent(rid, group.op, group.queue, len(ids))
+            self._out.append(data)
+
+    def settle_mark(self) -> int:
+        """Build the requests of the settles queued so far and return a mark for ``settles.done_through``."""
+        self._close_settles()
+        return self.settles.last_sent()
+
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, in order, as one buffer (one write)."""
+        if self.settles.has_open:
+            self._close_settles()
         out = self._out
         if not out:
             return b""
@@ -173,7 +260,7 @@ class ClientProtocol(Generic[W]):
 
     @property
     def has_data_to_send(self) -> bool:
-        return bool(self._out)
+        return bool(self._out) or self.settles.has_open
 
     def hello(self) -> tuple[int, bytes]:
         """The handshake request (its reply goes to :meth:`on_hello`)."""
@@ -216,12 +303,15 @@ class ClientProtocol(Generic[W]):
         waiting = self._waiting
         for frame in frames:
             rid = frame.get("id")
-            entry = waiting.pop(rid, None) if type(rid) is int else None
-            if entry is None:
+            if type(rid) is not int:
                 if rid is None and frame.get("ok") is False:
                     # A connection-level error: the server closes after sending it.
                     self.failure = error_from_reply(frame)
                     break
+                continue
+            entry = waiting.pop(rid, None)
+            if entry is None:
+                self.settles.on_reply(rid, frame)  # a settle not waited for (or a reply nobody asked for)
                 continue
             waiter, fetch_queue = entry
             if waiter is not None and self._alive(waiter):
@@ -256,13 +346,24 @@ class ClientProtocol(Generic[W]):
             self._waiting[rid] = (None, entry[1])
 
     def hand_back(self, queue: str, reply: Frame) -> None:
-        """Queue the return of a fetch reply's messages that the application never saw: a ``nack`` with
-        ``unseen``, so that this delivery is not counted as an attempt. Its reply is of no interest."""
+        """Queue the return of a fetch reply's messages that the application never saw."""
         msgs = reply.get("msgs")
-        if not msgs or reply.get("ok") is not True:
-            return
-        ids = [m[0] for m in msgs]
-        tokens = [m[1] for m in msgs]
+        if msgs and reply.get("ok") is True:
+            self._hand_back(queue, [m[0] for m in msgs], [m[1] for m in msgs])
+
+    def hand_back_messages(self, msgs: Iterable[MessageData]) -> None:
+        """Queue the return of delivered messages never handed to the application (consume()'s prefetch)."""
+        by_queue: dict[str, list[MessageData]] = {}
+        for m in msgs:
+            by_queue.setdefault(m.queue, []).append(m)
+        for queue, batch in by_queue.items():
+            for i in range(0, len(batch), self.max_batch):
+                chunk = batch[i : i + self.max_batch]
+                self._hand_back(queue, [m.id for m in chunk], [m.token for m in chunk])
+
+    def _hand_back(self, queue: str, ids: list[int], tokens: list[int]) -> None:
+        # A nack with unseen: this delivery is not counted as an attempt. Its reply is of no interest: if it fails,
+        # the leases end with the connection or expire.
         rid, data = self.request("nack", queue=queue, ids=ids, tokens=tokens, unseen=True)
         self.send(rid, data, None)
 
@@ -307,19 +408,6 @@ class ClientProtocol(Generic[W]):
             yield self.request(op, **fields)
             start = stop
 
-    def settle_chunks(self, op: str, msgs: Iterable[MessageData], **extra: Any) -> Iterator[tuple[int, bytes]]:
-        """Ack/nack/reject/touch requests for ``msgs``, one per queue and batch limit."""
-        by_queue: dict[str, list[MessageData]] = {}
-        for m in msgs:
-            by_queue.setdefault(m.queue, []).append(m)
-        for queue, batch in by_queue.items():
-            for i in range(0, len(batch), self.max_batch):
-                chunk = batch[i : i + self.max_batch]
-                # Two flat arrays, not an array of pairs: much cheaper to encode and decode on both sides.
-                ids = [m.id for m in chunk]
-                tokens = [m.token for m in chunk]
-                yield self.request(op, queue=queue, ids=ids, tokens=tokens, **extra)
-
 
 # --------------------------------------------------------------------------------------------------- replies
 def check(reply: Frame) -> Frame:
@@ -359,20 +447,3 @@ def topic_ids(replies: Iterable[Frame]) -> dict[str, list[int]]:
         for queue, ids in (reply.get("ids") or {}).items():
             out.setdefault(str(queue), []).extend(int(i) for i in ids)
     return out
-
-
-def settle_failures(replies: Iterable[Frame]) -> None:
-    """Raise :class:`StaleLease` naming every refused lease, after all replies were checked."""
-    failed: dict[int, str] = {}
-    first_error: ReplikaError | None = None
-    for reply in replies:
-        try:
-            check(reply)
-        except ReplikaError as exc:
-            first_error = first_error or exc
-            continue
-        failed.update(reply.get("failed") or {})
-    if first_error is not None:
-        raise first_error
-    if failed:
-        raise StaleLease(f"{len(failed)} lease(s) no longer current: {sorted(failed)}", "STALE_LEASE", failed)
