@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import replika
-from replika._core import ClientProtocol, Endpoint
+from replika._core import ClientProtocol, Endpoint, Prefetch
+from replika._message import MessageData
 from replika_protocol import Frame, FrameDecoder, encode_frame
 
 ENDPOINT = Endpoint("127.0.0.1", 8333, tls=False)
@@ -29,7 +30,7 @@ def request(core: ClientProtocol[str], waiter: str | None, op: str = "ping", fet
 
 
 def reply(rid: int | None, **fields: object) -> bytes:
-    return encode_frame({"id": rid, "ok": True, **fields})
+    return encode_frame({"id": rid, "ok": True, **fields})  # fields may override ok
 
 
 def test_replies_go_to_their_waiters_in_arrival_order_whatever_the_request_order() -> None:
@@ -141,3 +142,97 @@ def test_a_new_connection_starts_clean_and_request_ids_never_repeat() -> None:
     new = request(core, "new")
     assert new > old
     assert [w for w, _ in core.receive_data(reply(old) + reply(new))] == ["new"]
+
+
+# ------------------------------------------------------------------------------------------ settles not waited for
+def delivered(queue: str, mid: int, token: int) -> MessageData:
+    return MessageData(queue, [mid, token, 1, 0.0, b"", None], None)
+
+
+def test_consecutive_settles_of_one_op_and_queue_become_one_request_in_call_order() -> None:
+    core = new_core()
+    a, b, c, d = (delivered("q", i, 10 * i) for i in (1, 2, 3, 4))
+    core.settle("ack", [a], {})
+    core.settle("ack", [b, c], {})
+    request(core, "stats", "stats")  # a request between settles keeps its place
+    core.settle("ack", [d], {})
+    core.settle("nack", [a], {"delay": 1.0})  # another op: a new request
+    core.settle("ack", [delivered("other", 9, 90)], {})  # another queue: a new request
+    frames = sent(core)
+    assert [(f["op"], f.get("queue"), f.get("ids"), f.get("tokens")) for f in frames] == [
+        ("ack", "q", [1, 2, 3], [10, 20, 30]),
+        ("stats", None, None, None),
+        ("ack", "q", [4], [40]),
+        ("nack", "q", [1], [10]),
+        ("ack", "other", [9], [90]),
+    ]
+    assert frames[3]["delay"] == 1.0
+    assert core.settles.unconfirmed == 4  # the stats request has a waiter; the settles are tracked here
+
+
+def test_a_run_of_settles_is_split_at_max_batch() -> None:
+    core = new_core()
+    core.max_batch = 2
+    core.settle("ack", [delivered("q", i, i) for i in range(5)], {})
+    assert [f["ids"] for f in sent(core)] == [[0, 1], [2, 3], [4]]
+
+
+def test_settle_replies_are_taken_by_the_core_and_failures_kept_in_order() -> None:
+    core = new_core()
+    core.settle("ack", [delivered("q", 1, 10), delivered("q", 2, 20)], {})
+    first = sent(core)[0]["id"]
+    mark = core.settle_mark()
+    core.settle("touch", [delivered("q", 3, 30)], {"lease": 5.0})
+    second = sent(core)[0]["id"]
+    core.settle("ack", [delivered("gone", 4, 40)], {})
+    third = sent(core)[0]["id"]
+    assert not core.settles.done_through(mark)
+    assert core.receive_data(reply(first, failed={2: "STALE_LEASE"})) == []
+    assert core.settles.done_through(mark) and not core.settles.done_through(core.settle_mark())
+    core.receive_data(reply(second, failed={3: "STALE_LEASE"}) + reply(third, ok=False, code="NOT_FOUND"))
+    assert core.settles.unconfirmed == 0
+    stale = core.settles.take_error()  # two refusals in one queue, one after the other: one StaleLease
+    assert isinstance(stale, replika.StaleLease) and stale.failed == {2: "STALE_LEASE", 3: "STALE_LEASE"}
+    missing = core.settles.take_error()
+    assert isinstance(missing, replika.NotFound) and "ack of 1 message(s) of queue 'gone'" in str(missing)
+    assert core.settles.take_error() is None
+
+
+def test_settles_unanswered_when_the_connection_drops_become_one_connection_lost() -> None:
+    core = new_core()
+    core.settle("ack", [delivered("q", 1, 10), delivered("q", 2, 20)], {})
+    sent(core)
+    core.settle("ack", [delivered("q", 3, 30)], {})  # queued, never sent
+    assert core.connection_lost() == []
+    lost = core.settles.take_error()
+    assert isinstance(lost, replika.ConnectionLost) and "3 settle(s)" in str(lost) and "1 of them not sent" in str(lost)
+    core.connection_made()
+    assert core.data_to_send() == b"" and core.settles.unconfirmed == 0
+
+
+def test_the_blocking_clients_settle_goes_to_bytes_at_once() -> None:
+    core = new_core()
+    core.settle("ack", [delivered("q", 1, 10)], {}, now=True)
+    core.settle("nack", [delivered("q", 2, 20), delivered("q", 3, 30)], {"delay": 0.5}, now=True)
+    assert not core.settles.has_open
+    assert [(f["op"], f["ids"]) for f in sent(core)] == [("ack", [1]), ("nack", [2, 3])]
+
+
+def test_consume_window_follows_the_callers_pace_within_its_bounds() -> None:
+    window = Prefetch(500, lease=30.0)
+    assert window.window == 100  # before the caller's pace is known
+    assert window.want(0, 0) == 100 and window.want(60, 0) == 0 and window.want(0, 50) == 50
+    for _ in range(100):
+        window.handed_out(1e-5, 256)  # fast: the limit
+    assert window.window == 500
+    assert window.want(250, 0) == 250 and window.want(251, 0) == 0 and window.full(251) and not window.full(250)
+    for _ in range(100):
+        window.handed_out(1.0, 256)  # a second per message: what it finishes in a quarter of the lease
+    assert window.window == 7
+    for _ in range(100):
+        window.handed_out(1e-5, 1024 * 1024)  # fast, but MiB payloads: 16 MiB ahead
+    assert window.window == 16
+    slowest = Prefetch(500, lease=1.0)
+    for _ in range(50):
+        slowest.handed_out(10.0, 1)
+    assert slowest.window == 1 and slowest.want(0, 0) == 1 and slowest.want(0, 1) == 0

@@ -225,11 +225,21 @@ class ClientProtocol(Generic[W]):
         self._waiting[rid] = (waiter, fetch_queue)
         self._out.append(data)
 
-    def settle(self, op: str, msgs: Iterable[MessageData], extra: dict[str, Any]) -> None:
+    def settle(self, op: str, msgs: Sequence[MessageData], extra: dict[str, Any], now: bool = False) -> None:
         """Queue ``op`` (ack, nack, reject, touch) of ``msgs`` with the op's ``extra`` fields, without a waiter:
         consecutive settles of one op, queue and options become one request (of at most ``max_batch`` pairs) when
-        the bytes are next taken. The reply is checked here; a failure waits in :attr:`settles` for the caller."""
+        the bytes are next taken, or at once with ``now``. The reply is checked here; a failure waits in
+        :attr:`settles` for the caller."""
+        if now and len(msgs) == 1 and not self.settles.has_open:
+            # The blocking client's one-at-a-time ack: straight to its frame, no group to build and take apart.
+            m = msgs[0]
+            rid, data = self.request(op, queue=m.queue, ids=[m.id], tokens=[m.token], **extra)
+            self.settles.sent(rid, op, m.queue, 1)
+            self._out.append(data)
+            return
         self.settles.add(op, msgs, extra, self._close_settles)
+        if now:
+            self._close_settles()
 
     def _close_settles(self) -> None:
         group = self.settles.take_open()

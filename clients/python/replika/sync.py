@@ -234,7 +234,7 @@ class Client(SyncConnection):
         batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
         if batch:
             self._ensure(deferred=False)
-            self._core.settle(op, batch, extra)
+            self._core.settle(op, batch, extra, now=True)
             self._flush()  # at once: an ack must not sit unsent while the caller works on the next message
             self._read_settles()
         if wait:
