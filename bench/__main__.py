@@ -2,7 +2,7 @@
 
 Starts a broker on a temporary store and, with ``--peers``, the named peers on their own temporary data dirs
 (installing them through ``bench/peers/install.sh`` when ``--install-peers`` is given), runs the workloads
-W1-W6 ``--runs`` times against each, and prints a table of medians with min-max spread and Replika's
+W1-W7 ``--runs`` times against each, and prints a table of medians with min-max spread and Replika's
 advantage per peer, writes it as JSON, and draws a PNG chart.
 """
 
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="do not install missing peers (by default their Debian packages and Python clients are installed)",
     )
-    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1..W6")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6,W7", help="comma-separated subset of W1..W7")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--count", type=int, default=Params.count, help="messages per run")
     p.add_argument("--size", type=int, default=Params.size, help="payload bytes")
@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w5-connections", default="1,16,64,256")
     p.add_argument("--w6-sizes", default="16,256,4096,65536,1048576")
     p.add_argument("--w6-bytes", type=int, default=Params.w6_bytes)
+    p.add_argument("--w7-count", type=int, default=Params.w7_count, help="messages per W7 run, at most")
+    p.add_argument("--w7-seconds", type=float, default=Params.w7_seconds, help="seconds per W7 run, at most")
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
     p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
@@ -117,7 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def params_from(args: argparse.Namespace) -> Params:
     if args.smoke:
         return Params(
-            count=200, batch=50, singles=20, w4_rate=500, w5_connections=(1, 4), w6_sizes=(16, 4096), w6_bytes=65536
+            count=200,
+            batch=50,
+            singles=20,
+            w4_rate=500,
+            w5_connections=(1, 4),
+            w6_sizes=(16, 4096),
+            w6_bytes=65536,
+            w7_count=200,
         )
     return Params(
         count=args.count,
@@ -129,6 +138,8 @@ def params_from(args: argparse.Namespace) -> Params:
         w5_connections=tuple(int(x) for x in args.w5_connections.split(",")),
         w6_sizes=tuple(int(x) for x in args.w6_sizes.split(",")),
         w6_bytes=args.w6_bytes,
+        w7_count=args.w7_count,
+        w7_seconds=args.w7_seconds,
         timeout=args.timeout,
     )
 

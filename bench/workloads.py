@@ -1,4 +1,4 @@
-"""The workloads W1-W6, written once against :class:`~bench.drivers.base.Driver`.
+"""The workloads W1-W7, written once against :class:`~bench.drivers.base.Driver`.
 
 Every workload is bounded in count and in time. Each returns a flat dict of metrics; throughput metrics end in
 ``msg/s``, latencies in ``us`` or ``ms``.
@@ -31,6 +31,8 @@ class Params:
     w5_connections: tuple[int, ...] = (1, 16, 64, 256)
     w6_sizes: tuple[int, ...] = (16, 256, 4096, 65536, 1024 * 1024)
     w6_bytes: int = 64 * 1024 * 1024  # W6 moves at most this many payload bytes per size
+    w7_count: int = 50_000  # messages W7's one-at-a-time consumer loops take at most per run
+    w7_seconds: float = 10.0  # and for at most this long (the slow loops of some peers stop here)
     timeout: float = 300.0  # any single workload run
 
 
@@ -218,6 +220,23 @@ async def w6_payload_sweep(system: System, p: Params) -> dict[str, float]:
         await d.close()
 
 
+async def w7_idiomatic_consumer(system: System, p: Params) -> dict[str, float]:
+    """W7: the consumer loop each client library teaches first, one message at a time: take a message, ack it.
+    A backlog of ``w7_count`` messages, one connection; each variant of the system's loop gets its own backlog."""
+    out: dict[str, float] = {}
+    [d] = await _drivers(system, 1)
+    try:
+        for variant in ("", *d.consume_variants):
+            await d.reset("w7")
+            await _publish_all([d], "w7", p.w7_count, os.urandom(p.size), p.batch)
+            start = time.perf_counter()
+            taken = await d.consume_each("w7", p.w7_count, p.w7_seconds, variant)
+            out[f"{variant} msg/s".strip()] = taken / (time.perf_counter() - start)
+        return out
+    finally:
+        await d.close()
+
+
 def _human(size: int) -> str:
     for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
         if size >= scale:
@@ -232,4 +251,5 @@ WORKLOADS: dict[str, Workload] = {
     "W4": w4_end_to_end,
     "W5": w5_many_connections,
     "W6": w6_payload_sweep,
+    "W7": w7_idiomatic_consumer,
 }

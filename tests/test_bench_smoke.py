@@ -24,7 +24,9 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert not doc["failures"]
     workloads = {row["workload"] for row in doc["rows"]}
-    assert workloads == {"W1", "W2", "W3", "W4", "W5", "W6"}
+    assert workloads == {"W1", "W2", "W3", "W4", "W5", "W6", "W7"}
+    w7 = {row["metric"] for row in doc["rows"] if row["workload"] == "W7"}
+    assert w7 == {"msg/s", "blocking msg/s"}  # the async and the blocking client's loops
     assert all(row["median"] > 0 for row in doc["rows"])
     assert "| W1 | msg/s | replika (sync) |" in result.stdout
 

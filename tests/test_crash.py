@@ -60,7 +60,7 @@ async def test_kill_9_keeps_unacked_and_redelivers_leased(server_process: Server
         [leased] = await client.fetch("jobs")
         assert leased.payload == b"a"
         [done] = await client.fetch("jobs")
-        await done.ack()
+        await done.ack(wait=True)  # durable before the kill: an ack not waited for might not be yet
         server_process.kill()
     server_process.start()
     async with replika.AsyncClient(server_process.url) as client:

@@ -92,8 +92,9 @@ async def test_lease_expiry_redelivers_and_old_token_is_stale(server: RunningSer
         [second] = await client.fetch("exp", wait=WAIT)  # ready again once the lease expires
         assert second.id == first.id and second.attempts == 2 and second.token != first.token
         with pytest.raises(replika.StaleLease) as info:
-            await first.ack()
+            await first.ack(wait=True)
         assert info.value.code == "STALE_LEASE" and info.value.failed == {first.id: "STALE_LEASE"}
+        assert info.value.reasons == {first.id: "redelivered"} and "redelivered" in str(info.value)
         await second.ack()
         assert (await client.stats("exp"))["total"] == 0
 
@@ -216,7 +217,7 @@ async def test_delete_queue_then_ack_is_not_found(server: RunningServer) -> None
         [msg] = await client.fetch("gone")
         await client.delete_queue("gone")
         with pytest.raises(replika.NotFound):
-            await msg.ack()
+            await msg.ack(wait=True)
         with pytest.raises(replika.NotFound):
             await client.stats("gone")
         await client.publish("gone", b"again")  # a new queue of the same name starts empty
@@ -272,7 +273,7 @@ async def test_consume_reconnects_after_the_server_restarts(server: RunningServe
     consumer = client.consume("rc", prefetch=1)
     msg = await asyncio.wait_for(anext(consumer), WAIT)
     assert msg.payload == b"before"
-    await msg.ack()
+    await msg.ack(wait=True)  # durable before the broker stops
     port = server.port
     await server.server.stop()
     from replika_server.config import Config

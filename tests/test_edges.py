@@ -34,9 +34,9 @@ async def test_a_nacked_delivery_can_no_longer_be_acked_or_touched(server: Runni
         [msg] = await client.fetch("n")
         await msg.nack()
         with pytest.raises(replika.StaleLease):
-            await msg.ack()
+            await msg.ack(wait=True)  # waiting: its own error is raised here
         with pytest.raises(replika.StaleLease):
-            await msg.touch()
+            await msg.touch(wait=True)
         [again] = await client.fetch("n")
         assert again.attempts == 2
         await again.ack()
@@ -101,7 +101,7 @@ async def test_token_zero_never_settles_a_nacked_message(server: RunningServer) 
         await msg.nack(delay=WAIT)
         msg.token = 0  # what a nack stores: it must match nothing
         with pytest.raises(replika.StaleLease):
-            await msg.ack()
+            await msg.ack(wait=True)
         assert (await client.stats("z"))["delayed"] == 1
 
 
@@ -117,7 +117,7 @@ async def test_unseen_must_be_a_boolean(server: RunningServer) -> None:
         await client.publish("u", b"x")
         [msg] = await client.fetch("u")
         with pytest.raises(replika.BadRequest, match="unseen"):
-            await client._settle("nack", [msg], delay=0.0, unseen="yes")
+            await client._settle("nack", [msg], True, {"delay": 0.0, "unseen": "yes"})
         await msg.ack()
 
 

@@ -77,7 +77,7 @@ async def test_redrive_moves_dead_letters_back_and_survives_a_restart(server: Ru
 def test_blocking_client_peeks_and_redrives(server_process: ServerProcess) -> None:
     with replika.Client(server_process.url) as client:
         client.publish("q", b"x")
-        client.fetch("q")[0].reject()
+        client.fetch("q")[0].reject(wait=True)  # a peek sees only what was committed before its batch
         [p] = client.peek("q.dlq", max=5)
         assert (p.payload, p.attempts, p.headers[DLQ_QUEUE]) == (b"x", 0, "q")
         assert client.redrive("q.dlq") == 1
@@ -348,12 +348,12 @@ async def test_deleting_a_queue_with_messages_in_flight(server: RunningServer) -
         msgs = await client.fetch("gone", max=3)
         await client.delete_queue("gone")
         with pytest.raises(replika.NotFound):
-            await client.ack(msgs)
+            await client.ack(msgs, wait=True)
         with pytest.raises(replika.NotFound):
-            await msgs[0].nack()
+            await msgs[0].nack(wait=True)
         await client.publish("gone", b"new")  # a new queue: the old tokens are not its
         with pytest.raises(replika.StaleLease):
-            await client.ack(msgs)
+            await client.ack(msgs, wait=True)
         [fresh] = await client.fetch("gone")
         assert (fresh.id, fresh.payload) == (1, b"new")
 
@@ -367,7 +367,7 @@ async def test_purge_keeps_later_acks_of_leased_messages_harmless(server: Runnin
         assert await client.purge("pg") == 3
         await leased.ack()  # still current
         with pytest.raises(replika.StaleLease):
-            await nacked.ack()  # settled, then purged
+            await nacked.ack(wait=True)  # settled, then purged
         stats = await client.stats("pg")
         assert (stats["total"], stats["ready"], stats["delayed"]) == (0, 0, 0)
 

@@ -23,7 +23,7 @@ def test_blocking_round_trip(server_process: ServerProcess) -> None:
         assert (stats["ready"], stats["in_flight"], stats["total"]) == (1, 0, 1)
         assert [q["queue"] for q in client.queues()] == ["s", "s.dlq"]
         with pytest.raises(replika.StaleLease):
-            msgs[0].ack()
+            msgs[0].ack(wait=True)
         with pytest.raises(replika.NotFound):
             client.stats("nope")
         with pytest.raises(replika.BadRequest):

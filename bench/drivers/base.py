@@ -44,6 +44,15 @@ class Driver(abc.ABC):
         """Receive up to ``max`` messages (waiting up to ``wait`` seconds for the first), acknowledge them all
         (batched where the system allows), and return their payloads in delivery order. [] when none came."""
 
+    #: W7 loops this system has besides its default one, each reported as "<variant> msg/s".
+    consume_variants: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    async def consume_each(self, queue: str, count: int, seconds: float, variant: str = "") -> int:
+        """W7: take messages of ``queue`` in the client library's own idiomatic consumer loop, acknowledging each
+        one on its own as the library's documentation teaches, until ``count`` were taken or ``seconds`` passed;
+        return how many were taken. ``variant`` names one of :attr:`consume_variants` ("" is the default)."""
+
 
 @dataclass
 class System:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 
 from bench.drivers.base import Driver
 
@@ -176,3 +177,18 @@ class BeanstalkDriver(Driver):
                 jobs = await self._reserve_many(seconds, max)
                 await self._delete_many([i for i, _ in jobs])
             return [body for _, body in jobs]
+
+    async def consume_each(self, queue: str, count: int, seconds: float, variant: str = "") -> int:
+        # The beanstalkd worker loop (greenstalk's reserve() then delete()): one job per round trip each way;
+        # with -f 0 the delete's DELETED comes after its binlog fsync.
+        deadline = time.perf_counter() + seconds
+        taken = 0
+        async with self._lock:
+            await self._watch(queue)
+            while taken < count and time.perf_counter() < deadline:
+                async with asyncio.timeout(TIMEOUT):
+                    jobs = await self._reserve_many(1, 1)
+                    if jobs:
+                        await self._delete_many([jobs[0][0]])
+                        taken += 1
+        return taken

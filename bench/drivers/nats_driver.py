@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 
 import nats
 import nats.errors
@@ -122,3 +123,20 @@ class JetStreamDriver(Driver):
         # one round trip for the batch, as the others' batched acks.
         await asyncio.gather(*(m.ack_sync(timeout=TIMEOUT) for m in msgs))
         return [m.data for m in msgs]
+
+    async def consume_each(self, queue: str, count: int, seconds: float, variant: str = "") -> int:
+        # nats-py's pull-subscription loop: fetch a batch of 100, then ack_sync() each message, awaited.
+        sub = await self._sub(queue)
+        deadline = time.perf_counter() + seconds
+        taken = 0
+        while taken < count and time.perf_counter() < deadline:
+            try:
+                msgs = await sub.fetch(batch=100, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
+                continue
+            for m in msgs:
+                await m.ack_sync(timeout=TIMEOUT)
+                taken += 1
+                if taken >= count or time.perf_counter() > deadline:
+                    break
+        return taken

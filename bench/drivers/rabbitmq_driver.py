@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
@@ -15,6 +16,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from bench.drivers.base import Driver
 
 TIMEOUT = 30.0
+#: W7's prefetch window: the default prefetch of Replika's consume(), so that both keep as much ahead.
+W7_PREFETCH = 500
 
 
 class _Consumer:
@@ -130,3 +133,23 @@ class RabbitDriver(Driver):
         # so the next consume() cannot run ahead of the acks.
         await msgs[-1].ack(multiple=True)
         return [m.body for m in msgs]
+
+    async def consume_each(self, queue: str, count: int, seconds: float, variant: str = "") -> int:
+        # aio-pika's queue iterator with message.ack() per message, on a channel of its own with a prefetch
+        # window. AMQP 0-9-1's basic.ack has no reply: ack() returns once the frame is written.
+        channel = await self.conn.channel(publisher_confirms=False)
+        deadline = time.perf_counter() + seconds
+        taken = 0
+        try:
+            await channel.set_qos(prefetch_count=W7_PREFETCH, timeout=TIMEOUT)
+            q = await channel.declare_queue(queue, durable=True, passive=True, timeout=TIMEOUT)
+            async with q.iterator(timeout=TIMEOUT) as messages:
+                async for message in messages:
+                    await message.ack()
+                    taken += 1
+                    if taken >= count or time.perf_counter() > deadline:
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return taken

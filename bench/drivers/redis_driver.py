@@ -6,6 +6,7 @@ the AOF before it sends the replies of an event-loop iteration, so a received XA
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -84,6 +85,20 @@ class RedisStreamsDriver(Driver):
         if ahead_entries := _entries(ahead):
             self._ahead[queue] = ahead_entries
         return payloads
+
+    async def consume_each(self, queue: str, count: int, seconds: float, variant: str = "") -> int:
+        # redis-py's consumer-group loop: XREADGROUP COUNT 100, then an XACK per entry, each awaited (with
+        # appendfsync always, each XACK's reply waits for the AOF fsync of its event-loop iteration).
+        deadline = time.perf_counter() + seconds
+        taken = 0
+        while taken < count and time.perf_counter() < deadline:
+            reply = await self.r.xreadgroup(GROUP, CONSUMER, {queue: ">"}, count=100, block=1000)
+            for entry_id, _fields in _entries(reply):
+                await self.r.xack(queue, GROUP, entry_id)
+                taken += 1
+                if taken >= count or time.perf_counter() > deadline:
+                    break
+        return taken
 
 
 def _entries(reply: Any) -> list[Any]:

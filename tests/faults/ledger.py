@@ -83,7 +83,7 @@ async def _consume(client: replika.AsyncClient, queue: str, ledger: Ledger) -> N
             msgs = await client.fetch(queue, max=20, wait=0.2)
             if msgs:
                 ledger.acking.update(m.payload for m in msgs)
-                await client.ack(msgs)
+                await client.ack(msgs, wait=True)  # confirmed means durable: an ack not waited for is in flight
         except replika.ReplikaError as exc:
             ledger.note(exc)
             return
@@ -139,4 +139,4 @@ async def drain(url: str, queue: str) -> set[bytes]:
             if not msgs:
                 return stored
             stored.update(m.payload for m in msgs)
-            await client.ack(msgs)
+            await client.ack(msgs, wait=True)

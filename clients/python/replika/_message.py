@@ -40,49 +40,53 @@ class MessageData:
 
 
 class Message(MessageData):
-    """A message delivered to an :class:`AsyncClient`."""
+    """A message delivered to an :class:`AsyncClient`. Its settle methods are the client's for this one message:
+    they return once the settle is queued; ``wait=True`` waits until it is durable and raises its errors there
+    (see :meth:`AsyncClient.ack`)."""
 
     __slots__ = ()
     _client: AsyncClient
 
-    async def ack(self) -> None:
+    async def ack(self, *, wait: bool = False) -> None:
         """Delete the message: it was processed."""
-        await self._client.ack(self)
+        await self._client.ack(self, wait=wait)
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def nack(self, delay: float | None = None, *, wait: bool = False) -> None:
         """Make the message ready again, after ``delay`` seconds if given (else the queue's retry delay)."""
-        await self._client.nack(self, delay=delay)
+        await self._client.nack(self, delay=delay, wait=wait)
 
-    async def reject(self) -> None:
+    async def reject(self, *, wait: bool = False) -> None:
         """Move the message to its queue's dead-letter queue now."""
-        await self._client.reject(self)
+        await self._client.reject(self, wait=wait)
 
-    async def touch(self, lease: float = 30.0) -> None:
+    async def touch(self, lease: float = 30.0, *, wait: bool = False) -> None:
         """Extend the lease to ``lease`` seconds from now."""
-        await self._client.touch(self, lease=lease)
+        await self._client.touch(self, lease=lease, wait=wait)
 
 
 class SyncMessage(MessageData):
-    """A message delivered to a blocking :class:`Client`."""
+    """A message delivered to a blocking :class:`Client`. Its settle methods are the client's for this one
+    message: the request is written before they return, its reply read later; ``wait=True`` waits until it is
+    durable and raises its errors there (see :meth:`Client.ack`)."""
 
     __slots__ = ()
     _client: Client
 
-    def ack(self) -> None:
+    def ack(self, *, wait: bool = False) -> None:
         """Delete the message: it was processed."""
-        self._client.ack(self)
+        self._client.ack(self, wait=wait)
 
-    def nack(self, delay: float | None = None) -> None:
+    def nack(self, delay: float | None = None, *, wait: bool = False) -> None:
         """Make the message ready again, after ``delay`` seconds if given (else the queue's retry delay)."""
-        self._client.nack(self, delay=delay)
+        self._client.nack(self, delay=delay, wait=wait)
 
-    def reject(self) -> None:
+    def reject(self, *, wait: bool = False) -> None:
         """Move the message to its queue's dead-letter queue now."""
-        self._client.reject(self)
+        self._client.reject(self, wait=wait)
 
-    def touch(self, lease: float = 30.0) -> None:
+    def touch(self, lease: float = 30.0, *, wait: bool = False) -> None:
         """Extend the lease to ``lease`` seconds from now."""
-        self._client.touch(self, lease=lease)
+        self._client.touch(self, lease=lease, wait=wait)
 
 
 class PeekedMessage:

@@ -3,79 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-import ssl as _ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+from replika._aio_connection import AsyncConnection
 from replika._core import (
-    DEFAULT_URL,
-    ClientCore,
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    CONSUME_POLL,
+    DEFAULT_PREFETCH,
+    Payload,
+    Prefetch,
+    as_bytes,
     check,
     check_queue,
-    hand_back_request,
-    parse_url,
     publish_ids,
     publish_options,
-    settle_failures,
-    tls_context,
     topic_ids,
 )
 from replika._message import Message, PeekedMessage
-from replika.errors import ConnectionLost, PayloadTooLarge, ProtocolViolation, ReplikaError, error_from_reply
-from replika_protocol import Frame, ProtocolError
+from replika.errors import ConnectionLost
+from replika_protocol import Frame
 
 __all__ = ["AsyncClient"]
 
-Payload = bytes | bytearray | memoryview | str
-#: How long each fetch of consume() waits on the server for a message, in seconds. Short enough to notice a
-#: dead connection, long enough that an idle consumer costs next to nothing.
-CONSUME_POLL = 5.0
-#: Reconnect backoff of consume(), in seconds: first delay and ceiling.
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 5.0
 
-
-class _Protocol(asyncio.Protocol):
-    """Hands a connection's events to its client once :meth:`adopt` is called; what happens before (the
-    server may refuse a connection the moment it is made) is kept and replayed then."""
-
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
-        self._adopted = False
-        self._early: list[bytes] = []
-        self._lost_early: tuple[Exception | None] | None = None
-
-    def adopt(self) -> None:
-        self._adopted = True
-        early, self._early = self._early, []
-        for data in early:
-            self._client._on_data(data)
-        if self._lost_early is not None:
-            self._client._on_lost(self._lost_early[0])
-
-    def data_received(self, data: bytes) -> None:
-        if self._adopted:
-            self._client._on_data(data)
-        else:
-            self._early.append(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._adopted:
-            self._lost_early = (exc,)
-        elif self._client._protocol is self:  # a connection closed by close() may report in after a new one
-            self._client._on_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._client._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._client._writable.set()
-
-
-class AsyncClient:
+class AsyncClient(AsyncConnection):
     """A connection to a Replika broker for asyncio code.
 
     Use as ``async with AsyncClient("replika://127.0.0.1:8777") as client:``. Every method may be called
@@ -87,206 +43,17 @@ class AsyncClient:
     server's certificate against the system's CAs; pass ``ssl=`` an :class:`ssl.SSLContext` for your own CA or a
     client certificate (mutual TLS). While connected, the client pings a quiet connection so that the broker's
     idle timeout never closes it.
+
+    Settling is fast by default: :meth:`ack`, :meth:`nack`, :meth:`reject` and :meth:`touch` (and the same on a
+    :class:`~replika.Message`) return once the settle is queued; the settles of one loop turn leave together, in
+    one request where they can, at the end of the turn. Such a settle is durable once the broker has answered it;
+    until then a crash may undo it, and an undone ack only means the message is delivered again (at-least-once).
+    ``wait=True`` on a settle, or :meth:`flush`, waits until every settle made so far is durable; :meth:`close`
+    does so too. The error of a settle not waited for (:class:`~replika.StaleLease`, say) is raised by the next
+    call on the client once its reply has come (a settle call first queues its own settle; any other call raises
+    before doing anything), else by :meth:`flush` or :meth:`close`; never dropped. ``consume()``'s iteration does
+    not raise it, so that the loop's next ack does. SPEC.md §5 "Settles not waited for" has the precise rules.
     """
-
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        token: str | None = None,
-        *,
-        ssl: _ssl.SSLContext | None = None,
-        connect_timeout: float = 10.0,
-        client_name: str = "replika-py",
-    ) -> None:
-        self._endpoint = parse_url(url)
-        self._ssl = tls_context(self._endpoint, ssl)
-        self._core = ClientCore(client_name, token)
-        self._connect_timeout = connect_timeout
-        self._keepalive: asyncio.TimerHandle | None = None
-        self._protocol: _Protocol | None = None
-        self._last_write = 0.0
-        self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, tuple[asyncio.Future[Frame], str | None]] = {}
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._connect_lock = asyncio.Lock()
-        self._closed = False
-
-    @property
-    def connected(self) -> bool:
-        """True while the connection is open and the handshake is done."""
-        return self._transport is not None
-
-    @property
-    def max_batch(self) -> int:
-        """The server's limit on messages per request (known after connecting)."""
-        return self._core.max_batch
-
-    async def __aenter__(self) -> AsyncClient:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # ----------------------------------------------------------------------------------------------- connection
-    async def connect(self) -> None:
-        """Open the connection and do the handshake (done for you by ``async with`` and on first use)."""
-        async with self._connect_lock:
-            if self._transport is not None:
-                return
-            self._closed = False
-            loop = asyncio.get_running_loop()
-            ep = self._endpoint
-            try:
-                transport, protocol = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: _Protocol(self),
-                        ep.host,
-                        ep.port,
-                        ssl=self._ssl,
-                        server_hostname=ep.host if self._ssl is not None else None,
-                    ),
-                    self._connect_timeout,
-                )
-            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-                raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
-            self._core.reset()
-            self._transport = transport
-            self._protocol = protocol
-            rid, data = self._core.hello()
-            hello: asyncio.Future[Frame] = loop.create_future()
-            self._pending[rid] = (hello, None)
-            self._write(data)
-            protocol.adopt()
-            try:
-                reply = await asyncio.wait_for(hello, self._connect_timeout)
-                self._core.on_hello(reply)
-            except BaseException:
-                self._abort()
-                raise
-            self._arm_keepalive()
-
-    def _arm_keepalive(self) -> None:
-        interval = self._core.keepalive_interval
-        if interval is not None and self._transport is not None:
-            self._keepalive = asyncio.get_running_loop().call_later(interval, self._on_keepalive, interval)
-
-    def _on_keepalive(self, interval: float) -> None:
-        self._keepalive = None
-        if self._transport is None:
-            return
-        if asyncio.get_running_loop().time() - self._last_write >= interval * 0.9:
-            rid, data = self._core.request("ping")
-            self._pending[rid] = (_unawaited_future(), None)  # its reply needs no one
-            self._write(data)
-        self._arm_keepalive()
-
-    async def close(self) -> None:
-        """Close the connection. Unacked messages it leased become ready again at the broker."""
-        self._closed = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-        if self._transport is not None:
-            self._flush()
-            self._transport.close()
-            self._transport = None
-        self._fail_pending(ConnectionLost("the client was closed"))
-
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-            self._transport = None
-
-    def _on_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-        self._writable.set()
-        reason = f": {exc}" if exc else ""
-        self._fail_pending(ConnectionLost(f"connection to the broker lost{reason}"))
-
-    def _fail_pending(self, error: ReplikaError) -> None:
-        pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-
-    def _on_data(self, data: bytes) -> None:
-        try:
-            frames = self._core.decoder.feed(data)
-        except ProtocolError as exc:
-            self._fail_pending(ProtocolViolation(f"bad reply stream: {exc}", exc.code.value))
-            self._abort()
-            return
-        for frame in frames:
-            entry = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
-            if entry is None:
-                if frame.get("id") is None and frame.get("ok") is False:
-                    # A connection-level error: the server closes after sending it.
-                    self._fail_pending(error_from_reply(frame))
-                continue
-            fut, fetch_queue = entry
-            if not fut.done():
-                fut.set_result(frame)
-            elif fetch_queue is not None and frame.get("msgs"):
-                self._return_abandoned(fetch_queue, frame["msgs"])
-
-    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        """A fetch whose caller gave up got messages anyway: hand them back rather than sit on their leases."""
-        rid, data = hand_back_request(self._core, queue, msgs)
-        self._pending[rid] = (_unawaited_future(), None)
-        self._write(data)
-
-    # ----------------------------------------------------------------------------------------------- requests
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            # Coalesce every request made in this loop turn into one write (one syscall).
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self._transport is not None and not self._transport.is_closing():
-            out, self._out = self._out, []
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-            self._last_write = asyncio.get_running_loop().time()
-
-    async def _send(self, rid: int, data: bytes, fetch_queue: str | None) -> Frame:
-        if self._transport is None:
-            raise ConnectionLost("not connected")
-        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (fut, fetch_queue)
-        self._write(data)
-        if not self._writable.is_set():
-            try:
-                await self._writable.wait()
-            except asyncio.CancelledError:
-                fut.cancel()  # so that a fetch's late reply is handed back, not left holding leases
-                raise
-        return await fut
-
-    async def _send_all(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
-        """Pipeline ``requests`` and await every reply. One request is awaited directly: gather() would wrap it
-        in a task and cost it an extra loop turn of latency."""
-        if len(requests) == 1:
-            rid, data = requests[0]
-            return [await self._send(rid, data, None)]
-        return list(await asyncio.gather(*(self._send(rid, data, None) for rid, data in requests)))
-
-    async def _ensure(self) -> None:
-        if self._transport is None:
-            await self.connect()
-
-    async def _call(self, op: str, **fields: Any) -> Frame:
-        await self._ensure()
-        rid, data = self._core.request(op, **fields)
-        return check(await self._send(rid, data, None))
 
     # ----------------------------------------------------------------------------------------------- queues
     async def ping(self) -> None:
@@ -434,7 +201,7 @@ class AsyncClient:
         """Store many messages; return their ids in order. Split into requests as the server's limits need,
         all pipelined. ``priority``, ``delay`` and ``ttl`` apply to every message (see :meth:`publish`);
         ``dedup_ids`` has one entry (str or None) per payload."""
-        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        items = [as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
         extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
@@ -466,7 +233,7 @@ class AsyncClient:
         check_queue(topic)
         extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
         await self._ensure()
-        item = [_as_bytes(payload, self._core.max_payload)]
+        item = [as_bytes(payload, self._core.max_payload)]
         hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
         chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
         return {queue: ids[0] for queue, ids in topic_ids(await self._send_all(chunks)).items()}
@@ -487,100 +254,116 @@ class AsyncClient:
         seconds for the first; each lease lasts ``lease`` seconds unless acked, nacked or touched."""
         check_queue(queue)
         await self._ensure()
+        return await self._fetch(queue, max, wait, lease)
+
+    async def _fetch(self, queue: str, max: int, wait: float, lease: float) -> list[Message]:
+        await self._ensure(deferred=False)
         rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
         reply = check(await self._send(rid, data, queue))
         return [Message(queue, m, self) for m in reply["msgs"]]
 
-    async def _settle(self, op: str, msgs: Message | Iterable[Message], **extra: Any) -> None:
+    async def _settle(self, op: str, msgs: Message | Iterable[Message], wait: bool, extra: dict[str, Any]) -> None:
         batch = [msgs] if isinstance(msgs, Message) else list(msgs)
-        if not batch:
-            return
-        await self._ensure()
-        chunks = list(self._core.settle_chunks(op, batch, **extra))
-        replies = await self._send_all(chunks)
-        settle_failures(replies)
+        if batch:
+            await self._ensure(deferred=False)
+            self._core.settle(op, batch, extra)
+            self._schedule_flush()
+        if wait:
+            await self.flush()
+        elif self._core.settles.has_errors:
+            self._raise_deferred()
 
-    async def ack(self, msgs: Message | Iterable[Message]) -> None:
-        """Delete processed messages. Raises :class:`~replika.StaleLease` (after applying the rest) for any
-        whose lease token is no longer current."""
-        await self._settle("ack", msgs)
+    async def ack(self, msgs: Message | Iterable[Message], *, wait: bool = False) -> None:
+        """Delete processed messages (one or a list). Returns once queued: durable once the broker answers (see
+        the class); ``wait=True``: once durable, as :meth:`flush`. A lease token no longer current fails with
+        :class:`~replika.StaleLease` naming its ids (the rest are applied): raised here with ``wait=True``, else
+        by a later call."""
+        await self._settle("ack", msgs, wait, {})
 
-    async def nack(self, msgs: Message | Iterable[Message], delay: float | None = None) -> None:
+    async def nack(self, msgs: Message | Iterable[Message], delay: float | None = None, *, wait: bool = False) -> None:
         """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay (at
-        once unless it was declared with ``retry_delay``)."""
-        if delay is None:
-            await self._settle("nack", msgs)
-        else:
-            await self._settle("nack", msgs, delay=delay)
+        once unless it was declared with ``retry_delay``). Queued or waited for as :meth:`ack`."""
+        await self._settle("nack", msgs, wait, {} if delay is None else {"delay": delay})
 
-    async def reject(self, msgs: Message | Iterable[Message]) -> None:
-        """Move messages to their queue's dead-letter queue now."""
-        await self._settle("reject", msgs)
+    async def reject(self, msgs: Message | Iterable[Message], *, wait: bool = False) -> None:
+        """Move messages to their queue's dead-letter queue now. Queued or waited for as :meth:`ack`."""
+        await self._settle("reject", msgs, wait, {})
 
-    async def touch(self, msgs: Message | Iterable[Message], lease: float = 30.0) -> None:
-        """Extend leases to ``lease`` seconds from now."""
-        await self._settle("touch", msgs, lease=lease)
+    async def touch(self, msgs: Message | Iterable[Message], lease: float = 30.0, *, wait: bool = False) -> None:
+        """Extend leases to ``lease`` seconds from now. Queued or waited for as :meth:`ack`; the broker applies it
+        when the request arrives, at the end of this loop turn."""
+        await self._settle("touch", msgs, wait, {"lease": lease})
 
-    async def consume(self, queue: str, *, prefetch: int = 100, lease: float = 30.0) -> AsyncIterator[Message]:
-        """Yield messages of ``queue`` for ever, keeping a fetch in flight so the next ones are already here.
+    async def consume(
+        self, queue: str, *, prefetch: int = DEFAULT_PREFETCH, lease: float = 30.0
+    ) -> AsyncIterator[Message]:
+        """Yield messages of ``queue`` for ever, keeping fetches in flight so the next ones are already here.
 
-        Up to ``prefetch`` messages are leased ahead of the caller. On a lost connection it reconnects with
-        backoff and goes on; leases of messages not yet acked end with the old connection (at-least-once).
-        Messages prefetched but not yet yielded when the loop is left are handed back (nack, not counted as an
-        attempt: the application never saw them).
+        Up to ``prefetch`` messages are leased ahead of the caller (their leases run while they wait). On a lost
+        connection it reconnects with backoff and goes on; leases of messages not yet acked end with the old
+        connection (at-least-once). Messages prefetched but not yet yielded when the loop is left are handed
+        back (nack, not counted as an attempt: the application never saw them). The loop to write is::
+
+            async for msg in client.consume("jobs"):
+                handle(msg.payload)
+                await msg.ack()  # queued, not waited for: acks leave together, with the next fetch
         """
         check_queue(queue)
-        prefetch = max(1, prefetch)
+        window = Prefetch(prefetch, lease)
         buffer: deque[Message] = deque()
-        inflight: asyncio.Task[list[Message]] | None = None
+        inflight: deque[tuple[int, asyncio.Future[Frame]]] = deque()  # fetches: (messages asked for, reply)
         backoff = BACKOFF_FIRST
         try:
             while True:
-                if inflight is None and len(buffer) <= prefetch // 2:
-                    inflight = asyncio.ensure_future(
-                        self.fetch(queue, max=prefetch - len(buffer), wait=CONSUME_POLL, lease=lease)
-                    )
-                if not buffer:
-                    assert inflight is not None
+                if not window.full(len(buffer)):
                     try:
-                        got = await inflight
-                        backoff = BACKOFF_FIRST
+                        want = window.want(len(buffer), sum(n for n, _ in inflight))
+                        if want:
+                            inflight.append((want, await self._fetch_now(queue, want, lease)))
+                        if not buffer:
+                            reply = check(await self._reply(inflight.popleft()[1], queue))
+                            buffer.extend(Message(queue, m, self) for m in reply["msgs"])
+                            backoff = BACKOFF_FIRST
+                            continue
                     except ConnectionLost:
                         if self._closed:
                             raise
+                        _drop_fetches(inflight)  # the same connection's: they failed too
                         await asyncio.sleep(backoff * (1 + random.random()))
                         backoff = min(backoff * 2, BACKOFF_MAX)
-                        got = []
-                    finally:
-                        inflight = None
-                    buffer.extend(got)
-                    continue
-                yield buffer.popleft()
+                        continue
+                msg = buffer.popleft()
+                taken = time.perf_counter()
+                yield msg
+                window.handed_out(time.perf_counter() - taken, len(msg.payload))
         finally:
-            if inflight is not None:
-                if inflight.done() and not inflight.cancelled() and inflight.exception() is None:
-                    buffer.extend(inflight.result())  # landed but never handed out: give it back below
+            for _, fetch in inflight:
+                if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
+                    self._core.hand_back(queue, fetch.result())  # landed but never handed out
                 else:
-                    inflight.cancel()  # the client hands back whatever it still delivers
+                    fetch.cancel()  # the core hands back whatever it still delivers
             if buffer and self._transport is not None:
-                rest = list(buffer)
-                buffer.clear()
-                with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
-                    await self._settle("nack", rest, delay=0.0, unseen=True)
+                self._core.hand_back_messages(buffer)
+            self._schedule_flush()
+
+    async def _fetch_now(self, queue: str, want: int, lease: float) -> asyncio.Future[Frame]:
+        """Send a fetch for consume() at once, with the settles queued before it, rather than at the end of the
+        loop turn: a caller working through its buffer without awaiting anything would hold it back until the
+        buffer is empty, and no fetch would ever be ahead."""
+        await self._ensure(deferred=False)
+        rid, data = self._core.request(
+            "fetch", queue=queue, max=min(want, self._core.max_batch), wait=CONSUME_POLL, lease=lease
+        )
+        fut = self._submit(rid, data, queue)
+        self._flush()
+        return fut
 
 
-def _unawaited_future() -> asyncio.Future[Frame]:
-    """A future for a reply nobody waits for (a keep-alive ping, a hand-back): its failure, when the connection
-    drops, is expected and must not be reported as an exception never retrieved."""
-    fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-    fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-    return fut
-
-
-def _as_bytes(payload: Payload, limit: int) -> bytes | bytearray | memoryview:
-    data = payload.encode() if isinstance(payload, str) else payload
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"payload must be bytes-like or str, not {type(payload).__name__}")
-    if len(data) > limit:
-        raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the server's limit of {limit}")
-    return data
+def _drop_fetches(inflight: deque[tuple[int, asyncio.Future[Frame]]]) -> None:
+    for _, fetch in inflight:
+        if fetch.done():
+            if not fetch.cancelled():
+                fetch.exception()  # retrieved: it is the same ConnectionLost, already handled
+        else:
+            fetch.cancel()
+    inflight.clear()

@@ -11,6 +11,7 @@ __all__ = [
     "ConnectionRefusedByServer",
     "Forbidden",
     "InternalError",
+    "NotABroker",
     "NotFound",
     "PayloadTooLarge",
     "ProtocolViolation",
@@ -68,6 +69,11 @@ class ProtocolViolation(ReplikaError, codes=("BAD_FRAME", "FRAME_TOO_LARGE", "UN
     """One side broke the wire protocol (a bug, or a server of another version)."""
 
 
+class NotABroker(ProtocolViolation, codes=("NOT_A_BROKER",)):
+    """The server is not a Replika broker: it answered in HTTP, as the broker's admin sidecar (port 8333 by
+    default) does. The message names the broker's default port. A client-side code: no broker sends it."""
+
+
 class UnsupportedVersion(ReplikaError, codes=("UNSUPPORTED_VERSION",)):
     """The server speaks no protocol version this SDK speaks."""
 
@@ -100,11 +106,21 @@ class StaleLease(ReplikaError, codes=("STALE_LEASE",)):
     """A lease token is no longer current: the message was delivered again since, or already settled.
 
     ``failed`` maps each refused message id to its code; the other messages of the same call were applied.
+    ``reasons`` maps the same ids to why (SPEC.md §5): ``gone`` (no longer in the queue: acked, or moved),
+    ``redelivered`` (delivered again since), ``settled`` (already nacked with this token) or ``unknown``
+    (a token never issued for the message).
     """
 
-    def __init__(self, message: str, code: str | None = None, failed: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        failed: dict[int, str] | None = None,
+        reasons: dict[int, str] | None = None,
+    ) -> None:
         super().__init__(message, code)
         self.failed: dict[int, str] = failed or {}
+        self.reasons: dict[int, str] = reasons or {}
 
 
 class QueueFull(ReplikaError, codes=("QUEUE_FULL",)):

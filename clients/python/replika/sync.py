@@ -2,38 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-import socket
-import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from replika._core import (
-    DEFAULT_URL,
-    ClientCore,
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    CONSUME_POLL,
+    DEFAULT_PREFETCH,
+    Payload,
+    Prefetch,
+    as_bytes,
     check,
     check_queue,
-    hand_back_request,
-    parse_url,
     publish_ids,
     publish_options,
-    settle_failures,
-    tls_context,
     topic_ids,
 )
 from replika._message import PeekedMessage, SyncMessage
-from replika.aio import BACKOFF_FIRST, BACKOFF_MAX, CONSUME_POLL, Payload, _as_bytes
-from replika.errors import ConnectionLost, ProtocolViolation, ReplikaError, error_from_reply
-from replika_protocol import Frame, ProtocolError
+from replika._sync_connection import SyncConnection
+from replika.errors import ConnectionLost, ReplikaError
 
 __all__ = ["Client"]
 
-_RECV = 256 * 1024
 
-
-class Client:
+class Client(SyncConnection):
     """A blocking connection to a Replika broker, with the same methods as :class:`AsyncClient`.
 
     Use as ``with Client("replika://127.0.0.1:8777") as client:``. One client is not safe to share between
@@ -44,156 +41,15 @@ class Client:
     end with it (the broker would have closed it anyway): a message held longer than about 0.9 x the broker's
     ``idle_timeout`` (270 s by default) without a call, ``touch`` included, may be delivered again and its ack
     fail with :class:`~replika.StaleLease`.
+
+    Settling is fast by default, with :class:`AsyncClient`'s rules, except when requests leave: :meth:`ack`,
+    :meth:`nack`, :meth:`reject` and :meth:`touch` write their request before they return (so nothing sits unsent
+    while the caller works) and do not wait for the reply. Replies are read whenever the client reads anyway, and
+    a call first reads those already in without blocking; more than ``SETTLE_WINDOW`` (1,024) unanswered settle
+    requests make a settle call read until half are answered. ``wait=True``, :meth:`flush` and :meth:`close`
+    wait until every settle so far is durable. An error of a settle not waited for is raised by the next call once
+    its reply has been read, else by :meth:`flush` or :meth:`close`.
     """
-
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        token: str | None = None,
-        *,
-        ssl: _ssl.SSLContext | None = None,
-        connect_timeout: float = 10.0,
-        timeout: float | None = 60.0,
-        client_name: str = "replika-py-sync",
-    ) -> None:
-        self._endpoint = parse_url(url)
-        self._ssl = tls_context(self._endpoint, ssl)
-        self._last_io = 0.0
-        self._core = ClientCore(client_name, token)
-        self._connect_timeout = connect_timeout
-        self._timeout = timeout
-        self._sock: socket.socket | None = None
-        self._sock_timeout: float | None = None
-        self._replies: dict[int, Frame] = {}
-        self._abandoned: dict[int, str] = {}  # fetches whose caller left: their messages go back (nack)
-
-    def __enter__(self) -> Client:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
-    @property
-    def max_batch(self) -> int:
-        return self._core.max_batch
-
-    # ----------------------------------------------------------------------------------------------- connection
-    def connect(self) -> None:
-        """Open the connection and do the handshake (done by ``with`` and on first use)."""
-        if self._sock is not None:
-            return
-        ep = self._endpoint
-        try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=self._connect_timeout)
-        except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {ep.host}:{ep.port}: {exc}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ssl is not None:
-            try:
-                sock = self._ssl.wrap_socket(sock, server_hostname=ep.host)
-            except OSError as exc:  # ssl.SSLError included
-                sock.close()
-                raise ConnectionLost(f"TLS handshake with {ep.host}:{ep.port} failed: {exc}") from None
-        self._sock = sock
-        self._sock_timeout = self._connect_timeout
-        self._core.reset()
-        self._replies.clear()
-        rid, data = self._core.hello()
-        try:
-            self._sendall(data)
-            self._core.on_hello(self._wait(rid, self._connect_timeout))
-        except BaseException:
-            self._drop()
-            raise
-
-    def close(self) -> None:
-        """Close the connection. Unacked messages it leased become ready again at the broker."""
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
-                self._abandoned.clear()
-
-    def _sendall(self, data: bytes) -> None:
-        assert self._sock is not None
-        try:
-            self._set_timeout(self._timeout)
-            self._sock.sendall(data)
-            self._last_io = time.monotonic()
-        except OSError as exc:
-            self._drop()
-            raise ConnectionLost(f"connection to the broker lost: {exc}") from None
-
-    def _set_timeout(self, timeout: float | None) -> None:
-        # settimeout is a syscall (it flips O_NONBLOCK): only make it when the value changes.
-        if timeout != self._sock_timeout and self._sock is not None:
-            self._sock.settimeout(timeout)
-            self._sock_timeout = timeout
-
-    def _wait(self, rid: int, timeout: float | None = None) -> Frame:
-        """Read until the reply to ``rid`` arrives, keeping other replies for their callers."""
-        while rid not in self._replies:
-            sock = self._sock
-            if sock is None:
-                raise ConnectionLost("not connected")
-            try:
-                self._set_timeout(timeout if timeout is not None else self._timeout)
-                data = sock.recv(_RECV)
-            except OSError as exc:
-                self._drop()
-                raise ConnectionLost(f"connection to the broker lost: {exc}") from None
-            if not data:
-                self._drop()
-                raise ConnectionLost("the broker closed the connection")
-            self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
-            try:
-                frames = self._core.decoder.feed(data)
-            except ProtocolError as exc:
-                self._drop()
-                raise ProtocolViolation(f"bad reply stream: {exc}", exc.code.value) from None
-            for frame in frames:
-                frid = frame.get("id")
-                if frid is None and frame.get("ok") is False:
-                    self._drop()
-                    raise error_from_reply(frame)
-                if isinstance(frid, int):
-                    abandoned = self._abandoned.pop(frid, None)
-                    if abandoned is None:
-                        self._replies[frid] = frame
-                    elif frame.get("msgs"):
-                        self._return_abandoned(abandoned, frame["msgs"])
-        return self._replies.pop(rid)
-
-    def _return_abandoned(self, queue: str, msgs: list[Any]) -> None:
-        rid, data = hand_back_request(self._core, queue, msgs)
-        self._abandoned[rid] = queue  # its reply is of no interest either
-        self._sendall(data)
-
-    def _ensure(self) -> None:
-        interval = self._core.keepalive_interval
-        if self._sock is not None and interval is not None and time.monotonic() - self._last_io > 2.7 * interval:
-            self._drop()  # the broker may have closed it as idle by now: start afresh rather than fail
-        if self._sock is None:
-            self.connect()
-
-    def _call(self, op: str, **fields: Any) -> Frame:
-        self._ensure()
-        rid, data = self._core.request(op, **fields)
-        self._sendall(data)
-        return check(self._wait(rid))
-
-    def _pipeline(self, requests: list[tuple[int, bytes]]) -> list[Frame]:
-        self._sendall(b"".join(data for _, data in requests))
-        return [self._wait(rid) for rid, _ in requests]
 
     # ----------------------------------------------------------------------------------------------- queues
     def ping(self) -> None:
@@ -312,7 +168,7 @@ class Client:
         dedup_ids: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Store many messages; return their ids in order. Options as :meth:`AsyncClient.publish_many`."""
-        items = [_as_bytes(p, self._core.max_payload) for p in payloads]
+        items = [as_bytes(p, self._core.max_payload) for p in payloads]
         if headers is not None and len(headers) != len(items):
             raise ValueError("headers needs one entry per payload")
         extra, dedup = publish_options(priority, delay, ttl, dedup_ids, len(items))
@@ -341,7 +197,7 @@ class Client:
         check_queue(topic)
         extra, dedup = publish_options(priority, delay, ttl, None if dedup_id is None else [dedup_id], 1)
         self._ensure()
-        item = [_as_bytes(payload, self._core.max_payload)]
+        item = [as_bytes(payload, self._core.max_payload)]
         hdrs: list[dict[str, str] | None] | None = None if headers is None else [headers]
         chunks = list(self._core.publish_chunks(topic, item, hdrs, dedup, op="publish_topic", **extra))
         return {queue: ids[0] for queue, ids in topic_ids(self._pipeline(chunks)).items()}
@@ -365,7 +221,8 @@ class Client:
 
     def _start_fetch(self, queue: str, max: int, wait: float, lease: float) -> int:
         rid, data = self._core.request("fetch", queue=queue, max=min(max, self._core.max_batch), wait=wait, lease=lease)
-        self._sendall(data)
+        self._core.send(rid, data, rid, fetch_queue=queue)
+        self._flush()
         return rid
 
     def _finish_fetch(self, rid: int, queue: str, wait: float) -> list[SyncMessage]:
@@ -373,71 +230,86 @@ class Client:
         reply = check(self._wait(rid, timeout))
         return [SyncMessage(queue, m, self) for m in reply["msgs"]]
 
-    def _settle(self, op: str, msgs: SyncMessage | Iterable[SyncMessage], **extra: Any) -> None:
+    def _settle(self, op: str, msgs: SyncMessage | Iterable[SyncMessage], wait: bool, extra: dict[str, Any]) -> None:
         batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
-        if not batch:
-            return
-        self._ensure()
-        settle_failures(self._pipeline(list(self._core.settle_chunks(op, batch, **extra))))
+        if batch:
+            self._ensure(deferred=False)
+            self._core.settle(op, batch, extra, now=True)
+            self._flush()  # at once: an ack must not sit unsent while the caller works on the next message
+            self._read_settles()
+        if wait:
+            self.flush()
+        elif self._core.settles.has_errors:
+            self._raise_deferred()
 
-    def ack(self, msgs: SyncMessage | Iterable[SyncMessage]) -> None:
-        """Delete processed messages; :class:`~replika.StaleLease` for tokens no longer current."""
-        self._settle("ack", msgs)
+    def ack(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
+        """Delete processed messages (one or a list). The request is written before this returns and its reply
+        read later: durable once the broker answers (see the class); ``wait=True``: once durable, as
+        :meth:`flush`. A lease token no longer current fails with :class:`~replika.StaleLease` naming its ids (the
+        rest are applied): raised here with ``wait=True``, else by a later call."""
+        self._settle("ack", msgs, wait, {})
 
-    def nack(self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None) -> None:
-        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay."""
-        if delay is None:
-            self._settle("nack", msgs)
-        else:
-            self._settle("nack", msgs, delay=delay)
+    def nack(
+        self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None, *, wait: bool = False
+    ) -> None:
+        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay. Sent,
+        or waited for, as :meth:`ack`."""
+        self._settle("nack", msgs, wait, {} if delay is None else {"delay": delay})
 
-    def reject(self, msgs: SyncMessage | Iterable[SyncMessage]) -> None:
-        """Move messages to their queue's dead-letter queue now."""
-        self._settle("reject", msgs)
+    def reject(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
+        """Move messages to their queue's dead-letter queue now. Sent, or waited for, as :meth:`ack`."""
+        self._settle("reject", msgs, wait, {})
 
-    def touch(self, msgs: SyncMessage | Iterable[SyncMessage], lease: float = 30.0) -> None:
-        """Extend leases to ``lease`` seconds from now."""
-        self._settle("touch", msgs, lease=lease)
+    def touch(self, msgs: SyncMessage | Iterable[SyncMessage], lease: float = 30.0, *, wait: bool = False) -> None:
+        """Extend leases to ``lease`` seconds from now. Sent, or waited for, as :meth:`ack`."""
+        self._settle("touch", msgs, wait, {"lease": lease})
 
-    def consume(self, queue: str, *, prefetch: int = 100, lease: float = 30.0) -> Iterator[SyncMessage]:
-        """Yield messages of ``queue`` for ever. The next fetch is sent before the current batch is handed
-        out, so it is usually answered by the time it is needed. Reconnects with backoff on a lost connection.
-        Messages fetched but not yet yielded when the loop is left are handed back, not counted as attempts."""
+    def consume(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH, lease: float = 30.0) -> Iterator[SyncMessage]:
+        """Yield messages of ``queue`` for ever. Fetches are sent ahead, before the messages buffered run out,
+        so they are usually answered by the time they are needed. Reconnects with backoff on a lost connection.
+        Messages fetched but not yet yielded when the loop is left are handed back, not counted as attempts.
+        The loop to write is ``for msg in client.consume("jobs"): handle(msg.payload); msg.ack()``: each ack is
+        written at once, its reply read with the next fetch's."""
         check_queue(queue)
-        prefetch = max(1, prefetch)
+        window = Prefetch(prefetch, lease)
         buffer: deque[SyncMessage] = deque()
-        pending: int | None = None
+        pending: deque[tuple[int, int]] = deque()  # fetches in flight: (messages asked for, request id)
         backoff = BACKOFF_FIRST
         try:
             while True:
-                try:
-                    self._ensure()
-                    if pending is None and len(buffer) <= prefetch // 2:
-                        pending = self._start_fetch(queue, prefetch - len(buffer), CONSUME_POLL, lease)
-                    if not buffer:
-                        assert pending is not None
-                        rid, pending = pending, None
-                        buffer.extend(self._finish_fetch(rid, queue, CONSUME_POLL))
-                        backoff = BACKOFF_FIRST
+                if not window.full(len(buffer)):
+                    try:
+                        self._ensure(deferred=False)
+                        want = window.want(len(buffer), sum(n for n, _ in pending))
+                        if want:
+                            pending.append((want, self._start_fetch(queue, want, CONSUME_POLL, lease)))
+                        if not buffer:
+                            buffer.extend(self._finish_fetch(pending.popleft()[1], queue, CONSUME_POLL))
+                            backoff = BACKOFF_FIRST
+                            continue
+                    except ConnectionLost:
+                        pending.clear()
+                        buffer.clear()  # their leases ended with the connection
+                        time.sleep(backoff * (1 + random.random()))
+                        backoff = min(backoff * 2, BACKOFF_MAX)
                         continue
-                except ConnectionLost:
-                    pending = None
-                    buffer.clear()  # their leases ended with the connection
-                    time.sleep(backoff * (1 + random.random()))
-                    backoff = min(backoff * 2, BACKOFF_MAX)
-                    continue
-                yield buffer.popleft()
+                msg = buffer.popleft()
+                taken = time.perf_counter()
+                yield msg
+                window.handed_out(time.perf_counter() - taken, len(msg.payload))
         finally:
-            if pending is not None:
-                landed = self._replies.pop(pending, None)
-                if landed is None:
-                    # Don't block for the long poll: hand its messages back whenever its reply turns up.
-                    self._abandoned[pending] = queue
-                elif landed.get("msgs"):
-                    buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
-            if self._sock is not None:
-                try:
-                    if buffer:
-                        self._settle("nack", list(buffer), delay=0.0, unseen=True)
-                except ReplikaError:
-                    pass  # their leases end with the connection or expire
+            self._leave_consume(queue, buffer, pending)
+
+    def _leave_consume(self, queue: str, buffer: deque[SyncMessage], pending: deque[tuple[int, int]]) -> None:
+        """Hand back what consume() fetched and never yielded; don't block for fetches still out (long polls):
+        their messages go back whenever their replies turn up."""
+        for _, rid in pending:
+            landed = self._replies.pop(rid, None)
+            if landed is None:
+                self._core.abandon(rid)
+            elif landed.get("msgs"):
+                buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
+        if self._sock is not None and buffer:
+            self._core.hand_back_messages(buffer)
+            with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
+                self._flush()

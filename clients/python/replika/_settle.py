@@ -1,0 +1,127 @@
+"""Settles not waited for, part of the SDK's sans-IO core (:class:`replika._core.ClientProtocol` owns one).
+
+An ``ack()``, ``nack()``, ``reject()`` or ``touch()`` without ``wait=True`` returns before the broker confirmed
+it. Here such settles are coalesced (consecutive ones of the same op, queue and options become one request),
+remembered until their replies come, and their failures kept until the client raises them to its caller (the
+next call, ``flush()`` or ``close()``; SPEC.md §5 "Settles not waited for"). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from replika._message import MessageData
+from replika.errors import ConnectionLost, ReplikaError, StaleLease, error_from_reply
+from replika_protocol import Frame
+
+
+@dataclass(slots=True)
+class _Group:
+    """Settles queued since the last request was built: they become one request (or several of max_batch)."""
+
+    op: str
+    queue: str
+    extra: dict[str, Any]
+    ids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+class Settles:
+    """The settles of one client: the group still open, the requests sent and not yet answered, and the failures
+    not yet raised to the caller (which outlive a connection)."""
+
+    def __init__(self) -> None:
+        self._open: _Group | None = None
+        # rid -> (op, queue, count), in send order: the first key is the oldest unconfirmed request.
+        self._sent: dict[int, tuple[str, str, int]] = {}
+        self._errors: list[tuple[str, ReplikaError]] = []  # (queue, error), oldest first
+
+    @property
+    def has_open(self) -> bool:
+        return self._open is not None
+
+    @property
+    def unconfirmed(self) -> int:
+        """Settle requests sent and not yet answered."""
+        return len(self._sent)
+
+    @property
+    def has_errors(self) -> bool:
+        return bool(self._errors)
+
+    def add(self, op: str, msgs: Iterable[MessageData], extra: dict[str, Any], close: Callable[[], None]) -> None:
+        """Queue ``op`` of ``msgs``; ``close`` builds the open group's requests when a different one begins.
+        Only consecutive settles share a request, so the broker applies them in call order."""
+        group = self._open
+        for m in msgs:
+            if group is None or group.queue != m.queue or group.op != op or group.extra != extra:
+                if group is not None:
+                    close()
+                group = self._open = _Group(op, m.queue, extra)
+            group.ids.append(m.id)
+            group.tokens.append(m.token)
+
+    def take_open(self) -> _Group | None:
+        group, self._open = self._open, None
+        return group
+
+    def sent(self, rid: int, op: str, queue: str, count: int) -> None:
+        self._sent[rid] = (op, queue, count)
+
+    def last_sent(self) -> int:
+        """The id of the newest settle request sent (0 if none is unconfirmed): a mark for :meth:`done_through`."""
+        return next(reversed(self._sent)) if self._sent else 0
+
+    def done_through(self, mark: int) -> bool:
+        """Whether every settle request up to id ``mark`` has been answered (or given up with its connection)."""
+        return not self._sent or next(iter(self._sent)) > mark
+
+    def on_reply(self, rid: int, reply: Frame) -> bool:
+        """Take ``reply`` if it answers a settle sent here (False: it does not); keep its failure, if any."""
+        info = self._sent.pop(rid, None)
+        if info is None:
+            return False
+        op, queue, count = info
+        if reply.get("ok") is not True:
+            error = error_from_reply(reply)
+            error.message = f"{op} of {count} message(s) of queue {queue!r}, not waited for: {error.message}"
+            self._errors.append((queue, error))
+        elif failed := reply.get("failed"):
+            self._stale(queue, failed, reply.get("reasons") or {})
+        return True
+
+    def _stale(self, queue: str, failed: dict[int, str], reasons: dict[int, str]) -> None:
+        # Consecutive refusals in one queue become one StaleLease, as those of one call split into requests do.
+        if self._errors and self._errors[-1][0] == queue and type(self._errors[-1][1]) is StaleLease:
+            last = self._errors[-1][1]
+            assert isinstance(last, StaleLease)
+            failed = {**last.failed, **failed}
+            reasons = {**last.reasons, **reasons}
+            self._errors.pop()
+        why = ", ".join(f"{i} ({reasons[i]})" if i in reasons else str(i) for i in sorted(failed))
+        message = f"settles of queue {queue!r} not waited for: {len(failed)} lease(s) no longer current: {why}"
+        self._errors.append((queue, StaleLease(message, "STALE_LEASE", failed, reasons)))
+
+    def connection_lost(self) -> None:
+        """The connection is gone with settles unconfirmed or unsent: whether they were applied is unknown."""
+        count = sum(n for _, _, n in self._sent.values())
+        group = self.take_open()
+        unsent = len(group.ids) if group is not None else 0
+        self._sent.clear()
+        if count or unsent:
+            self._errors.append(
+                (
+                    "",
+                    ConnectionLost(
+                        f"the connection was lost with {count + unsent} settle(s) not waited for unconfirmed "
+                        f"({unsent} of them not sent): each may or may not have been applied; a message whose ack "
+                        "was not is delivered again"
+                    ),
+                )
+            )
+
+    def take_error(self) -> ReplikaError | None:
+        """The oldest failure not yet raised, now handed to the caller to raise."""
+        return self._errors.pop(0)[1] if self._errors else None
