@@ -1,7 +1,8 @@
 """The taskiq tasks whose workers tests/test_contrib_taskiq.py runs
 (``taskiq worker tests.frameworks.taskiq_app:broker``).
 
-Environment: ``REPLIKA_TEST_BROKER``, ``REPLIKA_TEST_RECORDS`` and ``REPLIKA_TEST_LEASE``, as for celery_app.py.
+Environment: ``REPLIKA_TEST_BROKER``, ``REPLIKA_TEST_RECORDS`` and ``REPLIKA_TEST_LEASE`` as for celery_app.py, and
+``REPLIKA_TEST_QUEUE``, the queue the broker consumes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.frameworks import records
 
 broker = ReplikaBroker(
     os.environ.get("REPLIKA_TEST_BROKER", "replika://127.0.0.1:8777"),
+    queue=os.environ.get("REPLIKA_TEST_QUEUE", "taskiq"),
     lease=float(os.environ.get("REPLIKA_TEST_LEASE", "30")),
 ).with_middlewares(SmartRetryMiddleware(default_retry_count=3, default_delay=0.2, use_jitter=False))
 

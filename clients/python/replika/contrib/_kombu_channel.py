@@ -297,7 +297,8 @@ class Channel(StdChannel):
             self.basic_cancel(tag)
         self.closed = True
         self._settle_all("requeue")
-        self.connection.close_channel(self)
+        if self.connection is not None:
+            self.connection.close_channel(self)
 
 
 def _cancel(consumer: Consumer) -> None:  # on the bridge's loop

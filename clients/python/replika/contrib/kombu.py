@@ -246,6 +246,8 @@ class Transport(base.Transport):
 
     def close_channel(self, channel: ReplikaChannel) -> None:
         channel.link.channels.discard(channel)
+        # kombu tells a closed channel by its connection: a retry then declares on a new one.
+        channel.connection = None  # type: ignore[assignment]
 
     def drain_events(self, connection: Link, timeout: float | None = None, **_: Any) -> None:
         if connection.deliver(timeout) == 0:

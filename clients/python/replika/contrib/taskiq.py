@@ -27,12 +27,14 @@ import functools
 import logging
 import os
 import ssl as _ssl
-from collections.abc import AsyncGenerator
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Self
 
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
-from replika import AsyncClient
+from replika import AsyncClient, ConnectionLost
 from replika import Message as ReplikaMessage
 from replika.contrib._holder import DEFAULT_LEASE, Budget, Holder, Settle, feed
 
@@ -42,6 +44,8 @@ log = logging.getLogger("replika.contrib.taskiq")
 
 #: Replika's longest delay, seconds (30 days).
 MAX_DELAY = 2_592_000.0
+#: Seconds kick keeps retrying a publish lost with the connection (the broker restarting, say).
+KICK_RETRY_FOR = 30.0
 HISTORY_LINES = 20
 HISTORY_LINE = 200
 
@@ -108,9 +112,12 @@ class ReplikaBroker(AsyncBroker):
         return self._holder
 
     async def startup(self) -> None:
+        """Connect (retried like a kick while the broker is away, so a worker started during a broker restart
+        waits for it rather than failing)."""
         self._outcomes_last()
         await super().startup()
-        await self._session().client.connect()
+        client = self._session().client
+        await _retrying(client.connect)
 
     async def shutdown(self) -> None:
         holder, self._holder = self._holder, None
@@ -132,8 +139,18 @@ class ReplikaBroker(AsyncBroker):
             headers["taskiq-retry-history"] = history
         delay = min(MAX_DELAY, max(0.0, float(labels.get("delay") or 0)))
         priority = min(9, max(0, _int(labels.get("priority"))))
-        await self._session().client.publish(
-            self.queue, message.message, headers=headers, delay=delay or None, priority=priority or None
+        # One dedup id for every try: a publish whose confirm was lost with the connection is stored once.
+        dedup = uuid.uuid4().hex
+        client = self._session().client
+        await _retrying(
+            lambda: client.publish(
+                self.queue,
+                message.message,
+                headers=headers,
+                delay=delay or None,
+                priority=priority or None,
+                dedup_id=dedup,
+            )
         )
 
     def _history(self, task_id: str) -> str:
@@ -194,6 +211,21 @@ class _Outcomes(TaskiqMiddleware):
 
     def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException) -> None:
         self._replika._failed[message.task_id] = f"{type(exception).__name__}: {exception}"
+
+
+async def _retrying(call: Callable[[], Awaitable[object]]) -> None:
+    """``call()``, tried again on a lost connection for up to :data:`KICK_RETRY_FOR` seconds."""
+    deadline = time.monotonic() + KICK_RETRY_FOR
+    backoff = 0.05
+    while True:
+        try:
+            await call()
+            return
+        except ConnectionLost:
+            if time.monotonic() + backoff > deadline:
+                raise
+            await asyncio.sleep(backoff)  # the broker is away: wait before reconnecting
+            backoff = min(backoff * 2, 2.0)
 
 
 def _int(value: Any) -> int:
