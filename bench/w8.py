@@ -5,8 +5,9 @@
 For each transport: ``--tasks`` no-op tasks are published first (8 threads, each with its own connection), then
 one worker runs them (``celery worker -c 2 -P prefork``, ``task_acks_late``, prefetch multiplier 4). Throughput
 is counted from the tasks' own timestamps, from the 10th percentile task to the last, so that the worker's
-start-up is not in it. Then the kill -9 check: a worker is killed with kill -9 in the middle of an acks_late task
-and a second worker is started; did the task run again, and how soon?
+start-up is not in it; each transport first gets one unmeasured run of a quarter as many tasks. Then the kill -9
+check: a worker is killed with kill -9 in the middle of an acks_late task and a second worker is started; did the
+task run again, and how soon?
 
 Replika runs in its default durability (an fsync per group commit, before every confirm); Redis with
 ``appendonly yes, appendfsync always``; RabbitMQ with a durable queue, persistent messages and publisher confirms
@@ -224,6 +225,8 @@ def kill9_check(t: Transport, workdir: Path, wait: float = 30.0) -> Kill9Outcome
 def measure(t: Transport, workdir: Path, runs: int, n: int, kill9: bool, kill9_wait: float) -> Result:
     workdir.mkdir(parents=True, exist_ok=True)
     result = Result(t.name, t.describe)
+    # A first, unmeasured run: a new broker's first thousands of messages also pay for growing its files.
+    throughput(t, max(100, n // 4), workdir, -1)
     for run in range(runs):
         rate, pub, dups = throughput(t, n, workdir, run)
         result.rates.append(rate)

@@ -23,7 +23,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
     task_default_queue="w8",
-    worker_prefetch_multiplier=4,
+    worker_prefetch_multiplier=int(os.environ.get("W8_PREFETCH_MULTIPLIER", "4")),
     broker_connection_retry_on_startup=True,
     broker_transport_options=json.loads(os.environ.get("W8_TRANSPORT_OPTIONS") or "{}"),
     worker_hijack_root_logger=False,

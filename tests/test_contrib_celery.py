@@ -3,6 +3,7 @@ kombu transport's mapping of AMQP onto Replika without a worker."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,11 @@ RETRY = {"max_retries": 200, "interval_start": 0.05, "interval_step": 0.05, "int
 class CeleryDriver:
     name = "celery"
 
-    def worker(self, url: str, queue: str, log: Path, records_file: Path, lease: float = 30.0) -> Worker:
+    def worker(
+        self, url: str, queue: str, log: Path, records_file: Path, lease: float = 30.0, node: str | None = None
+    ) -> Worker:
         argv = [python(), "-m", "celery", "-A", "tests.frameworks.celery_app", "worker", "-Q", queue, "-c", "2"]
-        argv += ["-P", "prefork", "-n", f"{queue}-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO"]
+        argv += ["-P", "prefork", "-n", node or f"{queue}-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO"]
         return Worker(argv, worker_env(url, queue, records_file, lease), log)
 
     def send(self, url: str, queue: str, task: str, args: list[tuple[object, ...]], delay: float | None = None) -> None:
@@ -88,12 +91,16 @@ def test_a_broker_restart_under_load_loses_no_published_task(tmp_path: Path) -> 
 
 
 def test_remote_control_inspect_ping_gets_the_workers_pong(url: str, tmp_path: Path) -> None:
-    worker = DRIVER.worker(url, "control", tmp_path / "control.log", tmp_path / "control.records")
+    """``celery inspect ping`` broadcasts through a fanout exchange (a topic binding) and collects the reply
+    from its own reply queue."""
+    node = f"control-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    worker = DRIVER.worker(url, "control", tmp_path / "control.log", tmp_path / "control.records", node=node)
     try:
         scenarios.wait_until(lambda: "ready." in worker.log.read_text(errors="replace"), "the worker", worker)
         env = worker_env(url, "control", tmp_path / "control.records", 30.0)
+        argv = [python(), "-m", "celery", "-A", "tests.frameworks.celery_app", "inspect", "ping"]
         out = subprocess.run(
-            [python(), "-m", "celery", "-A", "tests.frameworks.celery_app", "inspect", "ping", "--timeout", "5"],
+            [*argv, "-d", node, "--timeout", str(WAIT)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -101,7 +108,7 @@ def test_remote_control_inspect_ping_gets_the_workers_pong(url: str, tmp_path: P
             timeout=WAIT,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "pong" in out.stdout
+        assert f"{node}: OK" in out.stdout and "pong" in out.stdout
     finally:
         worker.stop()
 

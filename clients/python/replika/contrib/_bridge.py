@@ -17,6 +17,7 @@ import os
 import ssl as _ssl
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, ClassVar, TypeVar
 
@@ -114,11 +115,16 @@ class Bridge:
         self._client: AsyncClient | None = None
         self._holder: Holder | None = None
         self._lock = threading.Lock()
+        self._closed = False
+        self._outbox: deque[tuple[Settle, list[Message], Budget | None]] = deque()
+        self._outbox_scheduled = False
         _BRIDGES.add(self)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _ensure(self) -> tuple[LoopThread, Holder]:
         with self._lock:
+            if self._closed:
+                raise ConnectionLost("the connection was closed")
             if self._pid != os.getpid() or self._thread is None or self._holder is None:
                 # First use, or a forked child holding its parent's objects: start afresh in this process.
                 thread = LoopThread.get()
@@ -156,14 +162,30 @@ class Bridge:
     def settle(self, op: Settle, msgs: Iterable[Message], budget: Budget | None = None) -> None:
         """Settle ``msgs`` without waiting (thread-safe); ``budget`` gets their places back."""
         batch = list(msgs)
-        if batch:
-            self.soon(self._settle_on_loop, op, batch, budget)
+        if not batch:
+            return
+        try:
+            thread = self._ensure()[0]
+        except ConnectionLost:
+            # Closed: the leases ended with the connection and these messages are delivered again.
+            self.log.info("replika: %s of %d message(s) after the connection was closed: dropped", op, len(batch))
+            return
+        self._outbox.append((op, batch, budget))  # deque.append is atomic: no lock between the threads
+        if not self._outbox_scheduled:
+            # One wake-up of the loop for all the settles made before it runs, not one per message.
+            self._outbox_scheduled = True
+            thread.soon(self._drain_outbox)
 
-    def _settle_on_loop(self, op: Settle, msgs: list[Message], budget: Budget | None) -> None:
-        assert self._holder is not None
-        self._holder.settle(op, msgs)
-        if budget is not None:
-            budget.release(len(msgs))
+    def _drain_outbox(self, holder: Holder | None = None) -> None:  # on the loop
+        self._outbox_scheduled = False
+        holder = holder or self._holder
+        if holder is None:
+            return  # closing: _close drains what is left into the holder it closes
+        while self._outbox:
+            op, msgs, budget = self._outbox.popleft()
+            holder.settle(op, msgs)
+            if budget is not None:
+                budget.release(len(msgs))
 
     def connect(self) -> None:
         """Open the connection now (a blocking call also opens it on first use)."""
@@ -171,21 +193,24 @@ class Bridge:
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is still queued, wait until the broker has it, and close the connection: leases of
-        messages not settled end with it, so they are delivered again at once."""
+        messages not settled end with it, so they are delivered again. Later calls raise ConnectionLost and
+        later settles are dropped."""
         with self._lock:
             alive = self._pid == os.getpid() and self._thread is not None and self._holder is not None
+            self._closed = True
             thread, holder = self._thread, self._holder
             self._thread = self._holder = self._client = None
             self._pid = -1
         if alive and thread is not None and holder is not None:
             try:
-                thread.run(_close(holder), timeout)
+                thread.run(self._close(holder), timeout)
             except ConnectionLost as exc:
                 self.log.warning("replika: closing the connection did not finish: %s", exc)
 
 
-async def _close(holder: Holder) -> None:
-    holder.stop()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(holder.drain(), SETTLE_DRAIN)
-    await holder.client.close()
+    async def _close(self, holder: Holder) -> None:
+        self._drain_outbox(holder)
+        holder.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(holder.drain(), SETTLE_DRAIN)
+        await holder.client.close()

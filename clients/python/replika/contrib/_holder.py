@@ -28,13 +28,20 @@ Settle = Literal["ack", "nack", "requeue", "reject"]
 #: Seconds a delivery is leased for; the holder touches it every third of that while it is held, so the lease
 #: only matters when the holding process stops (its connection closing ends it at once) or hangs.
 DEFAULT_LEASE = 30.0
-#: Seconds one fetch parks on the broker waiting for a message: an idle consumer costs one request per period.
-POLL = 5.0
+#: Seconds one fetch parks on the broker waiting for a message: an idle consumer costs one request (and no
+#: commit) per period. Short because the broker (0.1.0) keeps a closed connection's leases until the fetch it
+#: had parked runs out: a worker killed with kill -9 gives its messages back at most this late.
+POLL = 1.0
 #: Messages one fetch asks for when the consumer sets no limit of its own (no-ack consumers).
 UNBOUNDED_FETCH = 100
+#: While a fetch is in flight, the next one waits for 1/FETCH_STEP of the budget to be free.
+FETCH_STEP = 2
 #: Reconnect backoff of a fetch loop, seconds: first delay and ceiling (doubling, with jitter).
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
+#: Seconds a settle may wait for the next fetch to ride with. The broker commits (and syncs) once per batch of
+#: requests; acks sent with the fetch that their freed room allows land in the same batch, one commit for both.
+SETTLE_LINGER = 0.005
 #: Seconds a settle that failed on a lost connection keeps being retried: its lease token stays current until
 #: the message is delivered again, so an ack sent after the reconnect still deletes it.
 SETTLE_RETRY_FOR = 30.0
@@ -43,13 +50,15 @@ SETTLE_RETRY_FOR = 30.0
 class Budget:
     """How many messages one consumer (or kombu channel) may hold at once: ``limit`` (0: no limit of its own).
 
-    A fetch waits until at least half the limit is free, so that a busy consumer fetches in batches rather than
-    one message per settle.
+    Fetches in flight reserve their ``max`` from it. Another fetch goes out while one is in flight only once
+    half the limit is free, so that a busy consumer fetches in batches, yet refills its slots without
+    waiting for a fetch's round trip (which includes the broker's commit) to end first.
     """
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = max(0, limit)
         self.held = 0
+        self.reserved = 0
         self._changed = asyncio.Event()
 
     def set_limit(self, limit: int) -> None:
@@ -63,14 +72,23 @@ class Budget:
         self.held = max(0, self.held - n)
         self._changed.set()
 
+    def reserve(self, n: int) -> None:
+        self.reserved += n
+
+    def unreserve(self, n: int) -> None:
+        self.reserved = max(0, self.reserved - n)
+        self._changed.set()
+
     def room(self) -> int:
-        return UNBOUNDED_FETCH if self.limit == 0 else self.limit - self.held
+        if self.limit == 0:
+            return 0 if self.reserved else UNBOUNDED_FETCH
+        return self.limit - self.held - self.reserved
 
     async def wait_for_room(self) -> int:
         """The number of messages the next fetch may lease, once that is worth a fetch."""
         while True:
             room = self.room()
-            if room >= max(1, self.limit // 2) or (room > 0 and self.held == 0):
+            if room > 0 and (self.reserved == 0 or room >= max(1, self.limit // FETCH_STEP)):
                 return room
             self._changed.clear()
             await self._changed.wait()
@@ -91,7 +109,7 @@ class Holder:
         self._log = logger
         self._held: dict[str, dict[int, Message]] = {}
         self._pending: dict[Settle, list[Message]] = {}
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._keepalive: asyncio.Task[None] | None = None
 
@@ -120,13 +138,20 @@ class Holder:
 
     def settle(self, op: Settle, msgs: Iterable[Message]) -> None:
         """Queue ``op`` for ``msgs``: ``ack``, ``nack`` (the queue's retry delay), ``requeue`` (nack, ready at
-        once) or ``reject`` (to the dead-letter queue). Sent at the end of this loop turn, with the others."""
+        once) or ``reject`` (to the dead-letter queue). Sent with the next fetch, or :data:`SETTLE_LINGER`
+        seconds from now, whichever comes first, together with the others queued meanwhile."""
         batch = self._pending.setdefault(op, [])
         for msg in msgs:
             self.forget(msg)
             batch.append(msg)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(SETTLE_LINGER, self._flush)
+
+    def flush(self) -> None:
+        """Send the queued settles now (a fetch about to go out calls this, so both share one commit)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -174,9 +199,7 @@ class Holder:
     async def drain(self) -> None:
         """Send every queued settle and wait until the broker has them (committed, whatever the SDK's ``ack``
         waits for: its ``flush()`` barrier is awaited when it has one)."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
+        self.flush()
         while self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
         barrier = getattr(self.client, "flush", None)
@@ -219,29 +242,67 @@ async def feed(
     poll: float = POLL,
 ) -> None:
     """Lease messages of ``queue`` within ``budget`` and hand each batch to ``deliver``, for ever (cancel the
-    task to stop: a fetch in flight then hands its messages back). Long-polls ``poll`` seconds per fetch, so an
-    idle queue costs no sleeping loop. A lost connection is retried with backoff; the SDK reconnects.
+    task to stop: fetches in flight then hand their messages back). Fetches long-poll ``poll`` seconds, so an
+    idle queue costs no sleeping loop; several may be in flight (see :class:`Budget`). A lost connection is
+    retried with backoff; the SDK reconnects.
 
     With ``no_ack`` the messages are acked as they arrive (at-most-once, for consumers that asked for it).
     """
-    backoff = BACKOFF_FIRST
-    client = holder.client
-    while True:
-        room = await budget.wait_for_room()
-        try:
-            msgs = await client.fetch(queue, max=room, wait=poll, lease=holder.lease)
-        except ReplikaError as exc:
+    loop = asyncio.get_running_loop()
+    state = _FeedState()
+    fetches: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            room = await budget.wait_for_room()
+            pause = state.retry_at - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+                continue
+            budget.reserve(room)
+            holder.flush()  # queued acks ride with this fetch: one commit for both
+            task = loop.create_task(_fetch(holder, queue, budget, room, deliver, state, logger, no_ack, poll))
+            fetches.add(task)
+            task.add_done_callback(fetches.discard)
+    finally:
+        for task in fetches:
+            task.cancel()
+
+
+class _FeedState:
+    def __init__(self) -> None:
+        self.retry_at = 0.0
+        self.backoff = BACKOFF_FIRST
+
+
+async def _fetch(
+    holder: Holder,
+    queue: str,
+    budget: Budget,
+    room: int,
+    deliver: Callable[[list[Message]], None],
+    state: _FeedState,
+    logger: logging.Logger,
+    no_ack: bool,
+    poll: float,
+) -> None:
+    try:
+        msgs = await holder.client.fetch(queue, max=room, wait=poll, lease=holder.lease)
+    except ReplikaError as exc:
+        loop = asyncio.get_running_loop()
+        if state.retry_at <= loop.time():
             level = logging.INFO if exc.retriable else logging.ERROR
-            logger.log(level, "replika: fetch from %s failed (retrying in %.2f s): %s", queue, backoff, exc)
-            await asyncio.sleep(backoff * (1 + random.random()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            continue
-        backoff = BACKOFF_FIRST
-        if not msgs:
-            continue
-        if no_ack:
-            holder.settle("ack", msgs)
-        else:
-            holder.hold(msgs)
-            budget.take(len(msgs))
-        deliver(msgs)
+            logger.log(level, "replika: fetch from %s failed (retrying in %.2f s): %s", queue, state.backoff, exc)
+            state.retry_at = loop.time() + state.backoff * (1 + random.random())
+            state.backoff = min(state.backoff * 2, BACKOFF_MAX)
+        return
+    finally:
+        budget.unreserve(room)
+    state.backoff = BACKOFF_FIRST
+    if not msgs:
+        return
+    if no_ack:
+        holder.settle("ack", msgs)
+    else:
+        holder.hold(msgs)
+        budget.take(len(msgs))
+    deliver(msgs)

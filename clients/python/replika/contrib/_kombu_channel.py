@@ -218,6 +218,7 @@ class Channel(StdChannel):
         tag = next(self._tags)
         if not consumer.no_ack:
             self._delivered[tag] = (msg, budget)
+            self.link.outstanding += 1
         consumer.callback(self._to_kombu(msg, tag, consumer))
 
     def _to_kombu(self, msg: ReplikaMessage, tag: int, consumer: Consumer) -> KombuMessage:
@@ -279,24 +280,26 @@ class Channel(StdChannel):
         for t in tags:
             entry = self._delivered.pop(t, None)
             if entry is not None:
-                self.link.bridge.settle(op, [entry[0]], entry[1])
+                self.link.settle(op, entry[0], entry[1], delivered=True)
 
     def _settle_all(self, op: Settle) -> None:
         delivered, self._delivered = self._delivered, OrderedDict()
         for msg, budget in delivered.values():
-            self.link.bridge.settle(op, [msg], budget)
+            self.link.settle(op, msg, budget, delivered=True)
 
     def flow(self, active: bool = True) -> None:
         raise NotImplementedError("replika: channel.flow is not supported")
 
     def close(self) -> None:
-        """Cancel the consumers and requeue what was delivered and not settled (as AMQP does)."""
+        """Cancel the consumers. Unlike AMQP, messages delivered and not settled are not requeued here: they
+        stay leased to the connection, so that a Celery task still running in the pool during a warm shutdown
+        (Celery closes its channel first) is acked when it ends, not run again elsewhere meanwhile. They go
+        back when the connection closes (see :meth:`Link.close`)."""
         if self.closed:
             return
         for tag in list(self._consumers):
             self.basic_cancel(tag)
         self.closed = True
-        self._settle_all("requeue")
         if self.connection is not None:
             self.connection.close_channel(self)
 

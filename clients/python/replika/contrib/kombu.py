@@ -40,7 +40,7 @@ from replika import ConnectionLost, ReplikaError
 from replika import Message as ReplikaMessage
 from replika.contrib import _kombu_codec as codec
 from replika.contrib._bridge import CALL_TIMEOUT, Bridge
-from replika.contrib._holder import DEFAULT_LEASE
+from replika.contrib._holder import DEFAULT_LEASE, Budget, Settle
 from replika.contrib._kombu_channel import Channel as ReplikaChannel
 from replika.contrib._kombu_channel import Consumer
 
@@ -48,6 +48,9 @@ __all__ = ["Link", "SSLTransport", "Transport", "register"]
 
 log = logging.getLogger("replika.contrib.kombu")
 DEFAULT_PORT = 8777
+#: Seconds a closed connection stays open for the messages its consumers still hold (a Celery warm shutdown
+#: waits for the tasks running in its pool); past it they go back to the queue.
+CLOSE_GRACE = 300.0
 
 
 class Inbox:
@@ -111,6 +114,13 @@ class Link:
         self.channels: set[ReplikaChannel] = set()
         self.closed = False
         self._hub: Any = None
+        self._settles: list[tuple[Settle, ReplikaMessage, Budget | None]] = []
+        #: Messages handed to consumers and not settled yet (any channel, closed ones too).
+        self.outstanding = 0
+        self._closing = False
+        self._finished = False
+        self._lock = threading.Lock()
+        self._grace: threading.Timer | None = None
 
     def queue_options(self, queue: str, arguments: dict[str, Any] | None) -> dict[str, Any] | None:
         """The ``declare`` options for ``queue``: its RabbitMQ-style arguments, then the transport option
@@ -141,6 +151,31 @@ class Link:
     def on_readable(self) -> None:
         self.deliver(0)
 
+    def settle(self, op: Settle, msg: ReplikaMessage, budget: Budget | None, *, delivered: bool = False) -> None:
+        """Settle one delivery. On Celery's event loop the settles of one loop iteration (the results that came
+        back together) are handed to the bridge together, at the next iteration: one wake-up of its thread.
+        ``delivered``: it was counted in :attr:`outstanding`."""
+        if self._hub is None or self._closing:
+            self.bridge.settle(op, [msg], budget)
+        else:
+            if not self._settles:
+                self._hub.call_soon(self.flush_settles)
+            self._settles.append((op, msg, budget))
+        if delivered:
+            with self._lock:
+                self.outstanding -= 1
+                last = self._closing and self.outstanding <= 0
+            if last:
+                self._finish_close()
+
+    def flush_settles(self) -> None:
+        settles, self._settles = self._settles, []
+        groups: dict[tuple[Settle, int], tuple[list[ReplikaMessage], Budget | None]] = {}
+        for op, msg, budget in settles:
+            groups.setdefault((op, id(budget)), ([], budget))[0].append(msg)
+        for (op, _), (msgs, budget) in groups.items():
+            self.bridge.settle(op, msgs, budget)
+
     async def redelay(self, msg: ReplikaMessage, consumer: Consumer) -> None:
         """A message whose ETA is beyond one Replika delay came due early: publish it again for the rest of its
         wait and settle this delivery (on the bridge's loop)."""
@@ -164,23 +199,45 @@ class Link:
         hub.add_reader(self.inbox.fileno(), self.on_readable)
 
     def unregister(self) -> None:
+        self.flush_settles()
         if self._hub is not None:
             with contextlib.suppress(Exception):
                 self._hub.remove_reader(self.inbox.fileno())
             self._hub = None
 
     def close(self) -> None:
+        """Stop consuming and close the connection; while messages handed to consumers are not settled, the
+        connection stays open (their leases renewed) so that they can still be, for at most CLOSE_GRACE
+        seconds."""
         if self.closed:
             return
         self.closed = True
         for channel in list(self.channels):
             channel.close()
+        self.flush_settles()
+        self.unregister()
         # Whatever is still on its way to a consumer goes back before the connection closes.
         for consumer, msg in self.inbox.take(0):
             if not consumer.no_ack:
                 self.bridge.settle("requeue", [msg], consumer.budget)
+        with self._lock:
+            self._closing = True
+            wait = self.outstanding > 0
+        if wait:
+            self._grace = threading.Timer(CLOSE_GRACE, self._finish_close)
+            self._grace.daemon = True
+            self._grace.start()
+        else:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        if self._grace is not None:
+            self._grace.cancel()
         self.bridge.close()
-        self.unregister()
         self.inbox.close()
 
 
