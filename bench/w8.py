@@ -2,8 +2,9 @@
 
     python -m bench.w8 [--peers redis,rabbitmq] [--runs 3] [--tasks 5000]
 
-For each transport: ``--tasks`` no-op tasks are published first (8 threads, each with its own connection), then
-one worker runs them (``celery worker -c 2 -P prefork``, ``task_acks_late``, prefetch multiplier 4). Throughput
+All transports are started first and take turns, one run each per round, so that the machine's other load falls
+on each alike. A run: ``--tasks`` no-op tasks are published (8 threads, each with its own connection), then one
+worker runs them (``celery worker -c 2 -P prefork``, ``task_acks_late``, prefetch multiplier 4). Throughput
 is counted from the tasks' own timestamps, from the 10th percentile task to the last, so that the worker's
 start-up is not in it; each transport first gets one unmeasured run of a quarter as many tasks. Then the kill -9
 check: a worker is killed with kill -9 in the middle of an acks_late task and a second worker is started; did the
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "w8"
 KILL9_QUEUE = "w8k"
 PUBLISHERS = 8
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Transport:
     options: dict[str, Any]
     describe: str
     stop: Callable[[], None]
+    pids: list[int] = field(default_factory=list)  # the broker's processes, for its CPU time
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Result:
     rates: list[float] = field(default_factory=list)
     publish_rates: list[float] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)  # CPU microseconds per task: worker, pool, broker
     kill9: Kill9Outcome | None = None
 
 
@@ -128,23 +132,27 @@ def start_transports(workdir: Path, peers: list[str]) -> Iterator[Transport]:
         broker.proc.wait(60)
 
     describe = "replika serve, durability sync (fsync per group commit), replika.contrib.kombu"
-    yield Transport("replika (sync)", broker.url, {}, describe, stop_replika)
+    yield Transport("replika (sync)", broker.url, {}, describe, stop_replika, [broker.proc.pid])
     from bench.peers import start_peer
 
     for peer in peers:
         server = start_peer(peer, workdir, fsync=True)
         if peer == "redis":
-            yield Transport(
-                "redis (appendfsync always)", f"redis://{server.host}:{server.port}/0", {}, server.describe, server.stop
-            )
+            url = f"redis://{server.host}:{server.port}/0"
+            yield Transport("redis (appendfsync always)", url, {}, server.describe, server.stop, broker_pids(server))
         elif peer == "rabbitmq":
             url = f"amqp://guest:guest@{server.host}:{server.port}//"
-            yield Transport(
-                "rabbitmq (durable, confirms)", url, {"confirm_publish": True}, server.describe, server.stop
-            )
+            confirms = {"confirm_publish": True}
+            rabbit = "rabbitmq (durable, confirms)"
+            yield Transport(rabbit, url, confirms, server.describe, server.stop, broker_pids(server))
         else:
             server.stop()
             raise SystemExit(f"bench.w8: no Celery transport for peer {peer!r} (redis, rabbitmq)")
+
+
+def broker_pids(server: Any) -> list[int]:
+    """A peer's server processes (bench/peers starts them), for their CPU time."""
+    return [proc.pid for proc in server._procs]
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -176,20 +184,46 @@ def publish(t: Transport, task: str, queue: str, n: int, args: tuple[Any, ...] =
     return n / (time.perf_counter() - start)
 
 
-def throughput(t: Transport, n: int, workdir: Path, run: int) -> tuple[float, float, int]:
-    """One run: (tasks/s run, tasks/s published, tasks run more than once)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads), seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_sample(worker: Worker, t: Transport) -> dict[str, float]:
+    group = worker.group()
+    return {
+        "worker": cpu_seconds(worker.proc.pid),
+        "pool": sum(cpu_seconds(p) for p in group if p != worker.proc.pid),
+        "broker": sum(cpu_seconds(p) for p in t.pids),
+    }
+
+
+def throughput(t: Transport, n: int, workdir: Path, run: int) -> tuple[float, float, int, dict[str, float]]:
+    """One run: (tasks/s run, tasks/s published, tasks run more than once, CPU microseconds per task of the
+    worker's main process, its pool and the broker, between the 10th and the 90th percentile task)."""
     stamps = workdir / f"stamps-{run}"
     published = publish(t, "noop", QUEUE, n)
     worker = Worker(t, QUEUE, f"w8-{run}", workdir / f"worker-{run}.log", {"W8_STAMPS": str(stamps)})
     try:
         size = lambda: stamps.stat().st_size if stamps.exists() else 0  # noqa: E731
-        wait_for(lambda: size() >= 8 * n, max(120.0, n / 50), f"{n} tasks to run on {t.name}")
+        bound = max(120.0, n / 50)
+        wait_for(lambda: size() >= 8 * (n // 10), bound, f"{n // 10} tasks to run on {t.name}")
+        before, done_before = cpu_sample(worker, t), size() // 8
+        wait_for(lambda: size() >= 8 * (n * 9 // 10), bound, f"{n * 9 // 10} tasks to run on {t.name}")
+        after, done_after = cpu_sample(worker, t), size() // 8
+        wait_for(lambda: size() >= 8 * n, bound, f"{n} tasks to run on {t.name}")
     finally:
         worker.stop()
     data = stamps.read_bytes()
     times = sorted(struct.unpack(f"{len(data) // 8}d", data))
     first = times[n // 10]
-    return (n - 1 - n // 10) / (times[n - 1] - first), published, len(times) - n
+    count = max(1, done_after - done_before)
+    cpu = {k: (after[k] - before[k]) / count * 1e6 for k in before}
+    return (n - 1 - n // 10) / (times[n - 1] - first), published, len(times) - n, cpu
 
 
 def kill9_check(t: Transport, workdir: Path, wait: float = 30.0) -> Kill9Outcome:
@@ -222,21 +256,28 @@ def kill9_check(t: Transport, workdir: Path, wait: float = 30.0) -> Kill9Outcome
             second.stop()
 
 
-def measure(t: Transport, workdir: Path, runs: int, n: int, kill9: bool, kill9_wait: float) -> Result:
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = Result(t.name, t.describe)
-    # A first, unmeasured run: a new broker's first thousands of messages also pay for growing its files.
-    throughput(t, max(100, n // 4), workdir, -1)
+def measure(transports: list[Transport], workdir: Path, runs: int, n: int, kill9: float | None) -> list[Result]:
+    """Runs taken in turns (one per transport, then the next round), so that the machine's other load falls on
+    every transport alike; then the kill -9 check on each (``kill9``: seconds the second worker gets)."""
+    results = [Result(t.name, t.describe) for t in transports]
+    dirs = [workdir / f"t{i}" for i in range(len(transports))]
+    for t, d in zip(transports, dirs, strict=True):
+        d.mkdir(parents=True, exist_ok=True)
+        # A first, unmeasured run: a new broker's first thousands of messages also pay for growing its files.
+        throughput(t, max(100, n // 4), d, -1)
     for run in range(runs):
-        rate, pub, dups = throughput(t, n, workdir, run)
-        result.rates.append(rate)
-        result.publish_rates.append(pub)
-        result.duplicates.append(dups)
-        print(f"bench.w8: {t.name} run {run + 1}: {rate:,.0f} tasks/s (published {pub:,.0f}/s)", file=sys.stderr)
-    if kill9:
-        result.kill9 = kill9_check(t, workdir, kill9_wait)
-        print(f"bench.w8: {t.name} kill -9: {result.kill9.summary()}", file=sys.stderr)
-    return result
+        for t, d, result in zip(transports, dirs, results, strict=True):
+            rate, pub, dups, cpu = throughput(t, n, d, run)
+            result.cpu.append(cpu)
+            result.rates.append(rate)
+            result.publish_rates.append(pub)
+            result.duplicates.append(dups)
+            print(f"bench.w8: {t.name} run {run + 1}: {rate:,.0f} tasks/s (published {pub:,.0f}/s)", file=sys.stderr)
+    if kill9 is not None:
+        for t, d, result in zip(transports, dirs, results, strict=True):
+            result.kill9 = kill9_check(t, d, kill9)
+            print(f"bench.w8: {t.name} kill -9: {result.kill9.summary()}", file=sys.stderr)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -244,16 +285,17 @@ def table(results: list[Result]) -> str:
     base = statistics.median(results[0].rates)
     lines = [
         "| transport | tasks/s (median) | min-max | runs | Replika advantage | published tasks/s (8 threads) "
-        "| kill -9 mid-task (acks_late) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| CPU µs per task: worker / pool / broker | kill -9 mid-task (acks_late) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         med = statistics.median(r.rates)
         adv = "" if r is results[0] else f"{base / med:.2f}x"
         kill = r.kill9.summary() if r.kill9 else "not run"
+        cpu = " / ".join(f"{statistics.median(c[k] for c in r.cpu):.0f}" for k in ("worker", "pool", "broker"))
         lines.append(
             f"| {r.transport} | {med:,.0f} | {min(r.rates):,.0f}-{max(r.rates):,.0f} | {len(r.rates)} | {adv} "
-            f"| {statistics.median(r.publish_rates):,.0f} | {kill} |"
+            f"| {statistics.median(r.publish_rates):,.0f} | {cpu} | {kill} |"
         )
     return "\n".join(lines)
 
@@ -274,14 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     peers = [] if args.smoke else [p.strip() for p in args.peers.split(",") if p.strip()]
     runs, n = (1, 200) if args.smoke else (args.runs, args.tasks)
-    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="replika-w8-") as tmp:
         workdir = Path(tmp)
-        # One transport at a time, each started just before its runs and stopped after them.
-        for i, t in enumerate(start_transports(workdir, peers)):
-            try:
-                results.append(measure(t, workdir / f"t{i}", runs, n, args.kill9 and not args.smoke, args.kill9_wait))
-            finally:
+        transports: list[Transport] = []
+        try:
+            transports.extend(start_transports(workdir, peers))
+            kill9 = args.kill9_wait if args.kill9 and not args.smoke else None
+            results = measure(transports, workdir, runs, n, kill9)
+        finally:
+            for t in transports:
                 t.stop()
     print(table(results))
     for r in results:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import kombu
 import pytest
+import trustme
 
 import replika
 from bench import w8
 from replika.contrib import _names
+from tests import tokens
 from tests.conftest import WAIT, ServerProcess
 from tests.frameworks import celery_app, scenarios
 from tests.frameworks.scenarios import ROOT, Worker, python, worker_env
@@ -202,6 +204,35 @@ def test_queue_arguments_and_transport_queue_options_declare_the_queue(url: str)
         assert (stats["message_ttl"], stats["expired"], stats["max_length"]) == (5.0, "drop", 10)
         assert stats["overflow"] == "drop_oldest"
         assert client.stats(tuned)["max_attempts"] == 3
+
+
+def test_tls_and_a_token_in_the_url(tmp_path: Path, auth_file: Path) -> None:
+    """``replikas://:TOKEN@host:port`` with Celery's ``broker_use_ssl`` options: the SDK's TLS and token."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(cert_file), append=i > 0)
+    ca.cert_pem.write_to_path(str(ca_file))
+    args = ("--auth", str(auth_file), "--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    server = ServerProcess(tmp_path / "data", *args).start()
+    try:
+        url = f"replikas://:{tokens.ADMIN}@localhost:{server.port}"
+        with kombu.Connection(url, ssl={"ca_certs": str(ca_file)}) as conn:
+            q = conn.SimpleQueue("secure")
+            q.put({"over": "tls"})
+            msg = q.get(timeout=WAIT)
+            assert msg.payload == {"over": "tls"}
+            msg.ack()
+            q.close()
+        with (
+            pytest.raises(replika.Unauthorized),
+            kombu.Connection(f"replikas://:wrong@localhost:{server.port}", ssl={"ca_certs": str(ca_file)}) as conn,
+        ):
+            conn.connect()
+    finally:
+        server.stop()
 
 
 def test_names_escape_what_replika_does_not_allow() -> None:
