@@ -34,7 +34,8 @@ DEFAULT_LEASE = 30.0
 POLL = 1.0
 #: Messages one fetch asks for when the consumer sets no limit of its own (no-ack consumers).
 UNBOUNDED_FETCH = 100
-#: While a fetch is in flight, the next one waits for 1/FETCH_STEP of the budget to be free.
+#: A fetch waits for 1/FETCH_STEP of the budget to be free. A fetch of one message per ack would cost the broker
+#: a commit per message; half the budget keeps the rest of it busy while the fetch's commit runs.
 FETCH_STEP = 2
 #: Reconnect backoff of a fetch loop, seconds: first delay and ceiling (doubling, with jitter).
 BACKOFF_FIRST = 0.05
@@ -50,9 +51,10 @@ SETTLE_RETRY_FOR = 30.0
 class Budget:
     """How many messages one consumer (or kombu channel) may hold at once: ``limit`` (0: no limit of its own).
 
-    Fetches in flight reserve their ``max`` from it. Another fetch goes out while one is in flight only once
-    half the limit is free, so that a busy consumer fetches in batches, yet refills its slots without
-    waiting for a fetch's round trip (which includes the broker's commit) to end first.
+    Fetches in flight reserve their ``max`` from it. A fetch goes out once half the limit is free (or when
+    nothing at all is held or asked for), even while another is in flight: a busy consumer fetches in batches,
+    each batch and the acks that made room for it sharing one commit of the broker, yet refills its slots
+    without waiting for a fetch's round trip (which includes that commit) to end first.
     """
 
     def __init__(self, limit: int = 0) -> None:
@@ -88,7 +90,7 @@ class Budget:
         """The number of messages the next fetch may lease, once that is worth a fetch."""
         while True:
             room = self.room()
-            if room > 0 and (self.reserved == 0 or room >= max(1, self.limit // FETCH_STEP)):
+            if room >= max(1, self.limit // FETCH_STEP) or (room > 0 and self.held == 0 and self.reserved == 0):
                 return room
             self._changed.clear()
             await self._changed.wait()
