@@ -40,7 +40,7 @@ from replika import ConnectionLost, ReplikaError
 from replika import Message as ReplikaMessage
 from replika.contrib import _kombu_codec as codec
 from replika.contrib._bridge import CALL_TIMEOUT, Bridge
-from replika.contrib._holder import DEFAULT_LEASE, Budget, Settle
+from replika.contrib._holder import DEFAULT_LEASE, FETCH_STEP, SETTLE_LINGER, Budget, Settle
 from replika.contrib._kombu_channel import Channel as ReplikaChannel
 from replika.contrib._kombu_channel import Consumer
 
@@ -115,6 +115,7 @@ class Link:
         self.closed = False
         self._hub: Any = None
         self._settles: list[tuple[Settle, ReplikaMessage, Budget | None]] = []
+        self._linger_armed = False
         #: Messages handed to consumers and not settled yet (any channel, closed ones too).
         self.outstanding = 0
         self._closing = False
@@ -152,21 +153,30 @@ class Link:
         self.deliver(0)
 
     def settle(self, op: Settle, msg: ReplikaMessage, budget: Budget | None, *, delivered: bool = False) -> None:
-        """Settle one delivery. On Celery's event loop the settles of one loop iteration (the results that came
-        back together) are handed to the bridge together, at the next iteration: one wake-up of its thread.
+        """Settle one delivery. On Celery's event loop settles are handed to the bridge in batches: once there
+        are as many as the next fetch will need room for (half the prefetch), or SETTLE_LINGER seconds after the
+        first. Each hand-over wakes the bridge's thread, and its fetch would wait for that room anyway.
         ``delivered``: it was counted in :attr:`outstanding`."""
         if self._hub is None or self._closing:
             self.bridge.settle(op, [msg], budget)
         else:
-            if not self._settles:
-                self._hub.call_soon(self.flush_settles)
             self._settles.append((op, msg, budget))
+            limit = budget.limit if budget is not None else 0
+            if len(self._settles) >= max(1, limit // FETCH_STEP):
+                self.flush_settles()
+            elif not self._linger_armed:
+                self._linger_armed = True
+                self._hub.call_later(SETTLE_LINGER, self._on_linger)
         if delivered:
             with self._lock:
                 self.outstanding -= 1
                 last = self._closing and self.outstanding <= 0
             if last:
                 self._finish_close()
+
+    def _on_linger(self) -> None:
+        self._linger_armed = False
+        self.flush_settles()
 
     def flush_settles(self) -> None:
         settles, self._settles = self._settles, []
