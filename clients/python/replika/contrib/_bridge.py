@@ -207,7 +207,6 @@ class Bridge:
             except ConnectionLost as exc:
                 self.log.warning("replika: closing the connection did not finish: %s", exc)
 
-
     async def _close(self, holder: Holder) -> None:
         self._drain_outbox(holder)
         holder.stop()

@@ -34,9 +34,10 @@ DEFAULT_LEASE = 30.0
 POLL = 1.0
 #: Messages one fetch asks for when the consumer sets no limit of its own (no-ack consumers).
 UNBOUNDED_FETCH = 100
-#: A fetch waits for 1/FETCH_STEP of the budget to be free. A fetch of one message per ack would cost the broker
-#: a commit per message; half the budget keeps the rest of it busy while the fetch's commit runs.
-FETCH_STEP = 2
+#: A fetch waits until this fraction of the budget is free. A fetch of one message per ack would cost the broker
+#: a commit per message; measured with Celery (bench W8, prefetch 8), three quarters beat one half by ~10% and
+#: halved the broker's CPU per task, the quarter still held keeping the pool busy while the fetch's commit runs.
+FETCH_FRACTION = 0.75
 #: Reconnect backoff of a fetch loop, seconds: first delay and ceiling (doubling, with jitter).
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
@@ -51,7 +52,7 @@ SETTLE_RETRY_FOR = 30.0
 class Budget:
     """How many messages one consumer (or kombu channel) may hold at once: ``limit`` (0: no limit of its own).
 
-    Fetches in flight reserve their ``max`` from it. A fetch goes out once half the limit is free (or when
+    Fetches in flight reserve their ``max`` from it. A fetch goes out once three quarters of the limit are free (or when
     nothing at all is held or asked for), even while another is in flight: a busy consumer fetches in batches,
     each batch and the acks that made room for it sharing one commit of the broker, yet refills its slots
     without waiting for a fetch's round trip (which includes that commit) to end first.
@@ -90,7 +91,7 @@ class Budget:
         """The number of messages the next fetch may lease, once that is worth a fetch."""
         while True:
             room = self.room()
-            if room >= max(1, self.limit // FETCH_STEP) or (room > 0 and self.held == 0 and self.reserved == 0):
+            if room >= max(1, int(self.limit * FETCH_FRACTION)) or (room > 0 and self.held == 0 and self.reserved == 0):
                 return room
             self._changed.clear()
             await self._changed.wait()

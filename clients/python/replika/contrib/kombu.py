@@ -40,7 +40,7 @@ from replika import ConnectionLost, ReplikaError
 from replika import Message as ReplikaMessage
 from replika.contrib import _kombu_codec as codec
 from replika.contrib._bridge import CALL_TIMEOUT, Bridge
-from replika.contrib._holder import DEFAULT_LEASE, FETCH_STEP, SETTLE_LINGER, Budget, Settle
+from replika.contrib._holder import DEFAULT_LEASE, SETTLE_LINGER, Budget, Settle
 from replika.contrib._kombu_channel import Channel as ReplikaChannel
 from replika.contrib._kombu_channel import Consumer
 
@@ -153,16 +153,16 @@ class Link:
         self.deliver(0)
 
     def settle(self, op: Settle, msg: ReplikaMessage, budget: Budget | None, *, delivered: bool = False) -> None:
-        """Settle one delivery. On Celery's event loop settles are handed to the bridge in batches: once there
-        are as many as the next fetch will need room for (half the prefetch), or SETTLE_LINGER seconds after the
-        first. Each hand-over wakes the bridge's thread, and its fetch would wait for that room anyway.
+        """Settle one delivery. On Celery's event loop settles are handed to the bridge in batches: half the
+        prefetch at a time, or SETTLE_LINGER seconds after the first. Each hand-over wakes the bridge's thread,
+        and its next fetch waits for room (see Budget) anyway.
         ``delivered``: it was counted in :attr:`outstanding`."""
         if self._hub is None or self._closing:
             self.bridge.settle(op, [msg], budget)
         else:
             self._settles.append((op, msg, budget))
             limit = budget.limit if budget is not None else 0
-            if len(self._settles) >= max(1, limit // FETCH_STEP):
+            if len(self._settles) >= max(1, limit // 2):
                 self.flush_settles()
             elif not self._linger_armed:
                 self._linger_armed = True
