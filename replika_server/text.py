@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,6 +44,10 @@ HELP = [
     "QUEUES                          every queue with its counts: OK <n>, then a line per queue",
     "QUIT                            close the connection",
 ]
+
+
+#: An HTTP/1.x request line ("GET / HTTP/1.1"): the first line of a client that has the wrong port.
+_HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]")
 
 
 def is_text_start(first: int) -> bool:
@@ -81,6 +86,7 @@ class TextSession:
         self._lines: collections.deque[bytes] = collections.deque()
         self._busy = False
         self._closing = False
+        self._first = True  # the first line may be an HTTP request: someone gave the broker's port for the admin's
         self._commands: dict[str, Callable[[list[str], bytes], None]] = {
             "HELP": self._help,
             "PING": self._ping,
@@ -145,6 +151,10 @@ class TextSession:
         self._next()
 
     def _run(self, line: bytes) -> None:
+        first, self._first = self._first, False
+        if first and _HTTP_REQUEST.fullmatch(line):
+            self._not_http()
+            return
         if len(line) > self._max_line:
             self._fatal(ErrorCode.FRAME_TOO_LARGE, f"line longer than {self._max_line} bytes")
             return
@@ -179,6 +189,24 @@ class TextSession:
     def _err(self, code: ErrorCode, message: str, extra: Frame | None = None) -> None:
         suffix = "".join(f" {k}={v}" for k, v in (extra or {}).items())
         self._write(f"ERR {code.value} {message}{suffix}")
+
+    def _not_http(self) -> None:
+        """Answer an HTTP request with one HTTP response that says where the HTTP is, then close: a browser or
+        curl shows it instead of ``ERR`` lines (or "HTTP/0.9 when not allowed")."""
+        body = (
+            b"This is Replika's broker port: it speaks Replika's binary protocol (SPEC.md) and a text protocol "
+            b"(try HELP), not HTTP.\nThe dashboard, admin API and metrics are on the admin port (8333 unless "
+            b"replika serve was given --admin-port).\n"
+        )
+        head = (
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Replika-Error: {ErrorCode.UNKNOWN_OP.value}"
+            "\r\n\r\n"
+        )
+        self._conn.send_text(head.encode() + body)
+        self._closing = True
+        self._lines.clear()
+        self._conn.close()
 
     def _fatal(self, code: ErrorCode, message: str) -> None:
         self.fatal(code, message)

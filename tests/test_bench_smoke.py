@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,3 +43,20 @@ def test_memory_harness_small_run() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "restart after kill -9 until the first fetch is served" in result.stdout
+
+
+@pytest.mark.frameworks
+def test_w8_smoke_run(tmp_path: Path) -> None:
+    """Bench W8 (Celery on Replika) with 200 tasks, Replika alone: the harness works end to end."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.w8", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = tmp_path.glob("w8-*.json")
+    [replika_result] = json.loads(report.read_text())["results"]
+    assert replika_result["rates"][0] > 0 and replika_result["duplicates"] == [0]
+    assert "| replika (sync) |" in result.stdout

@@ -40,7 +40,7 @@ def test_replies_go_to_their_waiters_in_arrival_order_whatever_the_request_order
     routed = core.receive_data(reply(c, x=3) + reply(999) + reply(a, x=1))  # 999: nobody asked; ignored
     assert [(w, f["x"]) for w, f in routed] == [("c", 3), ("a", 1)]
     assert core.receive_data(reply(a)) == []  # a reply is routed once
-    assert core.connection_lost() == ["b"]
+    assert core.connection_lost()[0] == ["b"]
     assert core.failure is None
 
 
@@ -63,7 +63,7 @@ def test_a_connection_level_error_fails_the_connection_after_the_replies_before_
     assert [w for w, _ in routed] == ["first"]
     assert isinstance(core.failure, replika.ConnectionRefusedByServer) and core.failure.code == "IDLE_TIMEOUT"
     assert core.receive_data(reply(second)) == []  # nothing more is read from a failed connection
-    assert core.connection_lost() == ["second"]
+    assert core.connection_lost()[0] == ["second"]
 
 
 def test_a_corrupt_stream_fails_the_connection_after_the_replies_before_it() -> None:
@@ -86,7 +86,7 @@ def test_an_http_reply_is_recognised_whole_or_byte_by_byte(chunk: int) -> None:
     assert isinstance(failure, replika.NotABroker) and isinstance(failure, replika.ProtocolViolation)
     assert failure.code == "NOT_A_BROKER"
     assert "127.0.0.1:8333 answered in HTTP" in str(failure) and "8777" in str(failure)
-    assert core.connection_lost() == ["hello"]
+    assert core.connection_lost()[0] == ["hello"]
 
 
 def test_a_broker_reply_fed_byte_by_byte_is_not_taken_for_http() -> None:
@@ -136,7 +136,7 @@ def test_a_new_connection_starts_clean_and_request_ids_never_repeat() -> None:
     old = request(core, "old")
     core.receive_data(b"HTTP/1.1")
     assert core.failure is not None
-    assert core.connection_lost() == ["old"]
+    assert core.connection_lost()[0] == ["old"]
     core.connection_made()
     assert core.failure is None and core.data_to_send() == b""  # the old connection's unsent request is gone
     new = request(core, "new")
@@ -198,12 +198,39 @@ def test_settle_replies_are_taken_by_the_core_and_failures_kept_in_order() -> No
     assert core.settles.take_error() is None
 
 
+def test_a_failure_is_taken_only_by_a_mark_at_or_after_its_request() -> None:
+    core = new_core()
+    core.settle("ack", [delivered("q", 1, 10)], {})
+    mine = core.settle_mark()
+    core.settle("ack", [delivered("q", 2, 20)], {})
+    theirs = core.settle_mark()
+    first, second = (f["id"] for f in sent(core))
+    core.receive_data(reply(first) + reply(second, failed={2: "STALE_LEASE"}))
+    assert core.settles.take_error(mine) is None  # the refusal is of a later request: not this waiter's
+    stale = core.settles.take_error(theirs)
+    assert isinstance(stale, replika.StaleLease) and stale.failed == {2: "STALE_LEASE"}
+
+
+def test_settles_lost_under_a_barrier_are_the_barriers_to_raise_and_the_rest_kept() -> None:
+    core = new_core()
+    core.settle("ack", [delivered("q", 1, 10)], {})
+    covered = core.settle_mark()
+    _, lost = core.connection_lost(covered)
+    assert isinstance(lost, replika.ConnectionLost) and core.settles.take_error() is None
+    core.connection_made()
+    core.settle("ack", [delivered("q", 2, 20)], {})
+    core.settle_mark()
+    core.settle("ack", [delivered("r", 3, 30)], {})  # beyond the barrier: nobody waits for it
+    _, lost = core.connection_lost(covered)
+    assert isinstance(lost, replika.ConnectionLost) and core.settles.take_error() is not None
+
+
 def test_settles_unanswered_when_the_connection_drops_become_one_connection_lost() -> None:
     core = new_core()
     core.settle("ack", [delivered("q", 1, 10), delivered("q", 2, 20)], {})
     sent(core)
     core.settle("ack", [delivered("q", 3, 30)], {})  # queued, never sent
-    assert core.connection_lost() == []
+    assert core.connection_lost()[0] == []
     lost = core.settles.take_error()
     assert isinstance(lost, replika.ConnectionLost) and "3 settle(s)" in str(lost) and "1 of them not sent" in str(lost)
     core.connection_made()

@@ -54,7 +54,7 @@ async def test_a_failed_ack_not_waited_for_is_raised_by_flush_once(server: Runni
         await first.ack()  # returns: its failure comes later
         with pytest.raises(replika.StaleLease) as info:
             await client.flush()
-        assert info.value.failed == {first.id: "STALE_LEASE"} and "not waited for" in str(info.value)
+        assert info.value.failed == {first.id: "STALE_LEASE"} and "no longer current" in str(info.value)
         await client.flush()  # raised once
         await second.ack(wait=True)
 
@@ -153,6 +153,34 @@ async def test_settles_unanswered_when_the_connection_drops_are_reported_by_flus
         with pytest.raises(replika.ConnectionLost, match="1 settle"):
             await asyncio.wait_for(flushing, WAIT)
         await client.close()  # already raised: nothing more
+
+
+async def test_every_task_waiting_on_settles_lost_with_the_connection_raises() -> None:
+    # Two tasks sharing a client each wait for their own ack: both must learn it may not have been applied
+    # (one ConnectionLost raised to the first of them and the second returning would count its ack as done).
+    async with silent_broker() as (port, drop):
+        client = replika.AsyncClient(f"replika://127.0.0.1:{port}")
+        await client.connect()
+        acks = [replika.Message("q", [i, i, 1, 0.0, b"", None], client) for i in (1, 2)]
+        waiting = [asyncio.ensure_future(msg.ack(wait=True)) for msg in acks]
+        for _ in range(3):  # both acks sent and both tasks at their barriers
+            await asyncio.sleep(0)
+        drop.set()
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), WAIT)
+        assert [type(r) for r in results] == [replika.ConnectionLost, replika.ConnectionLost]
+        await client.close()  # both raised, and no settle no one waited for was lost: nothing more
+
+
+async def test_a_task_waiting_on_its_settle_raises_its_own_refusal_and_not_anothers(server: RunningServer) -> None:
+    async with replika.AsyncClient(server.url) as client:
+        first, second = await stale_delivery(client, "own")
+        good, stale = second, first
+        results = await asyncio.wait_for(
+            asyncio.gather(good.ack(wait=True), stale.ack(wait=True), return_exceptions=True), WAIT
+        )
+        assert results[0] is None
+        assert isinstance(results[1], replika.StaleLease) and results[1].failed == {stale.id: "STALE_LEASE"}
+        await client.flush()  # raised once, to its own caller
 
 
 # ----------------------------------------------------------------------------------------------- blocking client

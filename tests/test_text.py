@@ -107,6 +107,25 @@ async def test_end_of_input_answers_everything_then_closes(server: RunningServer
     assert replies[:-1] == [f"OK {i}" for i in range(1, 51)] and replies[-1] == ""
 
 
+async def test_an_http_request_on_the_broker_port_gets_one_http_reply_saying_where_http_is(
+    server: RunningServer,
+) -> None:
+    session = await Lines.connect(server.port)
+    session.writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n")
+    reply = (await session.eof()).decode()  # one response, then the broker closes
+    head, _, body = reply.partition("\r\n\r\n")
+    assert head.splitlines()[0] == "HTTP/1.1 400 Bad Request"
+    assert f"Content-Length: {len(body.encode())}" in head.splitlines()
+    assert "admin port (8333" in body and "ERR" not in reply
+    async with replika.AsyncClient(server.url) as client:  # the broker is fine
+        await client.ping()
+
+
+async def test_a_command_that_only_looks_like_http_later_in_a_session_is_a_command(session: Lines) -> None:
+    assert await session.ask("PING") == "PONG"
+    assert (await session.ask("GET / HTTP/1.1")).startswith("ERR UNKNOWN_OP")
+
+
 async def test_with_auth_the_session_logs_in_and_keeps_its_permissions(tmp_path: Path) -> None:
     auth = tmp_path / "auth.toml"
     auth.write_text('[tokens.w]\nsecret = "writer-secret-0123456"\npublish = ["logs.*"]\n')

@@ -163,21 +163,22 @@ class AsyncConnection:
         broker committed it), then raise the first of their errors not raised yet (:class:`~replika.StaleLease`
         naming the refused ids, or :class:`~replika.ConnectionLost` if the connection dropped first: those settles
         may or may not have been applied). A barrier: settles made after it are not waited for."""
-        await self._settled()
-        self._raise_deferred()
+        self._raise_deferred(await self._settled())
 
-    async def _settled(self) -> None:
-        """Wait for the settles made so far to be answered, or given up with the connection; raise nothing."""
+    async def _settled(self) -> int | None:
+        """Wait for the settles made so far to be answered and return their mark (None: not connected, so none
+        is unconfirmed); raise :class:`ConnectionLost` if the connection was lost before they all were."""
         core = self._core
         if self._transport is None:
-            return
+            return None
         mark = core.settle_mark()
         if core.settles.done_through(mark):
-            return
+            return mark
         self._schedule_flush()
         barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._barriers.append((mark, barrier))
         await barrier
+        return mark
 
     def _release_barriers(self) -> None:
         settles = self._core.settles
@@ -191,10 +192,11 @@ class AsyncConnection:
                 kept.append((mark, barrier))
         self._barriers = kept
 
-    def _raise_deferred(self, last: bool = False) -> None:
-        """Raise the oldest error of a settle not waited for, if there is one; ``last`` (closing): with the
-        others noted on it, as there will be no later call to raise them."""
-        error = self._core.settles.take_error()
+    def _raise_deferred(self, mark: int | None = None, last: bool = False, error: ReplikaError | None = None) -> None:
+        """Raise ``error`` or else the oldest error of a settle up to request ``mark`` (any if None) not raised
+        yet, if there is one; ``last`` (closing): with the others noted on it, as there will be no later call to
+        raise them."""
+        error = error or self._core.settles.take_error(mark)
         if error is None:
             return
         while last and (more := self._core.settles.take_error()) is not None:
@@ -206,8 +208,11 @@ class AsyncConnection:
         messages it leased become ready again at the broker. Raises the first error of a settle not waited for
         that no call has raised yet, with any others noted on it."""
         self._closed = True
+        lost: ConnectionLost | None = None
         try:
             await self._settled()
+        except ConnectionLost as exc:
+            lost = exc
         finally:
             if self._keepalive is not None:
                 self._keepalive.cancel()
@@ -217,7 +222,7 @@ class AsyncConnection:
                 self._transport.close()
                 self._transport = None
             self._fail_pending(ConnectionLost("the client was closed"))
-        self._raise_deferred(last=True)
+        self._raise_deferred(last=True, error=lost)
 
     def _abort(self) -> None:
         if self._transport is not None:
@@ -234,11 +239,20 @@ class AsyncConnection:
         self._fail_pending(ConnectionLost(f"connection to the broker lost{reason}"))
 
     def _fail_pending(self, error: ReplikaError) -> None:
-        for fut in self._core.connection_lost():
+        barriers, self._barriers = self._barriers, []
+        # Every barrier still here waits for a settle now lost: each waiter raises the ConnectionLost itself
+        # (the core keeps it for a later call only for lost settles no barrier covers).
+        covered = max((mark for mark, barrier in barriers if not barrier.done()), default=0)
+        waiters, lost = self._core.connection_lost(covered)
+        for fut in waiters:
             if not fut.done():
                 fut.set_exception(error)
-        if self._barriers:
-            self._release_barriers()  # their settles are given up: flush() raises the ConnectionLost recorded
+        for _, barrier in barriers:
+            if not barrier.done():
+                if lost is not None:
+                    barrier.set_exception(lost)
+                else:
+                    barrier.set_result(None)
 
     def _on_data(self, data: bytes) -> None:
         core = self._core

@@ -22,6 +22,7 @@ from replika._message import MessageData
 from replika._settle import Settles
 from replika.errors import (
     BadRequest,
+    ConnectionLost,
     NotABroker,
     PayloadTooLarge,
     ProtocolViolation,
@@ -200,14 +201,13 @@ class ClientProtocol(Generic[W]):
         self._out.clear()
         self._head = b""
 
-    def connection_lost(self) -> list[W]:
-        """The connection is gone: the waiters of every request in flight, to be failed by the caller. Settles
-        not waited for and not yet confirmed become one :class:`ConnectionLost` for the caller (they may or may
-        not have been applied)."""
+    def connection_lost(self, covered: int = 0) -> tuple[list[W], ConnectionLost | None]:
+        """The connection is gone: the waiters of every request in flight, to be failed by the caller, and the
+        :class:`ConnectionLost` of the settles not yet confirmed (they may or may not have been applied), if any,
+        for the barriers up to request id ``covered`` to raise (see :meth:`Settles.connection_lost`)."""
         waiters = [w for w, _ in self._waiting.values() if w is not None]
         self._waiting.clear()
-        self.settles.connection_lost()
-        return waiters
+        return waiters, self.settles.connection_lost(covered)
 
     # ----------------------------------------------------------------------------------------------- sending
     def request(self, op: str, **fields: Any) -> tuple[int, bytes]:

@@ -36,7 +36,9 @@ class Settles:
         self._open: _Group | None = None
         # rid -> (op, queue, count), in send order: the first key is the oldest unconfirmed request.
         self._sent: dict[int, tuple[str, str, int]] = {}
-        self._errors: list[tuple[str, ReplikaError]] = []  # (queue, error), oldest first
+        # (rid, queue, error), oldest first: rid is the request the failure belongs to, so that a flush() raises
+        # only its own (two tasks waiting on one client must each learn of their settles, not of the other's).
+        self._errors: list[tuple[int, str, ReplikaError]] = []
 
     @property
     def has_open(self) -> bool:
@@ -87,41 +89,51 @@ class Settles:
         if reply.get("ok") is not True:
             error = error_from_reply(reply)
             error.message = f"{op} of {count} message(s) of queue {queue!r}, not waited for: {error.message}"
-            self._errors.append((queue, error))
+            self._errors.append((rid, queue, error))
         elif failed := reply.get("failed"):
-            self._stale(queue, failed, reply.get("reasons") or {})
+            reasons = reply.get("reasons") or {}
+            self._errors.append((rid, queue, StaleLease("", "STALE_LEASE", failed, reasons)))
         return True
 
-    def _stale(self, queue: str, failed: dict[int, str], reasons: dict[int, str]) -> None:
-        # Consecutive refusals in one queue become one StaleLease, as those of one call split into requests do.
-        if self._errors and self._errors[-1][0] == queue and type(self._errors[-1][1]) is StaleLease:
-            last = self._errors[-1][1]
-            assert isinstance(last, StaleLease)
-            failed = {**last.failed, **failed}
-            reasons = {**last.reasons, **reasons}
-            self._errors.pop()
-        why = ", ".join(f"{i} ({reasons[i]})" if i in reasons else str(i) for i in sorted(failed))
-        message = f"settles of queue {queue!r} not waited for: {len(failed)} lease(s) no longer current: {why}"
-        self._errors.append((queue, StaleLease(message, "STALE_LEASE", failed, reasons)))
-
-    def connection_lost(self) -> None:
-        """The connection is gone with settles unconfirmed or unsent: whether they were applied is unknown."""
+    def connection_lost(self, covered: int = 0) -> ConnectionLost | None:
+        """The connection is gone with settles unconfirmed or unsent: whether they were applied is unknown. The
+        error saying so is returned (None if nothing was lost), for the waiters of barriers up to request id
+        ``covered`` to raise; it is also kept for a later call if some lost settle is not covered by one."""
+        rids = list(self._sent)
         count = sum(n for _, _, n in self._sent.values())
         group = self.take_open()
         unsent = len(group.ids) if group is not None else 0
         self._sent.clear()
-        if count or unsent:
-            self._errors.append(
-                (
-                    "",
-                    ConnectionLost(
-                        f"the connection was lost with {count + unsent} settle(s) not waited for unconfirmed "
-                        f"({unsent} of them not sent): each may or may not have been applied; a message whose ack "
-                        "was not is delivered again"
-                    ),
-                )
-            )
+        if not count and not unsent:
+            return None
+        error = ConnectionLost(
+            f"the connection was lost with {count + unsent} settle(s) unconfirmed ({unsent} of them not sent): "
+            "each may or may not have been applied; a message whose ack was not is delivered again"
+        )
+        uncovered = [rid for rid in rids if rid > covered]
+        if uncovered or unsent:
+            self._errors.append((uncovered[0] if uncovered else covered + 1, "", error))
+        return error
 
-    def take_error(self) -> ReplikaError | None:
-        """The oldest failure not yet raised, now handed to the caller to raise."""
-        return self._errors.pop(0)[1] if self._errors else None
+    def take_error(self, mark: int | None = None) -> ReplikaError | None:
+        """The oldest failure not yet raised of a settle request up to id ``mark`` (any, if None), now handed to
+        the caller to raise. Refusals of consecutive requests of one queue (one call split into several) become
+        one :class:`StaleLease`."""
+        errors = self._errors
+        at = next((i for i, (rid, _, _) in enumerate(errors) if mark is None or rid <= mark), None)
+        if at is None:
+            return None
+        _, queue, error = errors.pop(at)
+        if type(error) is not StaleLease:
+            return error
+        failed, reasons = dict(error.failed), dict(error.reasons)
+        while at < len(errors):
+            rid, q, more = errors[at]
+            if q != queue or type(more) is not StaleLease or (mark is not None and rid > mark):
+                break
+            failed.update(more.failed)
+            reasons.update(more.reasons)
+            errors.pop(at)
+        why = ", ".join(f"{i} ({reasons[i]})" if i in reasons else str(i) for i in sorted(failed))
+        message = f"settles of queue {queue!r}: {len(failed)} lease(s) no longer current: {why}"
+        return StaleLease(message, "STALE_LEASE", failed, reasons)
