@@ -35,7 +35,8 @@ HELP = [
     "PING                            PONG",
     "AUTH token                      authenticate (when the broker runs with --auth)",
     "PUB queue text                  publish the rest of the line as one message: OK <id>",
-    "FETCH queue [n] [wait]          lease up to n messages (default 1), waiting up to wait s (default 0):",
+    "FETCH queue [n] [wait] [lease]  lease up to n messages (default 1) for lease s (default 30), waiting up to",
+    "                                wait s (default 0) for the first:",
     "                                OK <count>, then per message: MSG <id>:<token> attempts=<a> bytes=<b>",
     "                                and the payload on the next line",
     "ACK queue id:token [...]        delete processed messages (id:token as printed by FETCH)",
@@ -268,9 +269,10 @@ class TextSession:
         self._write(f"OK authenticated as {principal.name}")
 
     def _pub(self, args: list[str], rest: bytes) -> None:
-        queue, _, payload = rest.partition(b" ")
-        if not queue:
-            raise RequestError(ErrorCode.BAD_REQUEST, "usage: PUB <queue> <text>")
+        queue, space, payload = rest.partition(b" ")
+        if not queue or not space:
+            # "PUB q" is far more likely a forgotten text than a wanted empty message: that one is "PUB q ".
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: PUB <queue> <text> (an empty message: 'PUB <queue> ')")
         self._request(
             Op.PUBLISH,
             {"queue": queue.decode("utf-8", "replace"), "payloads": [payload]},
@@ -278,13 +280,15 @@ class TextSession:
         )
 
     def _fetch(self, args: list[str], rest: bytes) -> None:
-        if not 1 <= len(args) <= 3:
-            raise RequestError(ErrorCode.BAD_REQUEST, "usage: FETCH <queue> [n] [wait]")
+        if not 1 <= len(args) <= 4:
+            raise RequestError(ErrorCode.BAD_REQUEST, "usage: FETCH <queue> [n] [wait] [lease]")
         frame: Frame = {"queue": args[0]}
         if len(args) > 1:
             frame["max"] = _int(args[1], "n")
         if len(args) > 2:
             frame["wait"] = _float(args[2], "wait")
+        if len(args) > 3:
+            frame["lease"] = _float(args[3], "lease")  # else the binary fetch's default, 30 s
 
         def reply(r: Frame) -> None:
             lines: list[bytes | str] = [f"OK {len(r['msgs'])}"]

@@ -20,7 +20,7 @@ from replika_server.auth import RateLimit, TokenBucket, load_auth
 from replika_server.config import Config, ConfigError, check_exposure, is_loopback
 from replika_server.node import Node as Server
 from tests.conftest import WAIT, ServerProcess, serving
-from tests.raw import Raw, expect_error, header
+from tests.raw import Raw, expect_error, header, padded_body
 from tests.tokens import ADMIN, AUTH, ORDERS, READER, write
 
 
@@ -353,6 +353,27 @@ async def test_frames_before_the_handshake_are_small(tmp_path: Path) -> None:
         await conn.closed_after_error(ErrorCode.FRAME_TOO_LARGE)
         async with replika.AsyncClient(srv.url) as client:  # after it, the configured max_frame applies
             await client.publish("q", b"x" * (1024 * 1024))
+
+
+async def test_the_small_limit_ends_with_a_successful_hello_even_within_one_read(
+    tmp_path: Path, auth_file: Path
+) -> None:
+    # SPEC §2: frames are decoded one at a time until the hello succeeds; a frame right behind it, in the same
+    # write, is then held to max_frame: the peer has authenticated by the time its prefix is checked.
+    big = padded_body({"op": "publish", "id": 2, "queue": "q", "payloads": [b""]}, 70_000)
+    hello = {"op": "hello", "id": 1, "versions": [1], "client": "t", "token": ADMIN}
+    async with serving(tmp_path / "d", auth=auth_file) as srv:
+        conn = await Raw.connect(srv.port, hello=False)
+        conn.send(hello, header(len(big)) + big)
+        assert (await conn.reply())["ok"] is True
+        assert (await conn.reply())["ok"] is True
+        await conn.close()
+        # A hello that fails leaves the limit at 64 KiB for the rest of that read, and closes.
+        refused = await Raw.connect(srv.port, hello=False)
+        refused.send({**hello, "token": "wrong"}, header(len(big)) + big)
+        await refused.closed_after_error(ErrorCode.UNAUTHORIZED, rid=1)
+        async with replika.AsyncClient(srv.url, token=ADMIN) as client:
+            assert (await client.stats("q"))["total"] == 1  # only the authenticated one
 
 
 async def test_idle_connections_are_closed_unless_kept_alive(tmp_path: Path) -> None:

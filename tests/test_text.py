@@ -47,7 +47,8 @@ async def session(server: RunningServer) -> Lines:
 async def test_publish_fetch_ack_by_hand(server: RunningServer, session: Lines) -> None:
     assert await session.ask("ping") == "PONG"  # case-insensitive
     assert await session.ask("PUB jobs hello world") == "OK 1"
-    assert await session.ask("PUB jobs") == "OK 2"  # an empty message
+    assert (await session.ask("PUB jobs")).startswith("ERR BAD_REQUEST usage: PUB <queue> <text>")  # text forgotten
+    assert await session.ask("PUB jobs ") == "OK 2"  # an empty message, asked for with the space
     assert await session.ask("FETCH jobs 5") == "OK 2"
     assert await session.line() == "MSG 1:1 attempts=1 bytes=11"
     assert await session.line() == "hello world"
@@ -69,6 +70,17 @@ async def test_publish_fetch_ack_by_hand(server: RunningServer, session: Lines) 
     assert await session.eof() == b""
     async with replika.AsyncClient(server.url) as client:  # the same queue the binary protocol sees
         assert (await client.stats("jobs"))["delayed"] == 1
+
+
+async def test_a_fetch_takes_a_lease_in_seconds(session: Lines) -> None:
+    assert await session.ask("PUB short job") == "OK 1"
+    assert await session.ask("FETCH short 1 0 0.05") == "OK 1"  # leased for 50 ms
+    assert await session.line() == "MSG 1:1 attempts=1 bytes=3"
+    assert await session.line() == "job"
+    assert await session.ask("FETCH short 1 10") == "OK 1"  # waits for the lease to end: delivered again
+    assert await session.line() == "MSG 1:2 attempts=2 bytes=3"
+    assert await session.line() == "job"
+    assert (await session.ask("FETCH short 1 0 forever")).startswith("ERR BAD_REQUEST lease must be a number")
 
 
 async def test_errors_use_the_binary_protocols_codes(session: Lines) -> None:

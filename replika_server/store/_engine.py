@@ -42,11 +42,31 @@ from replika_server.store.base import (
     StoreOptions,
 )
 
-__all__ = ["DEAD_LETTER_HEADERS", "DEAD_LETTER_PREFIX", "DELIVERY_OVERHEAD", "EngineCore", "LmdbConfig"]
+__all__ = [
+    "DEAD_LETTER_HEADERS",
+    "DEAD_LETTER_PREFIX",
+    "DELIVERY_OVERHEAD",
+    "QNUM_SEQ",
+    "QUEUE_PREFIX",
+    "READABLE_SCHEMAS",
+    "SCHEMA_KEY",
+    "SCHEMA_VERSION",
+    "TOKEN_SEQ",
+    "EngineCore",
+    "LmdbConfig",
+]
 
 log = structlog.get_logger("replika.store")
 
-_QNUM_SEQ = b"qnum_seq"
+# Keys of the meta database.
+QUEUE_PREFIX = b"q:"
+TOKEN_SEQ = b"token_seq"
+QNUM_SEQ = b"qnum_seq"
+SCHEMA_KEY = b"schema"
+# 2: lanes, the side prefix, extended state records, the dedup database and bindings. A store of schema 1 is a
+# store of schema 2 that uses none of them, so it is read as is (and marked 2 on open).
+SCHEMA_VERSION = b"2"
+READABLE_SCHEMAS = (None, b"1", b"2")
 
 #: The map LMDB starts with, in bytes: room for a few hundred thousand small messages before the first growth,
 #: which doubles it (address space, not disk: the file grows only by what is written).
@@ -180,7 +200,7 @@ class EngineCore:
     def _new_qnum(self) -> int:
         # Never reused, so a deleted queue's stray keys can never alias a new queue or lane.
         self._qnum_seq += 1
-        self._writes.meta[_QNUM_SEQ] = str(self._qnum_seq).encode()
+        self._writes.meta[QNUM_SEQ] = str(self._qnum_seq).encode()
         return self._qnum_seq
 
     def _get_or_create(self, name: str, options: QueueOptions | None = None, *, limited: bool = True) -> QueueState:
