@@ -31,7 +31,15 @@ from replika_server.store import (
     is_valid_pattern,
 )
 from replika_server.store import Op as StoreOp
-from replika_server.store.base import DEFAULT_DEDUP_WINDOW, DEFAULT_RETRY_BACKOFF
+from replika_server.store.base import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_HISTORY_MESSAGES,
+    DEFAULT_HISTORY_RETENTION,
+    DEFAULT_RETRY_BACKOFF,
+    MAX_HISTORY_MESSAGES,
+    MAX_HISTORY_RETENTION,
+    HistoryOptions,
+)
 
 __all__ = ["Limits", "RequestError", "parse_op"]
 
@@ -183,6 +191,7 @@ def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
     queue = queue_field(frame)
     op = _messages(frame, limits)
     op.queue = queue
+    op.owner = owner
     return op
 
 
@@ -296,8 +305,28 @@ def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
         message_ttl=_optional_number(frame, "message_ttl", MIN_TTL, MAX_TTL),
         expired=_choice(frame, "expired", ("dead_letter", "drop")),  # type: ignore[arg-type]
         dedup_window=_number(frame, "dedup_window", DEFAULT_DEDUP_WINDOW, 0.0, MAX_DEDUP_WINDOW),
+        history=_history_options(frame),
     )
     return Declare(queue, options)
+
+
+def _history_options(frame: Frame) -> HistoryOptions | None:
+    """``history``: nil or false (off), true (on with the defaults), or a map of ``retention`` (seconds),
+    ``max_messages`` and ``payloads`` (bool), each optional."""
+    value = frame.get("history")
+    if value is None or value is False:
+        return None
+    if value is True:
+        return HistoryOptions()
+    if not isinstance(value, dict) or not set(value) <= {"retention", "max_messages", "payloads"}:
+        raise _bad("field 'history' must be a boolean or a map of retention, max_messages and payloads")
+    retention = _number(value, "retention", DEFAULT_HISTORY_RETENTION, 1.0, MAX_HISTORY_RETENTION)
+    max_messages = _int(value, "max_messages", DEFAULT_HISTORY_MESSAGES, 1, MAX_HISTORY_MESSAGES)
+    payloads = value.get("payloads", False)
+    if not isinstance(payloads, bool):
+        raise _bad("field 'payloads' of 'history' must be a boolean")
+    assert max_messages is not None
+    return HistoryOptions(retention, max_messages, payloads)
 
 
 def _peek(frame: Frame, owner: int, limits: Limits) -> Peek:
