@@ -38,6 +38,9 @@ from replika_server.store.base import (
     DEFAULT_RETRY_BACKOFF,
     MAX_HISTORY_MESSAGES,
     MAX_HISTORY_RETENTION,
+    TERMINAL,
+    History,
+    HistoryList,
     HistoryOptions,
 )
 
@@ -354,6 +357,37 @@ def _queues(frame: Frame, owner: int, limits: Limits) -> Stats:
     return Stats(None)
 
 
+#: Most messages one history listing returns.
+MAX_HISTORY_LIST = 1000
+_STATES = ("waiting", "in_flight", *(kind.value for kind in TERMINAL))
+
+
+def _history(frame: Frame, owner: int, limits: Limits) -> History | HistoryList:
+    """``history``: with ``message_id``, that message's recorded life; without, a listing (SPEC.md §5 history)."""
+    queue = queue_field(frame)
+    mid = _int(frame, "message_id", None, 1, _U64 - 1)
+    if mid is not None:
+        return History(queue, mid)
+    state = frame.get("state")
+    if state is not None and state not in _STATES:
+        raise _bad(f"field 'state' must be one of {', '.join(_STATES)}")
+    header = frame.get("header")
+    if header is not None and not (
+        type(header) is list and len(header) == 2 and all(isinstance(part, str) for part in header)
+    ):
+        raise _bad("field 'header' must be an array [name, value] of two strings")
+    listing = _int(frame, "max", 100, 1, MAX_HISTORY_LIST)
+    assert listing is not None
+    return HistoryList(
+        queue,
+        listing,
+        state,
+        _optional_number(frame, "since", 0.0, 1e11),
+        _optional_number(frame, "until", 0.0, 1e11),
+        (header[0], header[1]) if header is not None else None,
+    )
+
+
 def _delete_queue(frame: Frame, owner: int, limits: Limits) -> DeleteQueue:
     return DeleteQueue(queue_field(frame))
 
@@ -379,6 +413,7 @@ _PARSERS: dict[str, Parser] = {
     Op.PUBLISH_TOPIC: _publish_topic,
     Op.BIND: _binding(Bind),
     Op.UNBIND: _binding(Unbind),
+    Op.HISTORY: _history,
 }
 
 
