@@ -359,7 +359,7 @@ def _queues(frame: Frame, owner: int, limits: Limits) -> Stats:
 
 #: Most messages one history listing returns.
 MAX_HISTORY_LIST = 1000
-_STATES = ("waiting", "in_flight", *(kind.value for kind in TERMINAL))
+_STATES = ("waiting", "in_flight", *sorted(kind.value for kind in TERMINAL))
 
 
 def _history(frame: Frame, owner: int, limits: Limits) -> History | HistoryList:

@@ -1,18 +1,21 @@
 """Message history end to end: a queue declared with history through the SDK, a message's life through a real
 broker (``replika serve`` as a child process), read back with the SDK and the ``replika trace``/``history``
-commands; and bad history requests refused with BAD_REQUEST."""
+commands, the admin API and GraphQL, under the peek permission; and bad history requests refused."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 import replika
-from tests.conftest import WAIT, ServerProcess
+from tests.conftest import WAIT, ServerProcess, serving
 from tests.test_cli import cli, ok
+from tests.tokens import ADMIN, ORDERS, READER
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,44 @@ def test_bad_history_requests_are_refused(broker: ServerProcess) -> None:
         plain = client.publish("no-history", b"x")
         with pytest.raises(replika.NotFound):
             client.history("no-history", plain)
+
+
+async def test_the_admin_api_and_graphql_show_a_life_and_need_peek_permission(tmp_path: Path, auth_file: Path) -> None:
+    async with serving(tmp_path / "d", admin_port=0, auth=auth_file) as srv:
+        async with replika.AsyncClient(srv.url, ADMIN) as client:
+            await client.declare("orders.eu", max_attempts=1, history={"payloads": True})
+            await client.declare("orders.eu.dlq", history=True)
+            mid = await client.publish("orders.eu", b"\xffbin", headers={"trace": "t-9"})
+            [m] = await client.fetch("orders.eu", max=1, wait=WAIT)
+            await client.nack([m], delay=0)  # its one attempt: dead-lettered
+            await client.flush()
+            assert await client.redrive("orders.eu.dlq") == 1
+            [again] = await client.fetch("orders.eu", max=1, wait=WAIT)
+            await client.ack([again])
+            await client.flush()
+        base = f"http://127.0.0.1:{srv.server.admin_port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=WAIT) as h:
+            got = (await h.get(f"/api/queues/orders.eu/messages/{mid}")).json()
+            assert [e["kind"] for e in got["events"]] == ["published", "delivered", "nacked", "dead_lettered"]
+            assert (got["state"], got["payload"], got["encoding"]) == ("dead_lettered", "/2Jpbg==", "base64")
+            assert got["events"][0]["by"] == "ops" and got["headers"] == {"trace": "t-9"}
+            listed = (await h.get("/api/queues/orders.eu/history", params={"header": "trace=t-9"})).json()
+            assert [x["id"] for x in listed["messages"]] == [again.id, mid]
+            acked = (await h.get("/api/queues/orders.eu/history", params={"state": "acked"})).json()
+            assert [x["id"] for x in acked["messages"]] == [again.id]
+            assert (await h.get("/api/queues/orders.eu/messages/999")).status_code == 404
+            query = (
+                '{ messageHistory(queue: "orders.eu", id: MID) { state events { kind attempt detail } } '
+                'history(queue: "orders.eu", state: "acked") { id } }'
+            ).replace("MID", str(mid))
+            data = (await h.post("/graphql", json={"query": query})).json()["data"]
+            assert [e["kind"] for e in data["messageHistory"]["events"]][-1] == "dead_lettered"
+            assert data["messageHistory"]["events"][-1]["detail"]["reason"] == "max_attempts"
+            assert data["history"] == [{"id": again.id}]
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ORDERS}"}, timeout=WAIT) as h:
+            # orders consumes orders.*: it may peek at orders.eu, so it may read its history; not orders.us's.
+            assert (await h.get(f"/api/queues/orders.eu/messages/{mid}")).status_code == 200
+        async with replika.AsyncClient(srv.url, READER) as reader:
+            assert (await reader.history("orders.eu", mid))["id"] == mid
+            with pytest.raises(replika.Forbidden):
+                await reader.history_list("orders.eu.dlq")
