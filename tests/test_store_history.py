@@ -204,3 +204,14 @@ async def test_lmdb_writes_no_history_for_a_queue_without_it(tmp_path: Path) -> 
             assert txn.stat(store._history_db)["entries"] == 0
     finally:
         await opener.close()
+
+
+async def test_one_batch_past_max_messages_keeps_the_newest(open_store: Opener) -> None:
+    store = await open_store()
+    await declare(store, "q", HistoryOptions(max_messages=3))
+    ids = await publish(store, "q", *(b"m%d" % i for i in range(10)))
+    await ack(store, "q", await fetch(store, "q", max=10))
+    store = await open_store.reopen(store)
+    assert [m.id for m in await one(store, HistoryList("q"))] == ids[:-4:-1]
+    assert kinds(await history(store, "q", ids[-1])) == ["published", "delivered", "acked"]
+    await refused(store, History("q", ids[0]), ErrorCode.NOT_FOUND)

@@ -211,9 +211,8 @@ class Delivering(Historian):
                 return self._ack(q, op.leases)
             acked = [tuple(lease) for lease in op.leases]
             refused = self._ack(q, acked)
-            for mid, _ in acked:
-                if mid not in refused:
-                    self._record(q, mid, EventKind.ACKED, 0, op.owner)
+            owner = op.owner
+            self._record_many(q, EventKind.ACKED, ((mid, 0, owner, None) for mid, _ in acked if mid not in refused))
             return refused
         failed: Settled = {}
         tracked = q.tracked
@@ -241,8 +240,7 @@ class Delivering(Historian):
         return failed
 
     def _record_deliveries(self, q: QueueState, out: list[Delivery], owner: int) -> None:
-        for d in out:
-            self._record(q, d[0], EventKind.DELIVERED, d[2], owner)
+        self._record_many(q, EventKind.DELIVERED, ((d[0], d[2], owner, None) for d in out))
 
     def _record_settle(self, q: QueueState, t: Tracked, op: Settle) -> None:
         """The event of a nack or touch (a reject is recorded as the dead-lettering it causes)."""

@@ -9,7 +9,8 @@ other write, so they are durable exactly when the change they describe is.
 Retention: each queue keeps in memory the ids it has history of, in first-event order, and when each ended
 message ended; :meth:`Historian._prune_history` (run by the Expire timer) deletes the history of messages that
 ended more than ``retention`` seconds ago, and recording past ``max_messages`` deletes the oldest message's.
-Both are rebuilt from the database on open.
+Both are rebuilt from the database on open. Only a published event starts a message's history: one already in
+the queue when history was turned on, or whose history was pruned, records nothing more.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = ["HISTORY_SEQ", "Historian"]
 
 HISTORY_SEQ = b"history_seq"
 _SEQ = struct.Struct(">Q")
+_EVENT_KEY = struct.Struct(">IQQ")  # queue qnum, message id, event sequence
 _KINDS = {kind.value: kind for kind in EventKind}
 #: Most messages one HistoryList reads before it answers with what it found (a filter that matches little must
 #: not read the whole history in one batch).
@@ -77,14 +79,16 @@ class Historian(EngineCore):
         h = q.options.history
         if h is None:
             return
+        index = self._histories.get(q.qnum)
+        if index is None:
+            index = self._histories[q.qnum] = _Index()
+        if kind is not EventKind.PUBLISHED and mid not in index.ids:
+            return  # a life is recorded from its publish: none before history was on, none after it was pruned
         now = self._clock.time()
         self._history_seq += 1
         value = msgpack.packb([now, kind.value, attempt, connection, detail or None], use_bin_type=True)
         self._writes.put(self._history_db, pack_key(q.qnum, mid) + _SEQ.pack(self._history_seq), value)
         self._writes.meta[HISTORY_SEQ] = str(self._history_seq).encode()
-        index = self._histories.get(q.qnum)
-        if index is None:
-            index = self._histories[q.qnum] = _Index()
         if mid not in index.ids:
             index.ids[mid] = None
             while len(index.ids) > h.max_messages:
@@ -94,6 +98,44 @@ class Historian(EngineCore):
             index.ended.append((now, mid))
             heapq.heappush(self._history_timers, (now + h.retention, q.qnum))
 
+    def _record_many(
+        self, q: QueueState, kind: EventKind, events: Iterable[tuple[int, int, int, dict[str, Any] | None]]
+    ) -> None:
+        """:meth:`_record` for many events of one kind, (id, attempt, connection, detail) each: the hot paths
+        (publish, fetch, ack), with the per-event work cut to a key, a pack and an index insert."""
+        h = q.options.history
+        if h is None:
+            return
+        now = self._clock.time()
+        name, qnum, seq = kind.value, q.qnum, self._history_seq
+        index = self._histories.get(qnum)
+        if index is None:
+            index = self._histories[qnum] = _Index()
+        ids = index.ids
+        published = kind is EventKind.PUBLISHED
+        key, packb = _EVENT_KEY.pack, msgpack.packb
+        items: list[tuple[bytes | memoryview, bytes]] = []
+        mids: list[int] = []
+        for mid, attempt, connection, detail in events:
+            if mid not in ids:
+                if not published:
+                    continue  # as in _record: recorded from its publish only
+                ids[mid] = None
+            seq += 1
+            items.append((key(qnum, mid, seq), packb([now, name, attempt, connection, detail], use_bin_type=True)))
+            mids.append(mid)
+        if not items:
+            return
+        self._history_seq = seq
+        self._writes.put_many(self._history_db, items)
+        self._writes.meta[HISTORY_SEQ] = str(seq).encode()
+        while len(ids) > h.max_messages:
+            oldest, _ = ids.popitem(last=False)
+            self._writes.prefix_delete(self._history_db, pack_key(qnum, oldest))
+        if kind in TERMINAL:
+            index.ended.extend((now, mid) for mid in mids)
+            heapq.heappush(self._history_timers, (now + h.retention, qnum))
+
     def _record_published(
         self, q: QueueState, first: int, op: Publish, indexes: Iterable[int], values: list[bytes] | None = None
     ) -> None:
@@ -101,13 +143,19 @@ class Historian(EngineCore):
         ``indexes`` (the headers are kept, the payload only when the queue keeps payloads)."""
         h = q.options.history
         assert h is not None
+        if op.headers is None and not h.payloads:
+            plain = {"by": op.by}  # packed per event, never changed: one dict does for all
+            self._record_many(q, EventKind.PUBLISHED, ((first + k, 0, op.owner, plain) for k, _ in enumerate(indexes)))
+            return
+        events: list[tuple[int, int, int, dict[str, Any] | None]] = []
         for k, i in enumerate(indexes):
             detail: dict[str, Any] = {"by": op.by}
             if op.headers is not None and op.headers[i]:
                 detail["headers"] = op.headers[i]
             if h.payloads:
                 detail["payload"] = op.payloads[i]
-            self._record(q, first + k, EventKind.PUBLISHED, 0, op.owner, **detail)
+            events.append((first + k, 0, op.owner, detail))
+        self._record_many(q, EventKind.PUBLISHED, events)
 
     def _record_moved(
         self,
