@@ -16,7 +16,7 @@ from strawberry.types import Info as ResolveInfo
 from replika_protocol import ErrorCode
 from replika_server.admin.deps import principal
 from replika_server.admin.errors import ApiError, ErrorBody, errors
-from replika_server.admin.ops import Ops, message_json
+from replika_server.admin.ops import Ops, history_json, message_json
 from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
 
@@ -58,6 +58,56 @@ class Message:
     payload: str = strawberry.field(description="UTF-8 text, or base64 when encoding is base64")
     encoding: str
     headers: JSON
+
+
+@strawberry.type
+class HistoryEvent:
+    at: float = strawberry.field(description="unix seconds")
+    kind: str = strawberry.field(description="published, delivered, nacked, lease_expired, acked, ... (SPEC.md)")
+    attempt: int
+    connection: int
+    detail: JSON = strawberry.field(description="the kind's own fields: reason, to, id, delay, by...")
+
+
+@strawberry.type
+class MessageHistory:
+    id: int
+    queue: str
+    state: str
+    published_at: float
+    headers: JSON
+    payload: str | None = strawberry.field(description="kept payload: UTF-8 text, or base64 when encoding says")
+    encoding: str | None
+    events: list[HistoryEvent]
+
+
+def _detail(event: dict[str, Any], base: tuple[str, ...]) -> Any:
+    return {k: v for k, v in event.items() if k not in base}
+
+
+def _history(m: dict[str, Any]) -> MessageHistory:
+    m = history_json(m)
+    base = ("at", "kind", "attempt", "connection")
+    events = [
+        HistoryEvent(
+            at=e["at"],
+            kind=e["kind"],
+            attempt=e["attempt"],
+            connection=e["connection"],
+            detail=_detail(e, base),
+        )
+        for e in m["events"]
+    ]
+    return MessageHistory(
+        id=m["id"],
+        queue=m["queue"],
+        state=m["state"],
+        published_at=m["published_at"],
+        headers=m["headers"],
+        payload=m["payload"],
+        encoding=m["encoding"],
+        events=events,
+    )
 
 
 @strawberry.type
@@ -155,6 +205,20 @@ class Query:
     @strawberry.field(description="Ready messages of a queue, read without leasing them")
     async def peek(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:
         return await _peek(_ctx(info), queue, max)
+
+    @strawberry.field(description="One message's recorded history (a queue declared with history)")
+    async def message_history(self, info: ResolveInfo[Any, Any], queue: str, id: int) -> MessageHistory:
+        ctx = _ctx(info)
+        reply = await ctx.ops.call(ctx.principal, "history", queue=queue, message_id=id)
+        return _history(reply["message"])
+
+    @strawberry.field(description="Messages with a recorded history, newest first")
+    async def history(
+        self, info: ResolveInfo[Any, Any], queue: str, state: str | None = None, max: int = 100
+    ) -> list[MessageHistory]:
+        ctx = _ctx(info)
+        reply = await ctx.ops.call(ctx.principal, "history", queue=queue, state=state, max=max)
+        return [_history(m) for m in reply["messages"]]
 
     @strawberry.field(description="Messages in a queue's dead-letter queue, read without leasing them")
     async def dead_letters(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:

@@ -19,7 +19,11 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 __all__ = [
     "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_HISTORY_MESSAGES",
+    "DEFAULT_HISTORY_RETENTION",
     "DEFAULT_RETRY_BACKOFF",
+    "MAX_HISTORY_MESSAGES",
+    "MAX_HISTORY_RETENTION",
     "MAX_QUEUE_NAME",
     "MAX_RETRY_DELAY",
     "SYSTEM_CLOCK",
@@ -34,8 +38,14 @@ __all__ = [
     "Declare",
     "DeleteQueue",
     "Delivery",
+    "EventKind",
     "Expire",
     "Fetch",
+    "History",
+    "HistoryEvent",
+    "HistoryList",
+    "HistoryOptions",
+    "MessageHistory",
     "Nack",
     "Op",
     "Operation",
@@ -62,6 +72,7 @@ __all__ = [
     "StoreOptions",
     "Touch",
     "Unbind",
+    "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
 ]
@@ -206,6 +217,27 @@ class DeadLetterReason(enum.StrEnum):
 
 
 Overflow = Literal["reject", "drop_oldest", "dead_letter"]
+
+#: Seconds a finished message's history is kept unless the queue says otherwise (7 days), and the longest allowed.
+DEFAULT_HISTORY_RETENTION = 7 * 86400.0
+MAX_HISTORY_RETENTION = 90 * 86400.0
+#: Messages whose history a queue keeps unless it says otherwise, and the most it may keep: the oldest go first.
+DEFAULT_HISTORY_MESSAGES = 100_000
+MAX_HISTORY_MESSAGES = 10_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """A queue's message history (SPEC.md §5 declare). ``retention``: seconds a message's history is kept after
+    the message left the queue (acked, dead-lettered, expired, dropped, purged, redriven); ``max_messages``: the
+    most messages whose history is kept, the oldest deleted first whatever their state; ``payloads``: whether the
+    published event keeps the payload (readable after the ack), else only the headers."""
+
+    retention: float = DEFAULT_HISTORY_RETENTION
+    max_messages: int = DEFAULT_HISTORY_MESSAGES
+    payloads: bool = False
+
+
 Expired = Literal["dead_letter", "drop"]
 
 
@@ -237,6 +269,7 @@ class QueueOptions:
     message_ttl: float | None = None
     expired: Expired = "dead_letter"
     dedup_window: float = DEFAULT_DEDUP_WINDOW
+    history: HistoryOptions | None = None  # None: no history is recorded
 
 
 @dataclass(slots=True)
@@ -283,6 +316,7 @@ class QueueStats:
             "message_ttl": o.message_ttl,
             "expired": o.expired,
             "dedup_window": o.dedup_window,
+            "history": None if o.history is None else _history_dict(o.history),
             "bindings": self.bindings,
             "counters": self.counters,
         }
@@ -338,6 +372,8 @@ class Publish(Operation[Published]):
     delay: float = 0.0
     ttl: float | None = None
     dedup_ids: list[str | None] | None = None
+    owner: int = 0  # the publishing connection, for the history (0: none)
+    by: str | None = None  # the publishing token's name or principal, for the history
 
 
 @dataclass(slots=True)
@@ -457,6 +493,123 @@ class Stats(Operation["list[QueueStats]"]):
     queue: str | None  # None: every queue
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a message, as its history records it (SPEC.md §5 history)."""
+
+    PUBLISHED = "published"  # by: token or principal; connection; from/id/reason when moved here
+    DELIVERED = "delivered"  # attempt, connection
+    TOUCHED = "touched"  # connection, lease (s)
+    NACKED = "nacked"  # connection, delay (s, None: the queue's retry delay)
+    LEASE_EXPIRED = "lease_expired"  # connection, closed (the connection ended rather than the deadline)
+    DEAD_LETTERED = "dead_lettered"  # reason, to, id (in the dead-letter queue)
+    REDRIVEN = "redriven"  # to, id (in that queue)
+    EXPIRED = "expired"  # its TTL ran out and the queue drops expired messages
+    DROPPED = "dropped"  # reason overflow
+    PURGED = "purged"
+    ACKED = "acked"  # connection
+
+
+#: Events after which the message is no longer in its queue.
+TERMINAL = frozenset(
+    {
+        EventKind.ACKED,
+        EventKind.DEAD_LETTERED,
+        EventKind.REDRIVEN,
+        EventKind.EXPIRED,
+        EventKind.DROPPED,
+        EventKind.PURGED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One recorded event: when (unix s), what, the delivery attempt it concerns (0: none), the connection that
+    caused it (0: none, the broker itself) and what else that kind says (see :class:`EventKind`)."""
+
+    at: float
+    kind: EventKind
+    attempt: int = 0
+    connection: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "kind": self.kind.value,
+            "attempt": self.attempt,
+            "connection": self.connection,
+            **self.detail,
+        }
+
+
+def final_state(events: Sequence[HistoryEvent]) -> str:
+    """Where a message stands after ``events``: an ended one's last event (``acked``, ``dead_lettered``, ...),
+    else ``in_flight`` (delivered or touched last) or ``waiting`` (ready or delayed)."""
+    if not events:
+        return "unknown"
+    last = events[-1].kind
+    if last in TERMINAL:
+        return last.value
+    return "in_flight" if last in (EventKind.DELIVERED, EventKind.TOUCHED) else "waiting"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHistory:
+    """A message's recorded life, oldest event first; ``payload`` only when the queue keeps payloads."""
+
+    queue: str
+    id: int
+    events: list[HistoryEvent]
+    headers: dict[str, str] | None = None
+    payload: bytes | None = None
+
+    @property
+    def state(self) -> str:
+        return final_state(self.events)
+
+    @property
+    def published_at(self) -> float:
+        return self.events[0].at if self.events else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "id": self.id,
+            "state": self.state,
+            "published_at": self.published_at,
+            "headers": self.headers,
+            "payload": self.payload,
+            "events": [e.as_dict() for e in self.events],
+        }
+
+
+def _history_dict(h: HistoryOptions) -> dict[str, Any]:
+    return {"retention": h.retention, "max_messages": h.max_messages, "payloads": h.payloads}
+
+
+@dataclass(slots=True)
+class History(Operation[MessageHistory]):
+    """The recorded life of message ``id`` of ``queue`` (``NOT_FOUND`` if none is kept), from the last commit."""
+
+    queue: str
+    id: int
+
+
+@dataclass(slots=True)
+class HistoryList(Operation["list[MessageHistory]"]):
+    """Up to ``max`` messages of ``queue`` with a recorded history, newest first: those whose final state is
+    ``state`` (if given), published within [``since``, ``until``] (unix s, if given) and carrying the header
+    ``header`` = (name, value) (if given)."""
+
+    queue: str
+    max: int = 100
+    state: str | None = None
+    since: float | None = None
+    until: float | None = None
+    header: tuple[str, str] | None = None
+
+
 Op = (
     Declare
     | Publish
@@ -475,11 +628,24 @@ Op = (
     | PublishTopic
     | Bind
     | Unbind
+    | History
+    | HistoryList
 )
 
 
 #: What an op gives: see each op's ``Operation[...]``.
-Result = None | Published | Settled | int | list[QueueStats] | list[Delivery] | list[Peeked] | dict[str, list[int]]
+Result = (
+    None
+    | Published
+    | Settled
+    | int
+    | list[QueueStats]
+    | list[Delivery]
+    | list[Peeked]
+    | dict[str, list[int]]
+    | MessageHistory
+    | list[MessageHistory]
+)
 
 
 @dataclass(slots=True)
