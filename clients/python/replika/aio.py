@@ -20,6 +20,7 @@ from replika._core import (
     as_bytes,
     check,
     check_queue,
+    history_query,
     publish_ids,
     publish_options,
     topic_ids,
@@ -164,15 +165,7 @@ class AsyncClient(AsyncConnection):
         ``dead_lettered``, ...), published within [``since``, ``until``] (unix s) and carrying ``header``
         (name, value)."""
         check_queue(queue)
-        reply = await self._call(
-            "history",
-            queue=queue,
-            max=max,
-            state=state,
-            since=since,
-            until=until,
-            header=list(header) if header is not None else None,
-        )
+        reply = await self._call("history", queue=queue, **history_query(max, state, since, until, header))
         return list(reply["messages"])
 
     async def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:

@@ -19,6 +19,7 @@ from replika._core import (
     as_bytes,
     check,
     check_queue,
+    history_query,
     publish_ids,
     publish_options,
     topic_ids,
@@ -134,15 +135,7 @@ class Client(SyncConnection):
     ) -> list[dict[str, Any]]:
         """Messages of ``queue`` with a recorded history. See :meth:`AsyncClient.history_list`."""
         check_queue(queue)
-        reply = self._call(
-            "history",
-            queue=queue,
-            max=max,
-            state=state,
-            since=since,
-            until=until,
-            header=list(header) if header is not None else None,
-        )
+        reply = self._call("history", queue=queue, **history_query(max, state, since, until, header))
         return list(reply["messages"])
 
     def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:
