@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w6-bytes", type=int, default=Params.w6_bytes)
     p.add_argument("--w7-count", type=int, default=Params.w7_count, help="messages per W7 run, at most")
     p.add_argument("--w7-seconds", type=float, default=Params.w7_seconds, help="seconds per W7 run, at most")
+    p.add_argument(
+        "--redis-no-xdel", action="store_true", help="Redis driver: XACK without XDEL in W2's batched consume"
+    )
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
     p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
@@ -147,6 +150,10 @@ def params_from(args: argparse.Namespace) -> Params:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = params_from(args)
+    if args.redis_no_xdel:
+        from bench.drivers.redis_driver import RedisStreamsDriver
+
+        RedisStreamsDriver.xdel = False
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]

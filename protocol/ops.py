@@ -28,6 +28,7 @@ class Op(enum.StrEnum):
     PUBLISH_TOPIC = "publish_topic"
     BIND = "bind"
     UNBIND = "unbind"
+    HISTORY = "history"
 
 
 # A delivered message travels as a msgpack array, not a map: one fetch may carry thousands of them and the key

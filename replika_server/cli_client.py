@@ -1,6 +1,6 @@
 """The ``replika`` commands that talk to a running broker: publish, consume, peek, queues, stats, purge, delete,
-redrive. Each opens one blocking :class:`replika.Client` to ``--url`` (or ``REPLIKA_URL``) with ``--token`` (or
-``REPLIKA_TOKEN``), does its work and exits with a code a script can trust (see :data:`EXIT_CODES`).
+redrive, trace, history. Each opens one blocking :class:`replika.Client` to ``--url`` (or ``REPLIKA_URL``) with
+``--token`` (or ``REPLIKA_TOKEN``), does its work and exits with a code a script can trust (see :data:`EXIT_CODES`).
 
 What goes to standard output is the data and nothing else (payloads, ids, counts, JSON); errors go to standard
 error as ``replika: CODE: message``, with the broker's stable error code.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import os
 import sys
@@ -90,6 +91,20 @@ def _header(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
     return key, value
+
+
+def _when(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not unix seconds or an ISO 8601 time: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -187,6 +202,29 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--to", metavar="QUEUE", help="the queue to move them to (default: where each came from)")
     p.add_argument("--max", type=_positive, metavar="N", help="move at most N messages")
     p.set_defaults(client_command=_redrive)
+
+    p = command(
+        "trace",
+        "show one message's recorded life",
+        "Print the timeline of message ID of QUEUE (a queue declared with history): one line per event, oldest "
+        "first, with its UTC time, kind, attempt, connection and details.",
+    )
+    p.add_argument("id", type=_positive, metavar="ID")
+    p.add_argument("--json", action="store_true", help="one JSON object: the message and its events")
+    p.set_defaults(client_command=_trace)
+
+    p = command(
+        "history",
+        "list recent messages with their final state",
+        "Print the messages of QUEUE with a recorded history, newest first: id, published time, state, events.",
+    )
+    p.add_argument("--state", metavar="STATE", help="only those in STATE (waiting, in_flight, acked, dead_lettered...)")
+    p.add_argument("--since", type=_when, metavar="TIME", help="published at or after TIME (unix s or ISO 8601)")
+    p.add_argument("--until", type=_when, metavar="TIME", help="published at or before TIME (unix s or ISO 8601)")
+    p.add_argument("--header", type=_header, metavar="KEY=VALUE", help="only those with this header")
+    p.add_argument("--max", type=_positive, default=100, metavar="N", help="at most N messages (default 100)")
+    p.add_argument("--json", action="store_true", help="JSON lines, one message (with its events) per line")
+    p.set_defaults(client_command=_history)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -345,3 +383,44 @@ def _delete(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) ->
 
 def _redrive(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -> None:
     out.write(b"%d\n" % client.redrive(args.queue, to=args.to, max=args.max))
+
+
+def _utc(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _jsonable(message: dict[str, Any]) -> dict[str, Any]:
+    payload = message.get("payload")
+    if isinstance(payload, bytes):
+        return {**message, "payload": base64.b64encode(payload).decode(), "encoding": "base64"}
+    return message
+
+
+_EVENT_FIELDS = ("at", "kind", "attempt", "connection")
+
+
+def _trace(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -> None:
+    message = client.history(args.queue, args.id)
+    if args.json:
+        out.write(json.dumps(_jsonable(message)).encode() + b"\n")
+        return
+    out.write(f"{message['queue']} {message['id']}: {message['state']}\n".encode())
+    for event in message["events"]:
+        extra = [f"{k}={v}" for k, v in event.items() if k not in _EVENT_FIELDS and v is not None]
+        if event["attempt"]:
+            extra.insert(0, f"attempt={event['attempt']}")
+        if event["connection"]:
+            extra.insert(0, f"connection={event['connection']}")
+        out.write(f"{_utc(event['at'])}  {event['kind']:<14} {' '.join(extra)}".rstrip().encode() + b"\n")
+
+
+def _history(client: replika.Client, args: argparse.Namespace, out: IO[bytes]) -> None:
+    messages = client.history_list(
+        args.queue, max=args.max, state=args.state, since=args.since, until=args.until, header=args.header
+    )
+    for m in messages:
+        if args.json:
+            out.write(json.dumps(_jsonable(m)).encode() + b"\n")
+        else:
+            kinds = ",".join(e["kind"] for e in m["events"])
+            out.write(f"{m['id']}  {_utc(m['published_at'])}  {m['state']:<13}  {kinds}\n".encode())

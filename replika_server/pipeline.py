@@ -24,6 +24,8 @@ from replika_server.store import (
     Declare,
     DeleteQueue,
     Fetch,
+    History,
+    HistoryList,
     Nack,
     Peek,
     Publish,
@@ -122,6 +124,8 @@ class Pipeline:
                 raise _forbidden(principal, "consume from", fetch.queue)
             return Admitted(self, principal, fetch, wait)
         op = parse_op(name, frame, owner, self.limits)
+        if type(op) is Publish:
+            op.by = principal.name  # who published it, for the queue's history
         if not principal.everything:
             _authorize(principal, name, op)
         if principal.bucket is not None and isinstance(op, Publish | PublishTopic):
@@ -185,7 +189,8 @@ def _authorize(principal: Principal, name: str, op: StoreOp) -> None:
     elif type(op) in _ADMIN_OPS:
         allowed, verb = principal.admin, _ADMIN_OPS[type(op)]
         queue = getattr(op, "queue", "") or ""
-    elif isinstance(op, Peek):
+    elif isinstance(op, Peek | History | HistoryList):
+        # History shows payloads and headers as peek does: the same permission.
         allowed, verb, queue = principal.admin or principal.may_consume(op.queue), "peek at", op.queue
     elif isinstance(op, Stats):
         if op.queue is None:

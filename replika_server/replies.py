@@ -16,6 +16,9 @@ from replika_server.store import (
     DeleteQueue,
     Delivery,
     Fetch,
+    History,
+    HistoryList,
+    MessageHistory,
     Nack,
     Op,
     Peek,
@@ -60,6 +63,10 @@ def reply_frame(op: Op, result: Result) -> Frame:
         return {"msgs": cast(list[Peeked], result)}
     if isinstance(op, Declare | DeleteQueue | Bind | Unbind):
         return {}
+    if isinstance(op, History):
+        return {"message": cast(MessageHistory, result).as_dict()}
+    if isinstance(op, HistoryList):
+        return {"messages": [m.as_dict() for m in cast(list[MessageHistory], result)]}
     raise TypeError(f"no reply for {type(op).__name__}")
 
 

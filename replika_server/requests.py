@@ -31,7 +31,18 @@ from replika_server.store import (
     is_valid_pattern,
 )
 from replika_server.store import Op as StoreOp
-from replika_server.store.base import DEFAULT_DEDUP_WINDOW, DEFAULT_RETRY_BACKOFF
+from replika_server.store.base import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_HISTORY_MESSAGES,
+    DEFAULT_HISTORY_RETENTION,
+    DEFAULT_RETRY_BACKOFF,
+    MAX_HISTORY_MESSAGES,
+    MAX_HISTORY_RETENTION,
+    TERMINAL,
+    History,
+    HistoryList,
+    HistoryOptions,
+)
 
 __all__ = ["Limits", "RequestError", "parse_op"]
 
@@ -183,6 +194,7 @@ def _publish(frame: Frame, owner: int, limits: Limits) -> Publish:
     queue = queue_field(frame)
     op = _messages(frame, limits)
     op.queue = queue
+    op.owner = owner
     return op
 
 
@@ -296,8 +308,28 @@ def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
         message_ttl=_optional_number(frame, "message_ttl", MIN_TTL, MAX_TTL),
         expired=_choice(frame, "expired", ("dead_letter", "drop")),  # type: ignore[arg-type]
         dedup_window=_number(frame, "dedup_window", DEFAULT_DEDUP_WINDOW, 0.0, MAX_DEDUP_WINDOW),
+        history=_history_options(frame),
     )
     return Declare(queue, options)
+
+
+def _history_options(frame: Frame) -> HistoryOptions | None:
+    """``history``: nil or false (off), true (on with the defaults), or a map of ``retention`` (seconds),
+    ``max_messages`` and ``payloads`` (bool), each optional."""
+    value = frame.get("history")
+    if value is None or value is False:
+        return None
+    if value is True:
+        return HistoryOptions()
+    if not isinstance(value, dict) or not set(value) <= {"retention", "max_messages", "payloads"}:
+        raise _bad("field 'history' must be a boolean or a map of retention, max_messages and payloads")
+    retention = _number(value, "retention", DEFAULT_HISTORY_RETENTION, 1.0, MAX_HISTORY_RETENTION)
+    max_messages = _int(value, "max_messages", DEFAULT_HISTORY_MESSAGES, 1, MAX_HISTORY_MESSAGES)
+    payloads = value.get("payloads", False)
+    if not isinstance(payloads, bool):
+        raise _bad("field 'payloads' of 'history' must be a boolean")
+    assert max_messages is not None
+    return HistoryOptions(retention, max_messages, payloads)
 
 
 def _peek(frame: Frame, owner: int, limits: Limits) -> Peek:
@@ -325,6 +357,37 @@ def _queues(frame: Frame, owner: int, limits: Limits) -> Stats:
     return Stats(None)
 
 
+#: Most messages one history listing returns.
+MAX_HISTORY_LIST = 1000
+_STATES = ("waiting", "in_flight", *sorted(kind.value for kind in TERMINAL))
+
+
+def _history(frame: Frame, owner: int, limits: Limits) -> History | HistoryList:
+    """``history``: with ``message_id``, that message's recorded life; without, a listing (SPEC.md §5 history)."""
+    queue = queue_field(frame)
+    mid = _int(frame, "message_id", None, 1, _U64 - 1)
+    if mid is not None:
+        return History(queue, mid)
+    state = frame.get("state")
+    if state is not None and state not in _STATES:
+        raise _bad(f"field 'state' must be one of {', '.join(_STATES)}")
+    header = frame.get("header")
+    if header is not None and not (
+        type(header) is list and len(header) == 2 and all(isinstance(part, str) for part in header)
+    ):
+        raise _bad("field 'header' must be an array [name, value] of two strings")
+    listing = _int(frame, "max", 100, 1, MAX_HISTORY_LIST)
+    assert listing is not None
+    return HistoryList(
+        queue,
+        listing,
+        state,
+        _optional_number(frame, "since", 0.0, 1e11),
+        _optional_number(frame, "until", 0.0, 1e11),
+        (header[0], header[1]) if header is not None else None,
+    )
+
+
 def _delete_queue(frame: Frame, owner: int, limits: Limits) -> DeleteQueue:
     return DeleteQueue(queue_field(frame))
 
@@ -350,6 +413,7 @@ _PARSERS: dict[str, Parser] = {
     Op.PUBLISH_TOPIC: _publish_topic,
     Op.BIND: _binding(Bind),
     Op.UNBIND: _binding(Unbind),
+    Op.HISTORY: _history,
 }
 
 

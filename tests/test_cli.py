@@ -19,7 +19,7 @@ import replika
 from replika_server.cli import build_parser
 from tests.conftest import WAIT, ServerProcess
 
-COMMANDS = ("publish", "consume", "peek", "queues", "stats", "purge", "delete", "redrive")
+COMMANDS = ("publish", "consume", "peek", "queues", "stats", "purge", "delete", "redrive", "trace", "history")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import replika
-from replika_protocol import FrameDecoder, encode_frame
+from replika_protocol import Frame, FrameDecoder, encode_frame
 from tests.conftest import WAIT, RunningServer, ServerProcess
 from tests.test_delivery import wait_until_ready
 
@@ -122,28 +122,40 @@ async def test_close_raises_what_no_call_raised_and_a_with_block_keeps_its_own_e
 
 
 @contextlib.asynccontextmanager
-async def silent_broker() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """A server that does the handshake, answers nothing after it, and drops the connection when told."""
+async def silent_broker() -> AsyncIterator[tuple[int, asyncio.Event, asyncio.Queue[Frame]]]:
+    """A server that does the handshake, answers nothing after it (each request it receives goes into the
+    queue yielded), and drops the connection when told."""
     drop = asyncio.Event()
+    received: asyncio.Queue[Frame] = asyncio.Queue()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
         while not (frames := decoder.feed(await reader.read(65536))):
             pass
         writer.write(encode_frame({"id": frames[0]["id"], "ok": True, "max_batch": 1000}))
+        for frame in frames[1:]:
+            received.put_nowait(frame)
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                for frame in decoder.feed(data):
+                    received.put_nowait(frame)
+
+        reading = asyncio.ensure_future(read())
         await drop.wait()
+        reading.cancel()
         writer.close()
 
     listener = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
-        yield listener.sockets[0].getsockname()[1], drop
+        yield listener.sockets[0].getsockname()[1], drop, received
     finally:
         listener.close()
         await listener.wait_closed()
 
 
 async def test_settles_unanswered_when_the_connection_drops_are_reported_by_flush() -> None:
-    async with silent_broker() as (port, drop):
+    async with silent_broker() as (port, drop, _):
         client = replika.AsyncClient(f"replika://127.0.0.1:{port}")
         await client.connect()
         msg = replika.Message("q", [1, 1, 1, 0.0, b"", None], client)
@@ -158,13 +170,13 @@ async def test_settles_unanswered_when_the_connection_drops_are_reported_by_flus
 async def test_every_task_waiting_on_settles_lost_with_the_connection_raises() -> None:
     # Two tasks sharing a client each wait for their own ack: both must learn it may not have been applied
     # (one ConnectionLost raised to the first of them and the second returning would count its ack as done).
-    async with silent_broker() as (port, drop):
+    async with silent_broker() as (port, drop, received):
         client = replika.AsyncClient(f"replika://127.0.0.1:{port}")
         await client.connect()
         acks = [replika.Message("q", [i, i, 1, 0.0, b"", None], client) for i in (1, 2)]
         waiting = [asyncio.ensure_future(msg.ack(wait=True)) for msg in acks]
-        for _ in range(3):  # both acks sent and both tasks at their barriers
-            await asyncio.sleep(0)
+        sent = [await asyncio.wait_for(received.get(), WAIT) for _ in acks]  # two requests: one per barrier
+        assert [f["ids"] for f in sent] == [[1], [2]] and not any(w.done() for w in waiting)
         drop.set()
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), WAIT)
         assert [type(r) for r in results] == [replika.ConnectionLost, replika.ConnectionLost]

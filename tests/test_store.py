@@ -569,6 +569,7 @@ async def test_stats_none_lists_every_queue(store: Store) -> None:
         "message_ttl": None,
         "expired": "dead_letter",
         "dedup_window": 120.0,
+        "history": None,
         "bindings": [],
         "counters": {
             "published": 2,

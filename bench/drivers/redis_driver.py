@@ -22,6 +22,10 @@ FIELD = b"p"
 class RedisStreamsDriver(Driver):
     """One connection (a pool capped at one) to one Redis server."""
 
+    #: W2's batched consume also XDELs the acked ids (the default, see ``consume``); ``--redis-no-xdel`` clears
+    #: it for every driver of the run, to measure Redis doing XACK alone (the stream then keeps every entry).
+    xdel: bool = True
+
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
@@ -77,9 +81,11 @@ class RedisStreamsDriver(Driver):
         # the same prefetching the Replika driver does with its SDK.
         pipe = self.r.pipeline(transaction=False)
         pipe.xack(queue, GROUP, *ids)
-        pipe.xdel(queue, *ids)
+        if self.xdel:
+            pipe.xdel(queue, *ids)
         pipe.xreadgroup(GROUP, CONSUMER, {queue: ">"}, count=max)
-        acked, _, ahead = await pipe.execute()
+        replies = await pipe.execute()
+        acked, ahead = replies[0], replies[-1]
         if acked != len(ids):
             raise ResponseError(f"XACK acknowledged {acked} of {len(ids)} entries")
         if ahead_entries := _entries(ahead):

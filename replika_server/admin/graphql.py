@@ -10,103 +10,26 @@ import strawberry
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from strawberry.fastapi import BaseContext, GraphQLRouter
-from strawberry.scalars import JSON
 from strawberry.types import Info as ResolveInfo
 
 from replika_protocol import ErrorCode
 from replika_server.admin.deps import principal
-from replika_server.admin.errors import ApiError, ErrorBody, errors
+from replika_server.admin.errors import ApiError
+from replika_server.admin.graphql_docs import document
+from replika_server.admin.graphql_types import (
+    BrokerInfo,
+    Message,
+    MessageHistory,
+    Queue,
+)
+from replika_server.admin.graphql_types import history as _history
+from replika_server.admin.graphql_types import message as _message
+from replika_server.admin.graphql_types import queue as _queue
 from replika_server.admin.ops import Ops, message_json
 from replika_server.admin.sampler import Sampler
 from replika_server.auth import Principal
 
 __all__ = ["graphql_router"]
-
-
-@strawberry.type
-class Rates:
-    publish: float = strawberry.field(description="messages published per second (last sample)")
-    deliver: float
-    ack: float
-    nack: float
-
-
-@strawberry.type
-class Queue:
-    name: str
-    ready: int
-    in_flight: int
-    delayed: int
-    total: int
-    bytes: int
-    dead: int = strawberry.field(description="messages in this queue's dead-letter queue")
-    dead_letter: str
-    consumers: int = strawberry.field(description="fetches long-polling this queue now")
-    max_attempts: int | None
-    max_length: int | None
-    max_bytes: int | None
-    rates: Rates
-    counters: JSON
-
-
-@strawberry.type
-class Message:
-    id: int
-    queue: str
-    attempts: int
-    published_at: float
-    payload: str = strawberry.field(description="UTF-8 text, or base64 when encoding is base64")
-    encoding: str
-    headers: JSON
-
-
-@strawberry.type
-class BrokerInfo:
-    version: str
-    uptime_seconds: float
-    connections: int
-    durability: str
-    store_bytes: int
-    max_store_bytes: int
-    tls: bool
-    auth: bool
-
-
-def _queue(row: dict[str, Any]) -> Queue:
-    rates = row.get("rates") or {}
-    return Queue(
-        name=row["queue"],
-        ready=row["ready"],
-        in_flight=row["in_flight"],
-        delayed=row["delayed"],
-        total=row["total"],
-        bytes=row.get("bytes", 0),
-        dead=row.get("dead", 0),
-        dead_letter=row["dead_letter"],
-        consumers=row.get("consumers", 0),
-        max_attempts=row.get("max_attempts"),
-        max_length=row.get("max_length"),
-        max_bytes=row.get("max_bytes"),
-        rates=Rates(
-            publish=rates.get("publish", 0.0),
-            deliver=rates.get("deliver", 0.0),
-            ack=rates.get("ack", 0.0),
-            nack=rates.get("nack", 0.0),
-        ),
-        counters=row.get("counters", {}),
-    )
-
-
-def _message(m: dict[str, Any]) -> Message:
-    return Message(
-        id=m["id"],
-        queue=m["queue"],
-        attempts=m["attempts"],
-        published_at=m["published_at"],
-        payload=m["payload"],
-        encoding=m["encoding"],
-        headers=m["headers"],
-    )
 
 
 class _Context(BaseContext):
@@ -156,6 +79,20 @@ class Query:
     async def peek(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:
         return await _peek(_ctx(info), queue, max)
 
+    @strawberry.field(description="One message's recorded history (a queue declared with history)")
+    async def message_history(self, info: ResolveInfo[Any, Any], queue: str, id: int) -> MessageHistory:
+        ctx = _ctx(info)
+        reply = await ctx.ops.call(ctx.principal, "history", queue=queue, message_id=id)
+        return _history(reply["message"])
+
+    @strawberry.field(description="Messages with a recorded history, newest first")
+    async def history(
+        self, info: ResolveInfo[Any, Any], queue: str, state: str | None = None, max: int = 100
+    ) -> list[MessageHistory]:
+        ctx = _ctx(info)
+        reply = await ctx.ops.call(ctx.principal, "history", queue=queue, state=state, max=max)
+        return [_history(m) for m in reply["messages"]]
+
     @strawberry.field(description="Messages in a queue's dead-letter queue, read without leasing them")
     async def dead_letters(self, info: ResolveInfo[Any, Any], queue: str, max: int = 20) -> list[Message]:
         ctx = _ctx(info)
@@ -203,56 +140,5 @@ def graphql_router() -> GraphQLRouter[Any, Any]:
     )
     for route in router.routes:
         if isinstance(route, APIRoute):
-            _document(route)
+            document(route)
     return router
-
-
-#: The parts of a GraphQL request, in a POST's JSON body or as a GET's query parameters.
-_REQUEST: dict[str, Any] = {
-    "type": "object",
-    "required": ["query"],
-    "properties": {
-        "query": {"type": "string", "minLength": 1, "description": "a GraphQL document"},
-        "variables": {"type": ["object", "null"]},
-    },
-    # Not in the schema, since no schema can say which names the document defines: a name that is not there is
-    # a 400.
-    "description": "Also operationName: which operation of the document to run, when it holds several.",
-}
-_JSON_RESULT = {"application/json": {"schema": {"type": "object", "properties": {"data": {}, "errors": {}}}}}
-_REFUSED = {
-    "model": ErrorBody,
-    "description": "not a GraphQL request (no query, a body that is not a JSON object, a mutation over GET, "
-    "an operationName the document does not define): text from Strawberry, or the API's JSON error",
-    "content": {"text/plain": {"schema": {"type": "string"}}},
-}
-_POST = {
-    "summary": "Run a GraphQL query or mutation",
-    "body": {"requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST}}}},
-    "result": {
-        "description": "the result; errors in the query are in its 'errors' (GraphQL over HTTP, application/json)",
-        "content": _JSON_RESULT,
-    },
-}
-_GET = {
-    "summary": "Run a GraphQL query given as ?query=, or (from a browser, without one) the GraphiQL page",
-    "body": {
-        "parameters": [
-            {"name": "query", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1}},
-            {"name": "variables", "in": "query", "content": {"application/json": {"schema": {"type": "object"}}}},
-        ]
-    },
-    "result": {
-        "description": "the result as JSON; the GraphiQL page as HTML to a browser that asks without a query",
-        "content": {**_JSON_RESULT, "text/html": {"schema": {"type": "string"}}},
-    },
-}
-
-
-def _document(route: APIRoute) -> None:
-    """Strawberry's routes read the request themselves: say in the OpenAPI document what they take and give."""
-    post = "POST" in (route.methods or ())
-    doc: dict[str, Any] = _POST if post else _GET
-    route.summary = doc["summary"]
-    route.openapi_extra = doc["body"]
-    route.responses = {200: doc["result"], 400: _REFUSED, **errors(401, 403, *((413,) if post else ()))}

@@ -21,7 +21,7 @@ from replika_server.admin.seam import BrokerView, QueueStats, RequestError, Stat
 from replika_server.auth import Principal
 from replika_server.config import Config
 
-__all__ = ["HTTP_OWNER", "ApiError", "Ops", "message_json"]
+__all__ = ["HTTP_OWNER", "ApiError", "Ops", "history_json", "message_json"]
 
 #: The lease owner of fetches made over HTTP. Connection owners count from 1; this one is never released, so
 #: HTTP leases end by ack, nack or their deadline, as a stateless client needs.
@@ -57,6 +57,21 @@ def message_json(queue: str, m: list[Any] | tuple[Any, ...], leased: bool) -> di
     }
     if token is not None:
         out["lease"] = token
+    return out
+
+
+def history_json(m: dict[str, Any]) -> dict[str, Any]:
+    """A message's recorded history (the history op's reply) as JSON: a kept payload as ``message_json`` gives
+    it (text or base64, as ``encoding`` says), None when the queue does not keep payloads."""
+    out = dict(m)
+    payload = m.get("payload")
+    out["encoding"] = None
+    if payload is not None:
+        try:
+            out["payload"], out["encoding"] = bytes(payload).decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            out["payload"], out["encoding"] = base64.b64encode(payload).decode("ascii"), "base64"
+    out["headers"] = m.get("headers") or {}
     return out
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from replika_protocol import ErrorCode
 from replika_server.admin.deps import OpsDep, Queue, SamplerDep, Who, queue_row, visible
 from replika_server.admin.errors import ApiError, errors
-from replika_server.admin.ops import message_json
+from replika_server.admin.ops import history_json, message_json
 
 __all__ = ["router"]
 
@@ -22,6 +22,8 @@ _READ = errors(401, 403, 503)
 _QUEUE = errors(400, 401, 403, 404, 503)
 #: How a POST naming a queue may be refused (its body is bounded too, even where it has none).
 _QUEUE_POST = errors(400, 401, 403, 404, 413, 503)
+#: A message's final state, as the history op takes it.
+_STATES = "^(waiting|in_flight|acked|dead_lettered|redriven|expired|dropped|purged)$"
 #: The most messages one peek shows.
 MAX_PEEK = 1000
 
@@ -51,6 +53,40 @@ async def queue(p: Who, queue: Queue, ops: OpsDep, sampler: SamplerDep) -> dict[
 async def peek(p: Who, queue: Queue, ops: OpsDep, max: Annotated[int, Query(ge=1, le=MAX_PEEK)] = 20) -> dict[str, Any]:
     reply = await ops.call(p, "peek", queue=queue, max=max)
     return {"messages": [message_json(queue, m, leased=False) for m in reply["msgs"]]}
+
+
+@router.get(
+    "/queues/{queue}/messages/{message_id}",
+    tags=["messages"],
+    summary="One message's recorded history: its headers, kept payload and events, oldest first",
+    responses=_QUEUE,
+)
+async def message_history(
+    p: Who, queue: Queue, ops: OpsDep, message_id: Annotated[int, Path(ge=1, le=2**63)]
+) -> dict[str, Any]:
+    reply = await ops.call(p, "history", queue=queue, message_id=message_id)
+    return history_json(reply["message"])
+
+
+@router.get(
+    "/queues/{queue}/history",
+    tags=["messages"],
+    summary="Messages with a recorded history, newest first, by final state, publish time and header",
+    responses=_QUEUE,
+)
+async def history(
+    p: Who,
+    queue: Queue,
+    ops: OpsDep,
+    state: Annotated[str | None, Query(pattern=_STATES)] = None,
+    since: Annotated[float | None, Query(ge=0, le=1e11)] = None,
+    until: Annotated[float | None, Query(ge=0, le=1e11)] = None,
+    header: Annotated[str | None, Query(pattern="^[^=]+=.*$", max_length=4096)] = None,
+    max: Annotated[int, Query(ge=1, le=MAX_PEEK)] = 100,
+) -> dict[str, Any]:
+    pair = header.split("=", 1) if header is not None else None
+    reply = await ops.call(p, "history", queue=queue, state=state, since=since, until=until, header=pair, max=max)
+    return {"messages": [history_json(m) for m in reply["messages"]]}
 
 
 @router.get(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
-from replika_server.store._engine import DELIVERY_OVERHEAD, EngineCore, state_value
+from replika_server.store._engine import DELIVERY_OVERHEAD, state_value
+from replika_server.store._history import Historian
 from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
 from replika_server.store._records import (
     VALUE_HEAD_SIZE,
@@ -23,6 +24,7 @@ from replika_server.store.base import (
     Ack,
     DeadLetterReason,
     Delivery,
+    EventKind,
     Expire,
     Fetch,
     Nack,
@@ -43,7 +45,7 @@ SWEEP_BATCH = 10_000
 DEDUP_PRUNE_SLACK = 1.0
 
 
-class Delivering(EngineCore):
+class Delivering(Historian):
     """Fetch, ack, nack, reject, touch, release and expire; see the module docstring."""
 
     # ----------------------------------------------------------------------------------------------- fetch
@@ -107,6 +109,8 @@ class Delivering(EngineCore):
         if out:
             self._lease_group(deadline, q, (d[0] for d in out))
             q.counters.delivered += len(out)
+            if q.options.history is not None:
+                self._record_deliveries(q, out, op.owner)
         return out
 
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
@@ -159,6 +163,8 @@ class Delivering(EngineCore):
             self._token_seq = token
             self._writes.put_many(self._state_db, records)
             self._lease_group(deadline, q, (d[0] for d in out))
+            if q.options.history is not None:
+                self._record_deliveries(q, out, owner)
         return out
 
     # ----------------------------------------------------------------------------------------------- settle
@@ -201,7 +207,13 @@ class Delivering(EngineCore):
     def _settle(self, op: Settle) -> Settled:
         q = self._queue(op.queue)
         if isinstance(op, Ack):
-            return self._ack(q, op.leases)
+            if q.options.history is None:
+                return self._ack(q, op.leases)
+            acked = [tuple(lease) for lease in op.leases]
+            refused = self._ack(q, acked)
+            owner = op.owner
+            self._record_many(q, EventKind.ACKED, ((mid, 0, owner, None) for mid, _ in acked if mid not in refused))
+            return refused
         failed: Settled = {}
         tracked = q.tracked
         now = self._clock.monotonic()
@@ -210,6 +222,8 @@ class Delivering(EngineCore):
             if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
                 failed[mid] = self._stale(t, token)
                 continue
+            if q.options.history is not None:
+                self._record_settle(q, t, op)
             if isinstance(op, Nack):
                 self._nack(q, t, op.delay, op.unseen)
             elif isinstance(op, Reject):
@@ -224,6 +238,16 @@ class Delivering(EngineCore):
                 self._lease(q, t, now + op.lease, op.owner)
                 self._lease_group(now + op.lease, q, (mid,))
         return failed
+
+    def _record_deliveries(self, q: QueueState, out: list[Delivery], owner: int) -> None:
+        self._record_many(q, EventKind.DELIVERED, ((d[0], d[2], owner, None) for d in out))
+
+    def _record_settle(self, q: QueueState, t: Tracked, op: Settle) -> None:
+        """The event of a nack or touch (a reject is recorded as the dead-lettering it causes)."""
+        if isinstance(op, Nack):
+            self._record(q, t.mid, EventKind.NACKED, t.attempts, op.owner, delay=op.delay, unseen=op.unseen)
+        elif isinstance(op, Touch):
+            self._record(q, t.mid, EventKind.TOUCHED, t.attempts, op.owner, lease=op.lease)
 
     def _stale(self, t: Tracked | None, token: int) -> StaleReason:
         """Why (id, ``token``) of a message whose record is ``t`` is not a current lease: off the hot path."""
@@ -293,6 +317,7 @@ class Delivering(EngineCore):
             q = self._current(t)
             if q is not None and t.status == LEASED and t.owner == op.owner:
                 q.counters.expired += 1
+                self._record(q, t.mid, EventKind.LEASE_EXPIRED, t.attempts, t.owner, closed=True)
                 self._lease_ended(q, t)
 
     # ----------------------------------------------------------------------------------------------- timers
@@ -310,6 +335,7 @@ class Delivering(EngineCore):
                 if t is None or t.status != LEASED or t.deadline != deadline:
                     continue  # settled, touched or re-leased since
                 q.counters.expired += 1
+                self._record(q, mid, EventKind.LEASE_EXPIRED, t.attempts, t.owner)
                 self._lease_ended(q, t)
         wall = self._clock.time()
         delays = self._delay_heap
@@ -324,6 +350,7 @@ class Delivering(EngineCore):
         self._expire_ttls(wall)
         self._run_sweeps(wall)
         self._run_prunes(wall)
+        self._prune_history(wall)
 
     def _expire_ttls(self, wall: float) -> None:
         """Ready and delayed messages whose TTL ran out leave their queue."""

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK
-from replika_server.store._engine import EngineCore, Ready, state_value
+from replika_server.store._engine import Ready, state_value
+from replika_server.store._history import Historian
 from replika_server.store._queue import DELAYED, READY, Lane, QueueState, Tracked
 from replika_server.store._records import (
     VALUE_HEAD_SIZE,
@@ -25,6 +26,7 @@ from replika_server.store.base import (
     DEFAULT_DEDUP_WINDOW,
     Bind,
     DeadLetterReason,
+    EventKind,
     Publish,
     Published,
     PublishTopic,
@@ -63,7 +65,7 @@ class _Plan:
     victims: list[Victim] = field(default_factory=list)
 
 
-class Publishing(EngineCore):
+class Publishing(Historian):
     """Publish, publish_topic, bind and unbind; see the module docstring."""
 
     def _publish(self, op: Publish) -> Published:
@@ -110,6 +112,8 @@ class Publishing(EngineCore):
         self._readied.add(q.name)
         if q.options.message_ttl:
             self._schedule_sweep(q, now + q.options.message_ttl)
+        if q.options.history is not None:
+            self._record_published(q, first, op, range(n))
         return Published(first, n)
 
     def _plan(self, name: str, q: QueueState | None, op: Publish, now: float) -> _Plan:
@@ -164,6 +168,8 @@ class Publishing(EngineCore):
             self._touched[q.qnum] = q
             if q.options.message_ttl:
                 self._schedule_sweep(q, plan.now + q.options.message_ttl)
+            if q.options.history is not None:
+                self._record_published(q, first, op, plan.fresh)
         ids = plan.ids
         if ids is None:
             return Published(first, n)
@@ -265,6 +271,7 @@ class Publishing(EngineCore):
             if dead:
                 self._dead_letter(q, mid, qnum, DeadLetterReason.OVERFLOW, prio, value)
             else:
+                self._record(q, mid, EventKind.DROPPED, reason="overflow")
                 self._remove(q, mid, qnum, len(value) - VALUE_HEAD_SIZE)
                 q.counters.dropped += 1
 

@@ -24,7 +24,7 @@ import enum
 import heapq
 
 from replika_server.store._dedup import DedupIndex
-from replika_server.store.base import MAX_QUEUE_NAME, MAX_RETRY_DELAY, QueueOptions, QueueStats
+from replika_server.store.base import MAX_QUEUE_NAME, MAX_RETRY_DELAY, HistoryOptions, QueueOptions, QueueStats
 
 
 class Status(enum.IntEnum):
@@ -283,6 +283,9 @@ class QueueState:
             value = getattr(self.options, name)
             if value != getattr(default, name):
                 meta[name] = value
+        h = self.options.history
+        if h is not None:
+            meta["history"] = [h.retention, h.max_messages, h.payloads]
         if len(self.lanes) > 1:
             meta["lanes"] = [[lane.prio, lane.qnum] for lane in self.order if lane.prio]  # pairs: str map keys only
         if self.side:
@@ -304,7 +307,10 @@ _NEWER_OPTIONS = (
 
 def options_from_meta(meta: dict[str, object]) -> QueueOptions:
     """A queue's options from its meta record; settings absent from it (older records) take their defaults."""
-    fields = {name: meta[name] for name in _NEWER_OPTIONS if name in meta}
+    fields: dict[str, object] = {name: meta[name] for name in _NEWER_OPTIONS if name in meta}
+    history = meta.get("history")
+    if isinstance(history, list):
+        fields["history"] = HistoryOptions(*history)
     return QueueOptions(
         meta["max_attempts"],  # type: ignore[arg-type]
         meta["dead_letter"],  # type: ignore[arg-type]

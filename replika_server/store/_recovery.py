@@ -17,8 +17,8 @@ from replika_server.store._engine import (
     SCHEMA_KEY,
     SCHEMA_VERSION,
     TOKEN_SEQ,
-    EngineCore,
 )
+from replika_server.store._history import Historian
 from replika_server.store._publishing import BINDING_PREFIX
 from replika_server.store._queue import DELAYED, LEASED, READY, Lane, QueueState, Tracked, options_from_meta
 from replika_server.store._records import (
@@ -39,7 +39,7 @@ __all__ = ["Recovering"]
 log = structlog.get_logger("replika.store")
 
 
-class Recovering(EngineCore):
+class Recovering(Historian):
     """Loading the index from LMDB."""
 
     def _load(self) -> None:
@@ -76,6 +76,7 @@ class Recovering(EngineCore):
                         self._bindings.add(name, pattern)
             self._load_dedup(txn)
             self._load_states(txn, now)
+            self._load_history(txn)
         heapq.heapify(self._delay_heap)
         heapq.heapify(self._ttl_heap)
         for q in self._queues.values():

@@ -1,4 +1,5 @@
-"""The storage interface the broker talks to, and the operations it carries.
+"""The storage interface the broker talks to, and the operations it carries (defined in :mod:`.model` and
+:mod:`.ops`, re-exported here).
 
 A store executes a *batch* of operations as one unit of group commit: every mutation in the batch lands in one
 durable commit, and no result may be shown to a client before :meth:`Store.execute` returns. The interface is at the
@@ -9,20 +10,80 @@ whose indexes live elsewhere (PostgreSQL shared by several brokers) can implemen
 from __future__ import annotations
 
 import abc
-import enum
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Protocol
+
+from replika_server.store.model import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_HISTORY_MESSAGES,
+    DEFAULT_HISTORY_RETENTION,
+    DEFAULT_RETRY_BACKOFF,
+    MAX_HISTORY_MESSAGES,
+    MAX_HISTORY_RETENTION,
+    MAX_QUEUE_NAME,
+    MAX_RETRY_DELAY,
+    TERMINAL,
+    VIEW_THRESHOLD,
+    DeadLetterReason,
+    Delivery,
+    EventKind,
+    Expired,
+    HistoryEvent,
+    HistoryOptions,
+    MessageHistory,
+    Overflow,
+    Peeked,
+    Published,
+    QueueOptions,
+    QueueStats,
+    Settled,
+    StaleReason,
+    StoreCode,
+    StoreError,
+    final_state,
+    is_valid_pattern,
+    is_valid_queue_name,
+)
+from replika_server.store.ops import (
+    Ack,
+    Bind,
+    Declare,
+    DeleteQueue,
+    Expire,
+    Fetch,
+    History,
+    HistoryList,
+    Nack,
+    Op,
+    Operation,
+    Peek,
+    Publish,
+    PublishTopic,
+    Purge,
+    Redrive,
+    Reject,
+    Release,
+    Result,
+    Settle,
+    Stats,
+    Touch,
+    Unbind,
+)
 
 __all__ = [
     "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_HISTORY_MESSAGES",
+    "DEFAULT_HISTORY_RETENTION",
     "DEFAULT_RETRY_BACKOFF",
+    "MAX_HISTORY_MESSAGES",
+    "MAX_HISTORY_RETENTION",
     "MAX_QUEUE_NAME",
     "MAX_RETRY_DELAY",
     "SYSTEM_CLOCK",
+    "TERMINAL",
     "VIEW_THRESHOLD",
     "Ack",
     "BackupError",
@@ -34,11 +95,19 @@ __all__ = [
     "Declare",
     "DeleteQueue",
     "Delivery",
+    "EventKind",
     "Expire",
+    "Expired",
     "Fetch",
+    "History",
+    "HistoryEvent",
+    "HistoryList",
+    "HistoryOptions",
+    "MessageHistory",
     "Nack",
     "Op",
     "Operation",
+    "Overflow",
     "Peek",
     "Peeked",
     "Publish",
@@ -62,17 +131,10 @@ __all__ = [
     "StoreOptions",
     "Touch",
     "Unbind",
+    "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
 ]
-
-#: Seconds a dedup id is remembered unless the queue says otherwise: long enough to cover a producer's retries
-#: across a reconnect or a broker restart, short enough that the index stays small.
-DEFAULT_DEDUP_WINDOW = 120.0
-#: Factor by which the retry delay grows per attempt unless the queue says otherwise (exponential backoff).
-DEFAULT_RETRY_BACKOFF = 2.0
-#: Longest retry delay, in seconds (30 days, the longest nack delay), when the queue sets no retry_max_delay.
-MAX_RETRY_DELAY = 30 * 86400.0
 
 
 class Clock(Protocol):
@@ -137,349 +199,6 @@ class BackupResult:
     path: Path
     size: int
     seconds: float
-
-
-_PATTERN = re.compile(r"[A-Za-z0-9._:*#-]{1,255}")
-
-
-def is_valid_pattern(pattern: object) -> bool:
-    """True for a binding pattern: 1-255 characters of ``[A-Za-z0-9._:-]`` and the wildcards ``*`` (one word) and
-    ``#`` (zero or more words), each a whole dot-separated word."""
-    if not isinstance(pattern, str) or _PATTERN.fullmatch(pattern) is None:
-        return False
-    return all(word in ("*", "#") or ("*" not in word and "#" not in word) for word in pattern.split("."))
-
-
-#: A delivered message: (id, lease token, attempts, published_at unix s, payload, headers or None).
-#: A tuple, not an object, because it goes straight onto the wire as a msgpack array.
-#: The payload is a memoryview (of bytes the store owns) when it is at least ``VIEW_THRESHOLD`` bytes long.
-Delivery = tuple[int, int, int, float, "bytes | memoryview", "dict[str, str] | None"]
-#: A message read by :class:`Peek`, without a lease: (id, attempts, published_at unix s, payload, headers or None).
-Peeked = tuple[int, int, float, bytes, "dict[str, str] | None"]
-
-
-#: Longest queue name, in characters, and the names a queue may have: the wire protocol's rule (SPEC.md §5), kept
-#: here too because the store depends on no other layer; a test checks that the two agree.
-MAX_QUEUE_NAME = 255
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,255}")
-#: Payloads of at least this many bytes are handed out as views of what the store read (no copy); the framing
-#: passes such views to the socket uncopied (replika_protocol.framing.PASS_THROUGH, the same value).
-VIEW_THRESHOLD = 65536
-
-
-def is_valid_queue_name(name: object) -> bool:
-    """True when ``name`` is a str of 1-255 characters from ``[A-Za-z0-9._:-]``."""
-    return isinstance(name, str) and _QUEUE_NAME.fullmatch(name) is not None
-
-
-class StoreCode(enum.StrEnum):
-    """Why the store refused an op: the same strings as the wire protocol's error codes (SPEC.md §6), which the
-    server turns them into."""
-
-    BAD_REQUEST = "BAD_REQUEST"
-    NOT_FOUND = "NOT_FOUND"
-    FORBIDDEN = "FORBIDDEN"
-    QUEUE_FULL = "QUEUE_FULL"
-    TOO_MANY_QUEUES = "TOO_MANY_QUEUES"
-    STORE_FULL = "STORE_FULL"
-    STORE_FAILED = "STORE_FAILED"
-    SHUTTING_DOWN = "SHUTTING_DOWN"
-    INTERNAL = "INTERNAL"
-
-
-class StoreError(Exception):
-    """An operation the store refused; ``code`` says why (a wire error code's string)."""
-
-    def __init__(self, code: StoreCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class DeadLetterReason(enum.StrEnum):
-    """Why a message was moved to a dead-letter queue (its ``replika-dead-letter-reason`` header)."""
-
-    MAX_ATTEMPTS = "max_attempts"
-    REJECTED = "rejected"
-    EXPIRED = "expired"  # its TTL (own or the queue's message_ttl) ran out before it was acked
-    OVERFLOW = "overflow"  # pushed out by a publish to its full queue declared with overflow="dead_letter"
-
-
-Overflow = Literal["reject", "drop_oldest", "dead_letter"]
-Expired = Literal["dead_letter", "drop"]
-
-
-@dataclass(frozen=True, slots=True)
-class QueueOptions:
-    """Durable per-queue settings. Durations in seconds. ``max_attempts`` None means unlimited deliveries.
-
-    ``max_length`` (messages) and ``max_bytes`` (payload plus packed headers bytes) bound what the queue holds,
-    whatever the messages' status; None uses the store's default. What a publish that would pass either does is
-    ``overflow``'s: ``reject`` refuses it whole with ``QUEUE_FULL``; ``drop_oldest`` deletes the oldest ready
-    messages (lowest ids) to make room, ``dead_letter`` moves them to the dead-letter queue (reason ``overflow``);
-    when the ready messages are not enough, the publish is refused with ``QUEUE_FULL`` all the same.
-
-    A nack without a delay, or a lease that ends at its deadline or with its connection, makes the message ready
-    after ``min(retry_delay * retry_backoff ** (attempts - 1), retry_max_delay)`` (0: at once). ``message_ttl``
-    bounds every message's life from its publish; an expired message is never delivered, it is dead-lettered
-    (reason ``expired``) or, with ``expired="drop"``, deleted. A publish repeating a dedup id seen less than
-    ``dedup_window`` seconds before stores nothing (0: no deduplication).
-    """
-
-    max_attempts: int | None = None
-    dead_letter: str | None = None  # None: "<queue>.dlq"
-    max_length: int | None = None
-    max_bytes: int | None = None
-    overflow: Overflow = "reject"
-    retry_delay: float = 0.0
-    retry_backoff: float = DEFAULT_RETRY_BACKOFF
-    retry_max_delay: float | None = None  # None: MAX_RETRY_DELAY
-    message_ttl: float | None = None
-    expired: Expired = "dead_letter"
-    dedup_window: float = DEFAULT_DEDUP_WINDOW
-
-
-@dataclass(slots=True)
-class QueueStats:
-    """Counts for one queue. ``ready + in_flight + delayed == total``.
-
-    ``bytes`` is the payload plus packed headers bytes of those ``total`` messages; ``max_length`` (messages) and
-    ``max_bytes`` are the limits in force (the queue's own or the store's default), None when unlimited.
-    """
-
-    name: str
-    ready: int
-    in_flight: int
-    delayed: int
-    total: int
-    max_attempts: int | None
-    dead_letter: str
-    bytes: int
-    max_length: int | None
-    max_bytes: int | None
-    #: Events since the broker started: published, delivered, acked, nacked, expired (leases), dead_lettered,
-    #: dropped (TTL or overflow deletions) and deduplicated (publishes answered with an earlier message's id).
-    counters: dict[str, int] = field(default_factory=dict)
-    options: QueueOptions = field(default_factory=QueueOptions)
-    bindings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        o = self.options
-        return {
-            "queue": self.name,
-            "ready": self.ready,
-            "in_flight": self.in_flight,
-            "delayed": self.delayed,
-            "total": self.total,
-            "max_attempts": self.max_attempts,
-            "dead_letter": self.dead_letter,
-            "bytes": self.bytes,
-            "max_length": self.max_length,
-            "max_bytes": self.max_bytes,
-            "overflow": o.overflow,
-            "retry_delay": o.retry_delay,
-            "retry_backoff": o.retry_backoff,
-            "retry_max_delay": o.retry_max_delay,
-            "message_ttl": o.message_ttl,
-            "expired": o.expired,
-            "dedup_window": o.dedup_window,
-            "bindings": self.bindings,
-            "counters": self.counters,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """What a Publish stored: ``count`` new messages with consecutive ids from ``first_id``. With dedup ids,
-    ``ids`` has one id per payload (an earlier message's for a repeat); else None."""
-
-    first_id: int
-    count: int
-    ids: list[int] | None = None
-
-
-class StaleReason(enum.StrEnum):
-    """Why a settle op refused a lease (``STALE_LEASE``): what the store knows of that (id, token)."""
-
-    GONE = "gone"  # the message is no longer in the queue: already acked, or dead-lettered, expired or purged
-    REDELIVERED = "redelivered"  # the message was delivered again since: this token is an earlier delivery's
-    SETTLED = "settled"  # this delivery was already settled by a nack; the message waits to be delivered again
-    UNKNOWN = "unknown"  # this token was never issued for this message
-
-
-#: A settle op's refused leases: id -> why; empty when every lease applied.
-Settled = dict[int, StaleReason]
-
-R = TypeVar("R", covariant=True)
-
-
-class Operation(Generic[R]):
-    """Base of the store's operations; ``R`` is the type of the op's result in :attr:`BatchResult.results`."""
-
-    __slots__ = ()
-
-
-@dataclass(slots=True)
-class Declare(Operation[None]):
-    queue: str
-    options: QueueOptions
-
-
-@dataclass(slots=True)
-class Publish(Operation[Published]):
-    """Store ``payloads`` (and their ``headers``) in ``queue``, all with ``priority`` (0-9, higher first), ready
-    after ``delay`` seconds, expiring ``ttl`` seconds after now (None: only the queue's message_ttl). ``dedup_ids``
-    has one entry (a str or None) per payload."""
-
-    queue: str
-    payloads: list[bytes]
-    headers: list[dict[str, str] | None] | None = None
-    priority: int = 0
-    delay: float = 0.0
-    ttl: float | None = None
-    dedup_ids: list[str | None] | None = None
-
-
-@dataclass(slots=True)
-class PublishTopic(Operation["dict[str, list[int]]"]):
-    """Publish one copy of the messages to every queue bound by a pattern matching ``topic``, in one commit and
-    all-or-nothing. ``may_publish`` (when set) must allow every one of those queues, else ``FORBIDDEN``."""
-
-    topic: str
-    payloads: list[bytes]
-    headers: list[dict[str, str] | None] | None = None
-    priority: int = 0
-    delay: float = 0.0
-    ttl: float | None = None
-    dedup_ids: list[str | None] | None = None
-    may_publish: Callable[[str], bool] | None = None
-
-
-@dataclass(slots=True)
-class Bind(Operation[None]):
-    """Route topics matching ``pattern`` to ``queue`` (created if absent); binding twice is a no-op."""
-
-    queue: str
-    pattern: str
-
-
-@dataclass(slots=True)
-class Unbind(Operation[None]):
-    """Remove the binding of ``pattern`` to ``queue``; a binding that does not exist is a no-op."""
-
-    queue: str
-    pattern: str
-
-
-@dataclass(slots=True)
-class Fetch(Operation["list[Delivery]"]):
-    queue: str
-    max: int
-    lease: float  # seconds
-    owner: int  # who holds the leases (a connection); released together by Release(owner)
-    max_bytes: int = 2**62  # stop before the deliveries' size passes this (one reply frame); at least one
-
-
-@dataclass(slots=True)
-class Settle(Operation[Settled]):
-    """Base of the operations that act on delivered messages by (id, token)."""
-
-    queue: str
-    leases: Iterable[Sequence[int]]  # (id, token) pairs, iterated once
-    owner: int
-
-
-@dataclass(slots=True)
-class Ack(Settle):
-    pass
-
-
-@dataclass(slots=True)
-class Nack(Settle):
-    delay: float | None = None  # seconds before the message is ready again; None: the queue's retry delay
-    unseen: bool = False  # handed back unprocessed by a client library: this delivery is not an attempt
-
-
-@dataclass(slots=True)
-class Reject(Settle):
-    pass
-
-
-@dataclass(slots=True)
-class Touch(Settle):
-    lease: float = 30.0  # seconds from now
-
-
-@dataclass(slots=True)
-class Purge(Operation[int]):
-    queue: str
-
-
-@dataclass(slots=True)
-class DeleteQueue(Operation[None]):
-    queue: str
-
-
-@dataclass(slots=True)
-class Release(Operation[None]):
-    """Every lease held by ``owner`` ends now, as if expired (its connection closed)."""
-
-    owner: int
-
-
-@dataclass(slots=True)
-class Expire(Operation[None]):
-    """Leases whose deadline passed end; delayed messages whose due time passed become ready."""
-
-
-@dataclass(slots=True)
-class Peek(Operation["list[Peeked]"]):
-    """Read up to ``max`` ready messages in delivery order without leasing them or changing anything."""
-
-    queue: str
-    max: int
-    max_bytes: int = 2**62  # as Fetch.max_bytes: the peeked messages' size stops before this; at least one
-
-
-@dataclass(slots=True)
-class Redrive(Operation[int]):
-    """Move up to ``max`` ready messages of the dead-letter queue ``queue`` back: each to ``to`` if given, else to
-    the queue named by its ``replika-dead-letter-queue`` header (messages without one stay). A moved message is a
-    new message there, published now, with its payload and its headers less the ``replika-dead-letter-*`` ones."""
-
-    queue: str
-    to: str | None
-    max: int
-
-
-@dataclass(slots=True)
-class Stats(Operation["list[QueueStats]"]):
-    queue: str | None  # None: every queue
-
-
-Op = (
-    Declare
-    | Publish
-    | Fetch
-    | Ack
-    | Nack
-    | Reject
-    | Touch
-    | Purge
-    | DeleteQueue
-    | Release
-    | Expire
-    | Stats
-    | Peek
-    | Redrive
-    | PublishTopic
-    | Bind
-    | Unbind
-)
-
-
-#: What an op gives: see each op's ``Operation[...]``.
-Result = None | Published | Settled | int | list[QueueStats] | list[Delivery] | list[Peeked] | dict[str, list[int]]
 
 
 @dataclass(slots=True)

@@ -59,8 +59,11 @@ from replika_server.store.base import (
     Clock,
     Declare,
     DeleteQueue,
+    EventKind,
     Expire,
     Fetch,
+    History,
+    HistoryList,
     Nack,
     Op,
     Peek,
@@ -88,7 +91,7 @@ log = structlog.get_logger("replika.store")
 INLINE_COMMIT_OPS = 1
 
 #: Ops that write nothing, answered from the last commit after the store failed.
-_READ_ONLY = (Stats, Peek)
+_READ_ONLY = (Stats, Peek, History, HistoryList)
 
 #: Free bytes on the store's disk below which a failed commit is put down to a full disk (STORE_FULL, retried
 #: once there is room again) rather than to a failing one: LMDB reports a write that a full disk cut short as
@@ -130,6 +133,8 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
             Redrive: self._redrive,
             Bind: self._bind,
             Unbind: self._unbind,
+            History: self._history_of,
+            HistoryList: self._history_list,
         }
 
     @classmethod
@@ -170,7 +175,11 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
         t: float | None = self._lease_heap[0][0] if self._lease_heap else None
         # The other timers are wall-clock (they survive a restart); the broker wants monotonic time.
         wall = min(
-            (heap[0][0] for heap in (self._delay_heap, self._ttl_heap, self._sweeps, self._prunes) if heap),
+            (
+                heap[0][0]
+                for heap in (self._delay_heap, self._ttl_heap, self._sweeps, self._prunes, self._history_timers)
+                if heap
+            ),
             default=None,
         )
         if wall is not None:
@@ -363,6 +372,8 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
             return
         self._touched[q.qnum] = q
         new = op.options
+        if new.history is None and old.history is not None:
+            self._forget_history(q)
         if new.message_ttl and new.message_ttl != old.message_ttl:
             # Messages already there expire by the new TTL: the lanes' fronts now, the records by their own time.
             self._schedule_sweep(q, self._clock.time())
@@ -381,6 +392,7 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
         for mid, t in q.tracked.items():
             if t.status == LEASED:
                 keep.setdefault(t.qnum, set()).add(mid)
+        self._record_purge(q, keep)
         kept = sum(map(len, keep.values()))
         removed = q.count - kept
         for mid in [mid for mid, t in q.tracked.items() if t.status != LEASED]:
@@ -411,6 +423,7 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
             self._writes.meta[binding_key(q.name, pattern)] = None
         if q.dedup:
             self._writes.prefix_delete(self._dedup_db, QNUM.pack(q.qnum))
+        self._forget_history(q)
         self._writes.deletes += q.count
 
     def _stats(self, op: Stats) -> list[Any]:
@@ -469,7 +482,10 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
                 self._remove(q, mid, lane.qnum if t is None else t.qnum, size)
                 kept = {k: v for k, v in (headers or {}).items() if not k.startswith(DEAD_LETTER_PREFIX)}
                 # A move, like dead-lettering: neither max_queues nor the target's limits may refuse it half-way.
-                self._append(self._get_or_create(target, limited=False), lane.prio, now, payload, kept or None)
+                to = self._get_or_create(target, limited=False)
+                self._append(to, lane.prio, now, payload, kept or None)
+                if q.options.history is not None or to.options.history is not None:
+                    self._record_moved(q, mid, to, EventKind.REDRIVEN, value)
                 moved += 1
             for mid in aside:
                 heapq.heappush(lane.ready_heap, mid)

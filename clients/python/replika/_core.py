@@ -440,6 +440,19 @@ def publish_options(
     )
 
 
+def history_query(
+    max: int, state: str | None, since: float | None, until: float | None, header: tuple[str, str] | None
+) -> dict[str, Any]:
+    """The fields of a ``history`` listing request (SPEC.md §5 history), for both clients."""
+    return {
+        "max": max,
+        "state": state,
+        "since": since,
+        "until": until,
+        "header": list(header) if header is not None else None,
+    }
+
+
 def publish_ids(reply: Frame) -> list[int]:
     """The id of each payload of a publish: ``ids`` when the server sent them (dedup ids), else the range."""
     check(reply)

@@ -20,6 +20,7 @@ from replika._core import (
     as_bytes,
     check,
     check_queue,
+    history_query,
     publish_ids,
     publish_options,
     topic_ids,
@@ -75,6 +76,7 @@ class AsyncClient(AsyncConnection):
         message_ttl: float | None = None,
         expired: str | None = None,
         dedup_window: float | None = None,
+        history: bool | dict[str, Any] | None = None,
     ) -> None:
         """Create ``queue`` or change its options (idempotent: options are replaced as a whole, so an option left
         out goes back to its default). Durations are float seconds.
@@ -91,7 +93,10 @@ class AsyncClient(AsyncConnection):
         ``min(retry_delay * retry_backoff ** (attempts - 1), retry_max_delay)`` (no retry_delay: at once).
         ``message_ttl``: seconds a message may live from its publish; an expired one is never delivered, it is
         dead-lettered (reason ``expired``) or, with ``expired="drop"``, deleted. ``dedup_window`` (default 120):
-        seconds a publish's ``dedup_id`` is remembered (0: no deduplication).
+        seconds a publish's ``dedup_id`` is remembered (0: no deduplication). ``history``: record each message's
+        life (see :meth:`history`): True for the defaults, or a dict of ``retention`` (seconds a finished
+        message's history is kept, default 7 days), ``max_messages`` (default 100000) and ``payloads`` (keep
+        payloads, default False); None or False: off.
         """
         check_queue(queue)
         await self._call(
@@ -108,6 +113,7 @@ class AsyncClient(AsyncConnection):
             message_ttl=message_ttl,
             expired=expired,
             dedup_window=dedup_window,
+            history=history,
         )
 
     async def delete_queue(self, queue: str) -> None:
@@ -135,6 +141,32 @@ class AsyncClient(AsyncConnection):
         check_queue(queue)
         reply = await self._call("peek", queue=queue, max=min(max, self._core.max_batch))
         return [PeekedMessage(queue, m) for m in reply["msgs"]]
+
+    async def history(self, queue: str, id: int) -> dict[str, Any]:
+        """The recorded life of message ``id`` of ``queue`` (declared with ``history``): a dict with ``queue``,
+        ``id``, ``state``, ``published_at``, ``headers``, ``payload`` (None unless the queue keeps payloads) and
+        ``events``, oldest first, each with ``at`` (unix s), ``kind``, ``attempt``, ``connection`` and the kind's own
+        fields (SPEC.md §5 history). :class:`~replika.NotFound` if none is kept."""
+        check_queue(queue)
+        return dict((await self._call("history", queue=queue, message_id=id))["message"])
+
+    async def history_list(
+        self,
+        queue: str,
+        *,
+        max: int = 100,
+        state: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        header: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Messages of ``queue`` with a recorded history, newest first, as :meth:`history` gives them: at most
+        ``max`` (up to 1000), those whose ``state`` is that (``waiting``, ``in_flight``, ``acked``,
+        ``dead_lettered``, ...), published within [``since``, ``until``] (unix s) and carrying ``header``
+        (name, value)."""
+        check_queue(queue)
+        reply = await self._call("history", queue=queue, **history_query(max, state, since, until, header))
+        return list(reply["messages"])
 
     async def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:
         """Move ready messages of ``dead_letter_queue`` back: to ``to`` if given, else each to the queue named by

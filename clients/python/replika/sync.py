@@ -19,6 +19,7 @@ from replika._core import (
     as_bytes,
     check,
     check_queue,
+    history_query,
     publish_ids,
     publish_options,
     topic_ids,
@@ -71,6 +72,7 @@ class Client(SyncConnection):
         message_ttl: float | None = None,
         expired: str | None = None,
         dedup_window: float | None = None,
+        history: bool | dict[str, Any] | None = None,
     ) -> None:
         """Create ``queue`` or change its options (idempotent). See :meth:`AsyncClient.declare`."""
         check_queue(queue)
@@ -88,6 +90,7 @@ class Client(SyncConnection):
             message_ttl=message_ttl,
             expired=expired,
             dedup_window=dedup_window,
+            history=history,
         )
 
     def delete_queue(self, queue: str) -> None:
@@ -114,6 +117,26 @@ class Client(SyncConnection):
         check_queue(queue)
         reply = self._call("peek", queue=queue, max=min(max, self._core.max_batch))
         return [PeekedMessage(queue, m) for m in reply["msgs"]]
+
+    def history(self, queue: str, id: int) -> dict[str, Any]:
+        """The recorded life of message ``id`` of ``queue``. See :meth:`AsyncClient.history`."""
+        check_queue(queue)
+        return dict((self._call("history", queue=queue, message_id=id))["message"])
+
+    def history_list(
+        self,
+        queue: str,
+        *,
+        max: int = 100,
+        state: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        header: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Messages of ``queue`` with a recorded history. See :meth:`AsyncClient.history_list`."""
+        check_queue(queue)
+        reply = self._call("history", queue=queue, **history_query(max, state, since, until, header))
+        return list(reply["messages"])
 
     def redrive(self, dead_letter_queue: str, *, to: str | None = None, max: int | None = None) -> int:
         """Move dead-lettered messages back; how many moved. See :meth:`AsyncClient.redrive`."""
