@@ -1,0 +1,299 @@
+"""Storing messages on PostgreSQL: publish (priorities, delays, TTLs, dedup ids), topic fan-out and bindings, and
+the room a full queue makes under its overflow policy. As on LMDB (:mod:`._publishing`), a publish is planned
+before anything is written, so that a refusal changes nothing and a topic publish is all or nothing.
+
+A publish takes its queue's row lock first (``SELECT ... FOR UPDATE``), held to the commit: publishes to one
+queue from several nodes are then serialised, so ids are assigned and committed in order, a dedup id is looked up
+only after any other node's publish of it committed, and a limit is checked against the count every node sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replika_server.store._pg_core import ROW_COLUMNS, MessageRow, PgQueue, pack_headers
+from replika_server.store._pg_history import PgHistorian
+from replika_server.store._publishing import MAX_BINDINGS
+from replika_server.store._topics import Bindings
+from replika_server.store.base import (
+    DEFAULT_DEDUP_WINDOW,
+    Bind,
+    DeadLetterReason,
+    EventKind,
+    Publish,
+    Published,
+    PublishTopic,
+    StoreCode,
+    StoreError,
+    Unbind,
+)
+
+__all__ = ["PgPublishing"]
+
+#: Ready messages read per query while a full queue looks for the oldest ones to give up.
+_ROOM_CHUNK = 1000
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a publish will store, worked out before anything changes."""
+
+    now: float
+    fresh: list[int]  # indices of the payloads to store (not repeats)
+    packed: list[bytes | None]  # their packed headers
+    sizes: list[int]  # their sizes (payload plus packed headers)
+    ids: list[int] | None  # with dedup ids: one id per payload, repeats' filled in already
+    twins: dict[int, int] = field(default_factory=dict)
+    victims: list[MessageRow] = field(default_factory=list)
+
+
+class PgPublishing(PgHistorian):
+    """Publish, publish_topic, bind and unbind; see the module docstring."""
+
+    async def _publish(self, op: Publish) -> Published:
+        now = self._clock.time()
+        q = await self._find(op.queue, lock=True)
+        plan = await self._plan(op.queue, q, op, now)
+        if q is None:
+            q = await self._get_or_create(op.queue)
+            q = await self._find(op.queue, lock=True)
+            assert q is not None
+        return await self._apply(q, op, plan)
+
+    async def _plan(self, name: str, q: PgQueue | None, op: Publish, now: float) -> _Plan:
+        """Resolve ``op``'s dedup ids, size what it will store and find room for it; raises if it cannot."""
+        fresh: list[int] = []
+        ids: list[int] | None = None
+        twins: dict[int, int] = {}
+        if op.dedup_ids is None:
+            fresh = list(range(len(op.payloads)))
+        else:
+            ids = [0] * len(op.payloads)
+            window = q.options.dedup_window if q is not None else DEFAULT_DEDUP_WINDOW
+            seen = await self._dedup_hits(name, op.dedup_ids, now, window) if q is not None and window else {}
+            first_seen: dict[str, int] = {}
+            for i, dedup_id in enumerate(op.dedup_ids):
+                if dedup_id is None or not window:
+                    fresh.append(i)
+                elif dedup_id in seen:
+                    ids[i] = seen[dedup_id]
+                elif dedup_id in first_seen:
+                    twins[i] = first_seen[dedup_id]
+                else:
+                    first_seen[dedup_id] = i
+                    fresh.append(i)
+        headers = op.headers
+        packed = [pack_headers(headers[i]) if headers else None for i in fresh]
+        sizes = [len(op.payloads[i]) + (len(p) if p else 0) for i, p in zip(fresh, packed, strict=True)]
+        victims = await self._room(name, q, len(fresh), sum(sizes)) if fresh else []
+        return _Plan(now, fresh, packed, sizes, ids, twins, victims)
+
+    async def _dedup_hits(self, queue: str, dedup_ids: list[str | None], now: float, window: float) -> dict[str, int]:
+        wanted = sorted({d for d in dedup_ids if d is not None})
+        if not wanted:
+            return {}
+        await self._cur.execute(
+            "SELECT dedup_id, message_id FROM replika_dedup WHERE queue = %s AND dedup_id = ANY(%s::text[]) "
+            "AND seen_at + %s > %s",
+            (queue, wanted, window, now),
+        )
+        return {str(r[0]): int(r[1]) for r in await self._cur.fetchall()}
+
+    async def _apply(self, q: PgQueue, op: Publish, plan: _Plan) -> Published:
+        """Store what ``plan`` says in ``q``: (first_id, count), and the ids per payload with dedup ids."""
+        await self._check_room_in_store(sum(plan.sizes))
+        if plan.victims:
+            await self._make_room(q, plan.victims)
+        n = len(plan.fresh)
+        first = await self._next_ids(q, n)
+        if n:
+            await self._insert(q, op, plan, first)
+        ids = plan.ids
+        if ids is None:
+            return Published(first, n)
+        assert op.dedup_ids is not None
+        for k, i in enumerate(plan.fresh):
+            ids[i] = first + k
+        for i, j in plan.twins.items():
+            ids[i] = ids[j]
+        self._counter(q, "deduplicated", len(ids) - n)
+        window = q.options.dedup_window
+        remembered = [(op.dedup_ids[i], first + k) for k, i in enumerate(plan.fresh) if op.dedup_ids[i] is not None]
+        if window and remembered:
+            await self._cur.execute(
+                "INSERT INTO replika_dedup (queue, dedup_id, seen_at, message_id) "
+                "SELECT %s, u.d, %s, u.m FROM unnest(%s::text[], %s::bigint[]) AS u(d, m) "
+                "ON CONFLICT (queue, dedup_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, "
+                "message_id = EXCLUDED.message_id",
+                (q.name, plan.now, [d for d, _ in remembered], [m for _, m in remembered]),
+            )
+            self._batch.timers.append(plan.now + window)
+        return Published(first, n, ids)
+
+    async def _next_ids(self, q: PgQueue, n: int) -> int:
+        """Reserve ``n`` consecutive ids of ``q``; the first."""
+        await self._cur.execute(
+            "UPDATE replika_queues SET next_id = next_id + %s WHERE name = %s RETURNING next_id - %s",
+            (n, q.name, n),
+        )
+        row = await self._cur.fetchone()
+        assert row is not None
+        first = int(row[0])
+        self._batch.fresh.setdefault(q.name, first)
+        return first
+
+    async def _insert(self, q: PgQueue, op: Publish, plan: _Plan, first: int) -> None:
+        now = plan.now
+        due = now + op.delay if op.delay > 0 else 0.0
+        own = now + op.ttl if op.ttl is not None else None
+        expires = q.expiry(now, own)
+        await self._cur.execute(
+            "INSERT INTO replika_messages (queue, id, prio, state, due, published_at, own_expiry, expires_at, "
+            "size, payload, headers) "
+            "SELECT %s, %s + u.n - 1, %s, %s, %s, %s, %s, %s, u.size, u.payload, u.headers "
+            "FROM unnest(%s::int[], %s::bytea[], %s::bytea[]) WITH ORDINALITY AS u(size, payload, headers, n)",
+            (
+                q.name,
+                first,
+                op.priority,
+                2 if due else 0,
+                due,
+                now,
+                own,
+                expires,
+                plan.sizes,
+                [op.payloads[i] for i in plan.fresh],
+                plan.packed,
+            ),
+        )
+        n = len(plan.fresh)
+        q.changed(n, sum(plan.sizes))
+        self._counter(q, "published", n)
+        if due:
+            self._batch.timers.append(due)
+        else:
+            self._batch.readied.add(q.name)
+        if expires is not None:
+            self._batch.timers.append(expires)
+        if q.options.history is not None:
+            await self._record_published(q, first, op, plan.fresh)
+
+    # ----------------------------------------------------------------------------------------------- room
+    async def _room(self, name: str, q: PgQueue | None, n: int, added: int) -> list[MessageRow]:
+        """What must leave queue ``name`` for ``n`` more messages of ``added`` bytes to fit its limits (see the
+        LMDB engine's ``_room``); raises ``QUEUE_FULL`` when they cannot be made to fit."""
+        options = self._options
+        if q is None:
+            count = size = 0
+            max_length, max_bytes = options.default_max_length, options.default_max_bytes
+        else:
+            count, size = q.count, q.bytes
+            max_length, max_bytes = q.limits(options.default_max_length, options.default_max_bytes)
+        over_count = count + n - max_length if max_length is not None else 0
+        over_bytes = size + added - max_bytes if max_bytes is not None else 0
+        if over_count <= 0 and over_bytes <= 0:
+            return []
+        victims = None
+        if q is not None and q.options.overflow != "reject":
+            victims = await self._oldest_ready(q, over_count, over_bytes)
+        if victims is not None:
+            return victims
+        why = "" if q is None or q.options.overflow == "reject" else " and its ready messages cannot make room"
+        if over_count > 0:
+            message = (
+                f"queue {name!r} is full: it holds {count} messages, its max_length is {max_length}; "
+                f"{n} more do not fit{why}"
+            )
+        else:
+            message = (
+                f"queue {name!r} is full: it holds {size} bytes, its max_bytes is {max_bytes}; {added} more do not "
+                f"fit{why}"
+            )
+        raise StoreError(StoreCode.QUEUE_FULL, message)
+
+    async def _oldest_ready(self, q: PgQueue, over_count: int, over_bytes: int) -> list[MessageRow] | None:
+        """The fewest ready messages of ``q``, lowest ids first, whose removal frees at least ``over_count``
+        messages and ``over_bytes`` bytes; None if all of them are not enough."""
+        victims: list[MessageRow] = []
+        freed = size = 0
+        after = 0
+        while True:
+            await self._cur.execute(
+                f"SELECT {ROW_COLUMNS} FROM replika_messages WHERE queue = %s AND state = 0 AND id > %s "
+                "AND id < %s ORDER BY id LIMIT %s FOR UPDATE",
+                (q.name, after, self._batch.visible(q.name), _ROOM_CHUNK),
+            )
+            rows = [MessageRow(*r) for r in await self._cur.fetchall()]
+            if not rows:
+                return None
+            for row in rows:
+                victims.append(row)
+                freed += 1
+                size += row.size
+                if freed >= over_count and size >= over_bytes:
+                    return victims
+            after = rows[-1].id
+
+    async def _make_room(self, q: PgQueue, victims: list[MessageRow]) -> None:
+        if q.options.overflow == "dead_letter":
+            for row in victims:
+                await self._dead_letter(q, row, DeadLetterReason.OVERFLOW)
+            return
+        for row in victims:
+            await self._record(q, row.id, EventKind.DROPPED, reason="overflow")
+        await self._remove(q, [row.id for row in victims])
+        self._counter(q, "dropped", len(victims))
+
+    # ----------------------------------------------------------------------------------------------- topics
+    async def _publish_topic(self, op: PublishTopic) -> dict[str, list[int]]:
+        await self._cur.execute("SELECT queue, pattern FROM replika_bindings")
+        bindings = Bindings()
+        for queue, pattern in await self._cur.fetchall():
+            bindings.add(queue, pattern)
+        names = bindings.match(op.topic)
+        if not names:
+            return {}
+        if op.may_publish is not None:
+            for name in names:
+                if not op.may_publish(name):
+                    raise StoreError(
+                        StoreCode.FORBIDDEN, f"may not publish to queue {name!r}, which topic {op.topic!r} reaches"
+                    )
+        now = self._clock.time()
+        sub = Publish("", op.payloads, op.headers, op.priority, op.delay, op.ttl, op.dedup_ids)
+        plans: list[tuple[PgQueue, _Plan]] = []
+        for name in names:  # sorted: nodes lock queue rows in one order, so they cannot deadlock on them
+            q = await self._find(name, lock=True)
+            if q is None:
+                continue  # its queue was deleted by another node since the bindings were read
+            plans.append((q, await self._plan(name, q, sub, now)))
+        out: dict[str, list[int]] = {}
+        await self._check_room_in_store(sum(sum(plan.sizes) for _, plan in plans))
+        self._held = (self._held or 0) - sum(sum(plan.sizes) for _, plan in plans)  # counted again by each apply
+        for q, plan in plans:
+            result = await self._apply(q, sub, plan)
+            out[q.name] = (
+                result.ids if result.ids is not None else list(range(result.first_id, result.first_id + result.count))
+            )
+        return out
+
+    async def _bind(self, op: Bind) -> None:
+        q = await self._get_or_create(op.queue)
+        await self._cur.execute(
+            "SELECT count(*), count(*) FILTER (WHERE pattern = %s) FROM replika_bindings WHERE queue = %s",
+            (op.pattern, q.name),
+        )
+        row = await self._cur.fetchone()
+        assert row is not None
+        if row[1]:
+            return
+        if row[0] >= MAX_BINDINGS:
+            raise StoreError(StoreCode.BAD_REQUEST, f"queue {q.name!r} has {MAX_BINDINGS} bindings, the most allowed")
+        await self._cur.execute(
+            "INSERT INTO replika_bindings (queue, pattern) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (q.name, op.pattern),
+        )
+
+    async def _unbind(self, op: Unbind) -> None:
+        q = await self._queue(op.queue)
+        await self._cur.execute("DELETE FROM replika_bindings WHERE queue = %s AND pattern = %s", (q.name, op.pattern))
