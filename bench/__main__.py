@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import itertools
 import signal
 import subprocess
 import sys
@@ -34,19 +35,38 @@ _DRIVERS = {
 }
 
 
-def start_replika(workdir: Path, durability: str, quiet: bool = False) -> System:
-    # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
-    broker = start_broker(workdir / "replika", "--durability", durability)
-    broker.wait_for_sidecar()  # measuring starts once it has loaded
-    proc, url = broker.proc, broker.url
+def start_replika(
+    workdir: Path, durability: str, quiet: bool = False, store: str | None = None, nodes: int = 1
+) -> System:
+    """Replika: one broker on a temporary LMDB store, or ``nodes`` brokers on the PostgreSQL ``store``, whose
+    drivers (connections) go to the nodes in turn."""
+    flags = ["--durability", durability] + (["--store", store] if store else [])
+    brokers = [start_broker(workdir / f"replika-{i}", *flags) for i in range(nodes)]
+    for broker in brokers:
+        broker.wait_for_sidecar()  # measuring starts once it has loaded
     if not quiet:
-        print(f"bench: the broker's live dashboard: http://127.0.0.1:{broker.admin_port}/", file=sys.stderr)
+        # The admin sidecar on a free port: its dashboard shows the runs live.
+        print(f"bench: the broker's live dashboard: http://127.0.0.1:{brokers[0].admin_port}/", file=sys.stderr)
+    urls = itertools.cycle([b.url for b in brokers])
 
     async def stop() -> None:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 60)
+        for broker in brokers:
+            broker.proc.send_signal(signal.SIGTERM)
+        for broker in brokers:
+            await asyncio.to_thread(broker.proc.wait, 60)
 
-    return System(f"replika ({durability})", lambda: ReplikaDriver(url), stop, [f"durability={durability}"])
+    if store is None:
+        return System(f"replika ({durability})", lambda: ReplikaDriver(next(urls)), stop, [f"durability={durability}"])
+    name = f"replika on postgresql ({nodes} node{'s' if nodes > 1 else ''})"
+    return System(name, lambda: ReplikaDriver(next(urls)), stop, [f"{nodes} brokers, --store on one database"])
+
+
+def start_pgmq_baseline(store: str) -> System:
+    """The pgmq-style baseline on the same database (see bench/drivers/pgmq_driver.py)."""
+    from bench.drivers.pgmq_driver import PgmqDriver
+
+    note = "psycopg 3, INSERT ... unnest, FOR UPDATE SKIP LOCKED claim, DELETE at ack, synchronous_commit on"
+    return System("pgmq-style (postgresql)", lambda: PgmqDriver(store), None, [note])
 
 
 def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
@@ -112,6 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-no-xdel", action="store_true", help="Redis driver: XACK without XDEL in W2's batched consume"
     )
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="run Replika on this PostgreSQL database (postgresql://...) instead of a temporary LMDB store, beside "
+        "a pgmq-style baseline on the same database",
+    )
+    p.add_argument("--nodes", default="1", help="with --store: comma-separated broker counts to run, e.g. 1,2,3")
     p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
     p.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness, measures nothing")
@@ -167,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
         workdir = Path(tmp)
-        systems = [start_replika(workdir, args.durability, args.quiet)]
+        if args.store:
+            systems = [start_pgmq_baseline(args.store)]
+            for n in (int(x) for x in args.nodes.split(",")):
+                systems.insert(len(systems) - 1, start_replika(workdir, args.durability, args.quiet, args.store, n))
+        else:
+            systems = [start_replika(workdir, args.durability, args.quiet)]
         for peer in peers:
             for fsync in settings:
                 try:

@@ -32,6 +32,7 @@ from replika_server.store.base import (
     Settle,
     Settled,
     StaleReason,
+    StoreError,
     Touch,
 )
 
@@ -48,6 +49,20 @@ _CLAIM = (
     "due = 0, deadline = %(deadline)s, node = %(node)s, owner = %(owner)s FROM c "
     "WHERE m.queue = %(q)s AND m.id = c.id "
     f"RETURNING {', '.join('m.' + c for c in ROW_COLUMNS.split(', '))}, m.payload, m.headers, c.token"
+)
+
+# The claim of several fetches of one queue at once: the first ranks go to the first fetch, and so on.
+_CLAIM_MANY = (
+    "WITH c AS (SELECT id, token, prio FROM replika_messages WHERE queue = %(q)s AND state = 0 AND id < %(hi)s "
+    "ORDER BY prio DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+    "r AS (SELECT id, token, row_number() OVER (ORDER BY prio DESC, id) AS rank FROM c), "
+    "a AS (SELECT r.id, r.token, r.rank, o.owner, o.deadline FROM r JOIN "
+    "unnest(%(lo)s::int[], %(up)s::int[], %(owners)s::bigint[], %(deadlines)s::float8[]) AS o(lo, up, owner, deadline) "
+    "ON r.rank BETWEEN o.lo AND o.up) "
+    "UPDATE replika_messages m SET state = 1, attempts = m.attempts + 1, token = nextval('replika_tokens'), "
+    "due = 0, deadline = a.deadline, node = %(node)s, owner = a.owner FROM a "
+    "WHERE m.queue = %(q)s AND m.id = a.id "
+    f"RETURNING {', '.join('m.' + c for c in ROW_COLUMNS.split(', '))}, m.payload, m.headers, a.token, a.rank"
 )
 
 
@@ -100,6 +115,62 @@ class PgDelivering(PgPublishing):
                 break
             if len(claimed) < want:
                 break
+        await self._delivered(q, op, out, deadline)
+        return out
+
+    async def _fetch_group(self, ops: list[Fetch]) -> list[list[Delivery] | StoreError]:
+        """Consecutive fetches of one queue (many consumers' in one loop turn) claimed in one statement, each
+        taking the next ``max`` messages in delivery order. If any claimed message must be moved out instead
+        (expired, at max_attempts) or does not fit its reply, the claim is undone and each fetch runs on its own,
+        so that the results are exactly those of running them one after the other."""
+        try:
+            q = await self._get_or_create(ops[0].queue)
+        except StoreError as exc:
+            return [exc] * len(ops)
+        now = self._clock.time()
+        lo, up, rank = [], [], 0
+        for op in ops:
+            lo.append(rank + 1)
+            rank += op.max
+            up.append(rank)
+        params = {
+            "q": q.name,
+            "hi": self._batch.visible(q.name),
+            "n": rank,
+            "lo": lo,
+            "up": up,
+            "owners": [op.owner for op in ops],
+            "deadlines": [now + op.lease for op in ops],
+            "node": self._node,
+        }
+        await self._cur.execute(_CLAIM_MANY, params)
+        claimed = sorted(await self._cur.fetchall(), key=lambda r: r[13])
+        out: list[list[Delivery]] = [[] for _ in ops]
+        budgets = [op.max_bytes for op in ops]
+        limit = q.options.max_attempts
+        k = 0
+        for r in claimed:
+            while r[13] > up[k]:
+                k += 1
+            row = MessageRow(*r[:10])
+            budgets[k] -= wire_size(row.size)
+            spoilt = self._expired(row, now) or (limit is not None and row.attempts - 1 >= limit)
+            if spoilt or (budgets[k] < 0 and out[k]):
+                await self._unclaim(q, [(int(c[0]), int(c[12])) for c in claimed])
+                return [await self._one(op) for op in ops]
+            out[k].append((row.id, r[4], row.attempts, row.published_at, r[10], unpack_headers(r[11])))
+        for op, delivered in zip(ops, out, strict=True):
+            await self._delivered(q, op, delivered, now + op.lease)
+        return list(out)
+
+    async def _one(self, op: Fetch) -> list[Delivery] | StoreError:
+        try:
+            return await self._fetch(op)
+        except StoreError as exc:
+            return exc
+
+    async def _delivered(self, q: PgQueue, op: Fetch, out: list[Delivery], deadline: float) -> None:
+        """Count, time and record what a fetch delivered."""
         if out:
             self._counter(q, "delivered", len(out))
             self._batch.timers.append(deadline)
@@ -108,7 +179,6 @@ class PgDelivering(PgPublishing):
                 await self._record_many(q, EventKind.DELIVERED, ((d[0], d[2], op.owner, None) for d in out))
         else:
             self._idle.add(q.name)
-        return out
 
     async def _unclaim(self, q: PgQueue, back: list[tuple[int, int]]) -> None:
         """Put claimed messages back as they were: ready, their attempts and token unchanged."""
@@ -124,7 +194,10 @@ class PgDelivering(PgPublishing):
         q = await self._queue(op.queue)
         leases = [(int(mid), int(token)) for mid, token in op.leases]
         if isinstance(op, Ack):
-            return await self._ack(q, leases, op.owner)
+            [result] = await self._ack_group([op])
+            if isinstance(result, StoreError):
+                raise result
+            return result
         rows = await self._rows(q, sorted({mid for mid, _ in leases}))
         failed: Settled = {}
         now = self._clock.time()
@@ -153,7 +226,15 @@ class PgDelivering(PgPublishing):
                 self._batch.timers.append(now + op.lease)
         return failed
 
-    async def _ack(self, q: PgQueue, leases: list[tuple[int, int]], owner: int) -> Settled:
+    async def _ack_group(self, ops: list[Ack]) -> list[Settled | StoreError]:
+        """Consecutive acks of one queue (what many consumers send in one loop turn) in one statement; each op's
+        refused leases are its own, judged in op order as if they ran one after the other."""
+        try:
+            q = await self._queue(ops[0].queue)
+        except StoreError as exc:
+            return [exc] * len(ops)
+        per_op = [[(int(mid), int(token)) for mid, token in op.leases] for op in ops]
+        leases = [lease for op_leases in per_op for lease in op_leases]
         await self._cur.execute(
             "DELETE FROM replika_messages m USING unnest(%s::bigint[], %s::bigint[]) AS u(id, token) "
             "WHERE m.queue = %s AND m.id = u.id AND m.token = u.token AND u.token <> 0 RETURNING m.id, m.token, m.size",
@@ -164,24 +245,33 @@ class PgDelivering(PgPublishing):
         if deleted:
             q.changed(-len(deleted), -sum(int(r[2]) for r in deleted))
             self._counter(q, "acked", len(deleted))
-        failed: Settled = {}
         unclaimed = dict(acked)  # each deleted row answers for the first lease that names it
-        refused: list[tuple[int, int, bool]] = []  # (id, token, whether its message was acked before it)
-        for mid, token in leases:
-            if unclaimed.get(mid) == token:
-                del unclaimed[mid]
-            else:
-                refused.append((mid, token, mid in acked and mid not in unclaimed))
-        if refused:
-            rows = await self._rows(q, sorted({mid for mid, _, _ in refused}), lock=False)
-            for mid, token, after_ack in refused:
-                row = rows.get(mid)
-                if mid in acked and not after_ack:
-                    # Refused before this op acked its message: judged by the row as it was then.
-                    row = MessageRow(mid, 0, 1, 1, acked[mid], 0.0, 0.0, None, None, 0)
-                failed[mid] = await self._stale(row, token)
-        if acked and q.options.history is not None:
-            await self._record_many(q, EventKind.ACKED, ((mid, 0, owner, None) for mid in sorted(acked)))
+        out: list[Settled | StoreError] = []
+        for op, op_leases in zip(ops, per_op, strict=True):
+            refused: list[tuple[int, int, bool]] = []  # (id, token, whether its message was acked before it)
+            mine: list[int] = []
+            for mid, token in op_leases:
+                if unclaimed.get(mid) == token:
+                    del unclaimed[mid]
+                    mine.append(mid)
+                else:
+                    refused.append((mid, token, mid in acked and mid not in unclaimed))
+            out.append(await self._refusals(q, refused, acked))
+            if mine and q.options.history is not None:
+                await self._record_many(q, EventKind.ACKED, ((mid, 0, op.owner, None) for mid in mine))
+        return out
+
+    async def _refusals(self, q: PgQueue, refused: list[tuple[int, int, bool]], acked: dict[int, int]) -> Settled:
+        failed: Settled = {}
+        if not refused:
+            return failed
+        rows = await self._rows(q, sorted({mid for mid, _, _ in refused}), lock=False)
+        for mid, token, after_ack in refused:
+            row = rows.get(mid)
+            if mid in acked and not after_ack:
+                # Refused before this batch acked its message: judged by the row as it was then.
+                row = MessageRow(mid, 0, 1, 1, acked[mid], 0.0, 0.0, None, None, 0)
+            failed[mid] = await self._stale(row, token)
         return failed
 
     async def _stale(self, row: MessageRow | None, token: int) -> StaleReason:

@@ -35,6 +35,47 @@ _ROOM_CHUNK = 1000
 
 
 @dataclass(slots=True)
+class _Rows:
+    """Messages to insert, column by column (the arrays of one INSERT ... SELECT unnest)."""
+
+    now: float = 0.0
+    prio: list[int] = field(default_factory=list)
+    state: list[int] = field(default_factory=list)
+    due: list[float] = field(default_factory=list)
+    own: list[float | None] = field(default_factory=list)
+    expires: list[float | None] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    payload: list[bytes] = field(default_factory=list)
+    headers: list[bytes | None] = field(default_factory=list)
+    timers: set[float] = field(default_factory=set)
+    ready: bool = False
+
+    def add(
+        self, q: PgQueue, op: Publish, now: float, payloads: list[bytes], packed: list[bytes | None], sizes: list[int]
+    ) -> None:
+        """``payloads`` of ``op`` (published ``now``; ``packed`` headers and ``sizes`` of each)."""
+        self.now = now
+        k = len(sizes)
+        due = now + op.delay if op.delay > 0 else 0.0
+        own = now + op.ttl if op.ttl is not None else None
+        expires = q.expiry(now, own)
+        self.prio += [op.priority] * k
+        self.state += [2 if due else 0] * k
+        self.due += [due] * k
+        self.own += [own] * k
+        self.expires += [expires] * k
+        self.size += sizes
+        self.payload += payloads
+        self.headers += packed
+        if due:
+            self.timers.add(due)
+        else:
+            self.ready = True
+        if expires is not None:
+            self.timers.add(expires)
+
+
+@dataclass(slots=True)
 class _Plan:
     """What a publish will store, worked out before anything changes."""
 
@@ -59,6 +100,79 @@ class PgPublishing(PgHistorian):
             q = await self._find(op.queue, lock=True)
             assert q is not None
         return await self._apply(q, op, plan)
+
+    async def _publish_group(self, ops: list[Publish]) -> list[Published | StoreError]:
+        """Consecutive publishes to one queue without dedup ids (what many producers send in one loop turn): one
+        lock, one id range and one INSERT for all. When they do not all fit, each runs on its own, so that each
+        gets its own answer, as if the group had never been formed."""
+        name = ops[0].queue
+        now = self._clock.time()
+        q = await self._find(name, lock=True)
+        packed: list[list[bytes | None]] = [
+            [pack_headers(h) for h in op.headers] if op.headers else [None] * len(op.payloads) for op in ops
+        ]
+        sizes = [
+            [len(p) + (len(h) if h else 0) for p, h in zip(op.payloads, hs, strict=True)]
+            for op, hs in zip(ops, packed, strict=True)
+        ]
+        n, added = sum(len(s) for s in sizes), sum(sum(s) for s in sizes)
+        try:
+            if await self._room(name, q, n, added):
+                raise StoreError(StoreCode.QUEUE_FULL, "room must be made")  # victims: one at a time, in order
+            await self._check_room_in_store(added)
+        except StoreError:
+            return [await self._one_publish(op) for op in ops]
+        if q is None:
+            await self._get_or_create(name)
+            q = await self._find(name, lock=True)
+            assert q is not None
+        first = await self._next_ids(q, n)
+        rows = _Rows()
+        for op, hs, ss in zip(ops, packed, sizes, strict=True):
+            rows.add(q, op, now, op.payloads, hs, ss)
+        await self._insert_rows(q, first, rows)
+        out: list[Published | StoreError] = []
+        for op in ops:
+            k = len(op.payloads)
+            self._counter(q, "published", k)
+            if q.options.history is not None:
+                await self._record_published(q, first, op, range(k))
+            out.append(Published(first, k))
+            first += k
+        return out
+
+    async def _one_publish(self, op: Publish) -> Published | StoreError:
+        try:
+            return await self._publish(op)
+        except StoreError as exc:
+            return exc
+
+    async def _insert_rows(self, q: PgQueue, first: int, rows: _Rows) -> None:
+        """Store ``rows`` in ``q`` with consecutive ids from ``first``."""
+        await self._cur.execute(
+            "INSERT INTO replika_messages (queue, id, prio, state, due, published_at, own_expiry, expires_at, "
+            "size, payload, headers) "
+            "SELECT %s, %s + u.n - 1, u.prio, u.state, u.due, %s, u.own, u.expires, u.size, u.payload, u.headers "
+            "FROM unnest(%s::smallint[], %s::smallint[], %s::float8[], %s::float8[], %s::float8[], %s::int[], "
+            "%s::bytea[], %s::bytea[]) WITH ORDINALITY AS u(prio, state, due, own, expires, size, payload, headers, n)",
+            (
+                q.name,
+                first,
+                rows.now,
+                rows.prio,
+                rows.state,
+                rows.due,
+                rows.own,
+                rows.expires,
+                rows.size,
+                rows.payload,
+                rows.headers,
+            ),
+        )
+        q.changed(len(rows.size), sum(rows.size))
+        if rows.ready:
+            self._batch.readied.add(q.name)
+        self._batch.timers.extend(rows.timers)
 
     async def _plan(self, name: str, q: PgQueue | None, op: Publish, now: float) -> _Plan:
         """Resolve ``op``'s dedup ids, size what it will store and find room for it; raises if it cannot."""
@@ -143,38 +257,10 @@ class PgPublishing(PgHistorian):
         return first
 
     async def _insert(self, q: PgQueue, op: Publish, plan: _Plan, first: int) -> None:
-        now = plan.now
-        due = now + op.delay if op.delay > 0 else 0.0
-        own = now + op.ttl if op.ttl is not None else None
-        expires = q.expiry(now, own)
-        await self._cur.execute(
-            "INSERT INTO replika_messages (queue, id, prio, state, due, published_at, own_expiry, expires_at, "
-            "size, payload, headers) "
-            "SELECT %s, %s + u.n - 1, %s, %s, %s, %s, %s, %s, u.size, u.payload, u.headers "
-            "FROM unnest(%s::int[], %s::bytea[], %s::bytea[]) WITH ORDINALITY AS u(size, payload, headers, n)",
-            (
-                q.name,
-                first,
-                op.priority,
-                2 if due else 0,
-                due,
-                now,
-                own,
-                expires,
-                plan.sizes,
-                [op.payloads[i] for i in plan.fresh],
-                plan.packed,
-            ),
-        )
-        n = len(plan.fresh)
-        q.changed(n, sum(plan.sizes))
-        self._counter(q, "published", n)
-        if due:
-            self._batch.timers.append(due)
-        else:
-            self._batch.readied.add(q.name)
-        if expires is not None:
-            self._batch.timers.append(expires)
+        rows = _Rows()
+        rows.add(q, op, plan.now, [op.payloads[i] for i in plan.fresh], plan.packed, plan.sizes)
+        await self._insert_rows(q, first, rows)
+        self._counter(q, "published", len(plan.fresh))
         if q.options.history is not None:
             await self._record_published(q, first, op, plan.fresh)
 

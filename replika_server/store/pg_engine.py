@@ -207,15 +207,58 @@ class PgStore(PgQueues, Store):
 
     async def _run(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], ops: Sequence[Op]) -> list[Any]:
         results: list[Any] = []
-        async with conn.transaction():
+        # Pipeline mode: a statement whose result no op waits for (BEGIN, the count write-back, NOTIFY) goes out
+        # with the next one instead of costing a round trip of its own.
+        async with conn.pipeline(), conn.transaction():
             self._cursor = conn.cursor()
-            for op in ops:
-                try:
-                    results.append(await self._handlers[type(op)](op))
-                except StoreError as exc:
-                    results.append(exc)
+            i = 0
+            while i < len(ops):
+                group = _group(ops, i)
+                if len(group) == 1:
+                    results.append(await self._single(ops[i]))
+                elif type(group[0]) is Publish:
+                    results.extend(await self._publish_group(group))  # type: ignore[arg-type]
+                else:
+                    results.extend(await self._consume_group(group))  # type: ignore[arg-type]
+                i += len(group)
             await self._finish()
         return results
+
+    async def _single(self, op: Op) -> Any:
+        try:
+            return await self._handlers[type(op)](op)
+        except StoreError as exc:
+            return exc
+
+    async def _consume_group(self, group: Sequence[Fetch | Ack]) -> list[Any]:
+        """Fetches and acks of one queue, interleaved as many consumers send them: the acks together, then the
+        fetches together. That order gives every op the result it has in batch order as long as each ack is of a
+        leased message (no fetch can take one), so it is checked first; otherwise they run one by one."""
+        acks = [op for op in group if type(op) is Ack]
+        fetches = [op for op in group if type(op) is Fetch]
+        if acks and fetches and not await self._only_leased(acks):
+            return [await self._single(op) for op in group]
+        done: dict[int, Any] = {}
+        if acks:
+            done.update(zip(map(id, acks), await self._ack_group(acks), strict=True))
+        if len(fetches) > 1:
+            done.update(zip(map(id, fetches), await self._fetch_group(fetches), strict=True))
+        elif fetches:
+            done[id(fetches[0])] = await self._single(fetches[0])
+        return [done[id(op)] for op in group]
+
+    async def _only_leased(self, acks: list[Ack]) -> bool:
+        """Whether ``acks``' queue exists and each message they name is absent or leased."""
+        if await self._find(acks[0].queue) is None:
+            return False
+        for op in acks:
+            op.leases = [(int(mid), int(token)) for mid, token in op.leases]  # iterated once: keep them
+        ids = [mid for op in acks for mid, _ in op.leases]
+        await self._cur.execute(
+            "SELECT 1 FROM replika_messages WHERE queue = %s AND id = ANY(%s::bigint[]) AND state <> 1 LIMIT 1",
+            (acks[0].queue, ids),
+        )
+        return await self._cur.fetchone() is None
 
     async def _finish(self) -> None:
         """The end of a batch's transaction: queue counts written back, history trimmed, long polls told."""
@@ -349,6 +392,25 @@ class PgStore(PgQueues, Store):
             log.warning("store_close_failed", error=str(exc))  # its leases end at their deadline instead
         finally:
             await conn.close()
+
+
+def _group(ops: Sequence[Op], i: int) -> Sequence[Op]:
+    """The run of ops from ``i`` that executes as one: consecutive publishes without dedup ids, or consecutive
+    acks, of one queue (the common batch: many producers', or many consumers', requests); else ``ops[i]`` alone."""
+    first = ops[i]
+    if type(first) is Publish and first.dedup_ids is None:
+        kinds: tuple[type, ...] = (Publish,)
+    elif type(first) in (Ack, Fetch):
+        kinds = (Ack, Fetch)
+    else:
+        return ops[i : i + 1]
+    j = i + 1
+    while j < len(ops):
+        op = ops[j]
+        if type(op) not in kinds or op.queue != first.queue or (type(op) is Publish and op.dedup_ids is not None):  # type: ignore[union-attr]
+            break
+        j += 1
+    return ops[i:j]
 
 
 def _notifications(node: int, queues: list[str]) -> list[str]:
