@@ -153,7 +153,9 @@ async def _loop_errors_fail() -> AsyncIterator[None]:
     assert not errors, f"unhandled event loop errors: {errors}"
 
 
-@pytest.fixture(params=list(ENGINES))
+@pytest.fixture(
+    params=[pytest.param(name, marks=pytest.mark.postgres) if name == "postgresql" else name for name in ENGINES]
+)
 def store_space(request: pytest.FixtureRequest) -> Iterator[StoreSpace]:
     """Fresh stores of one engine: every test that uses this (or ``open_store``, ``store``) runs once per entry of
     tests/engines.py's ENGINES, so a new engine inherits the whole store contract suite."""
