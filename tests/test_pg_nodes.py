@@ -181,3 +181,16 @@ def test_backup_of_a_postgresql_store_points_to_postgresqls_own_tools(store_url:
         assert done.returncode != 0, done
         assert "PostgreSQL's own tools" in done.stderr + done.stdout, done
     assert not (tmp_path / "copy").exists()
+
+
+async def test_every_nodes_admin_sidecar_shows_the_shared_queues(nodes: list[ServerProcess]) -> None:
+    a, b, c = nodes
+    async with replika.AsyncClient(a.url) as ca:
+        await ca.publish_many("shown", [b"1", b"2", b"3"])
+    for node in (b, c):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.admin_port}", timeout=WAIT) as admin:
+            row = (await admin.get("/api/queues/shown")).json()
+            assert (row["ready"], row["total"]) == (3, 3)
+            assert row["counters"]["published"] == 0  # this node's events: the publishes went through A
+            names = [q["queue"] for q in (await admin.get("/api/queues")).json()["queues"]]
+            assert "shown" in names
