@@ -812,7 +812,7 @@ async def test_after_a_reopen_an_ack_and_a_fetch_in_one_batch_never_redeliver_th
     assert await counts(store, "q") == (0, 3, 0, 3)
 
 
-# ---------------------------------------------------------------------------------------------------- many ops of a kind
+# -------------------------------------------------------------------------------------------- many ops of a kind
 async def test_publishes_of_one_batch_get_consecutive_ids_in_op_order_and_each_its_own_refusal(
     open_store: Opener,
 ) -> None:
