@@ -76,9 +76,7 @@ class PgmqDriver(Driver):
         return [(int(r[0]), bytes(r[1])) for r in rows]  # type: ignore[call-overload, arg-type]
 
     async def _delete(self, queue: str, ids: list[int]) -> None:
-        await self._c.execute(
-            sql.SQL("DELETE FROM {} WHERE id = ANY(%s::bigint[])").format(self._table(queue)), (ids,)
-        )
+        await self._c.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s::bigint[])").format(self._table(queue)), (ids,))
 
     async def consume(self, queue: str, max: int, wait: float) -> list[bytes]:
         deadline = time.perf_counter() + wait
