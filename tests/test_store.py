@@ -912,3 +912,14 @@ async def test_fetches_of_one_batch_move_out_what_they_meet_as_one_fetch_would(s
     assert [d[PAYLOAD] for d in cast(list[Delivery], first)] == [b"b"]
     assert [d[PAYLOAD] for d in cast(list[Delivery], second)] == [b"c"]
     assert [d[PAYLOAD] for d in await fetch(store, "jobs.dlq")] == [b"a"]
+
+
+async def test_settle_ops_take_their_leases_as_an_iterator(store: Store) -> None:
+    # What the request parser hands over (a zip of the ids and tokens arrays): iterated once by the store.
+    await publish(store, "jobs", b"a", b"b", b"c")
+    a, b, c = await fetch(store, "jobs", max=3)
+    assert await one(store, Touch("jobs", iter(leases([a])), 1, lease=LONG)) == {}
+    assert await one(store, Nack("jobs", iter(leases([b])), 1)) == {}
+    results = await run(store, Ack("jobs", iter(leases([a])), 1), Ack("jobs", iter(leases([c, b])), 1))
+    assert results == [{}, {b[ID]: StaleReason.SETTLED}]
+    assert await counts(store, "jobs") == (1, 0, 0, 1)

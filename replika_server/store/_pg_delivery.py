@@ -193,6 +193,7 @@ class PgDelivering(PgPublishing):
     async def _settle(self, op: Settle) -> Settled:
         q = await self._queue(op.queue)
         leases = [(int(mid), int(token)) for mid, token in op.leases]
+        op.leases = leases  # iterated again below for an ack
         if isinstance(op, Ack):
             [result] = await self._ack_group([op])
             if isinstance(result, StoreError):

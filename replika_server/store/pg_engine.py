@@ -57,6 +57,7 @@ from replika_server.store.base import (
     Redrive,
     Reject,
     Release,
+    Settle,
     Stats,
     Store,
     StoreCode,
@@ -183,6 +184,9 @@ class PgStore(PgQueues, Store):
             self._cursor = None
 
     async def _execute(self, ops: Sequence[Op]) -> BatchResult:
+        for op in ops:
+            if isinstance(op, Settle) and not isinstance(op.leases, list):
+                op.leases = list(op.leases)  # an iterator (the request parser's zip) would not survive a retry
         for attempt in range(RETRIES + 1):
             self._batch = Batch()
             try:
@@ -210,7 +214,7 @@ class PgStore(PgQueues, Store):
         # Pipeline mode: a statement whose result no op waits for (BEGIN, the count write-back, NOTIFY) goes out
         # with the next one instead of costing a round trip of its own.
         async with conn.pipeline(), conn.transaction():
-            self._cursor = conn.cursor()
+            self._cursor = conn.cursor(binary=True)  # bytea and numbers without a text round trip
             i = 0
             while i < len(ops):
                 group = _group(ops, i)
@@ -321,7 +325,7 @@ class PgStore(PgQueues, Store):
         """Read the next timer and the tables' size (at open)."""
         assert self._conn is not None
         async with self._conn.transaction():
-            self._cursor = self._conn.cursor()
+            self._cursor = self._conn.cursor(binary=True)
             try:
                 self._next_wall = await self._next_due()
                 await self._refresh_size()
