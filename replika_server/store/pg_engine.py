@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 import structlog
 
 from replika_server.store._pg_core import Batch
@@ -72,7 +73,8 @@ __all__ = ["CHANNEL", "POLL_INTERVAL", "RETRIES", "PgStore"]
 
 log = structlog.get_logger("replika.store")
 
-#: The channel of the ready notifications.
+#: The channel of the ready notifications, followed by the schema's name: channels are per database, and the
+#: brokers of another schema of it serve other queues.
 CHANNEL = "replika_ready"
 #: Seconds between the broker's timer runs on this engine: the bound on a long poll's wait for a message whose
 #: notification was lost, on ending a dead node's expired leases, and the heartbeat's period.
@@ -104,6 +106,7 @@ class PgStore(PgQueues, Store):
         self._listener: asyncio.Task[None] | None = None
         self._wake: Callable[[str], None] | None = None
         self._idle: set[str] = set()
+        self._channel = CHANNEL
         self._next_wall: float | None = None
         self._size = 0
         self._size_at = 0.0
@@ -137,6 +140,8 @@ class PgStore(PgQueues, Store):
         store = cls(url, options)
         conn = await store._connect()
         found = await migrate(conn)
+        row = await (await conn.execute("SELECT current_schema()")).fetchone()
+        store._channel = f"{CHANNEL}.{row[0] if row else 'public'}"
         now = store._clock.time()
         async with conn.transaction():
             await conn.execute(
@@ -279,7 +284,7 @@ class PgStore(PgQueues, Store):
                 await self._trim_history(q, exact_only=True)
         if self._batch.readied:
             for payload in _notifications(self._node, sorted(self._batch.readied)):
-                await self._cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                await self._cur.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
         if time.monotonic() - self._size_at > _SIZE_EVERY:
             await self._refresh_size()
 
@@ -351,7 +356,7 @@ class PgStore(PgQueues, Store):
             try:
                 conn = await self._connect()
                 try:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     backoff = 0.2
                     async for note in conn.notifies():
                         self._notified(note.payload)
