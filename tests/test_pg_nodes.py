@@ -194,3 +194,15 @@ async def test_every_nodes_admin_sidecar_shows_the_shared_queues(nodes: list[Ser
             assert row["counters"]["published"] == 0  # this node's events: the publishes went through A
             names = [q["queue"] for q in (await admin.get("/api/queues")).json()["queues"]]
             assert "shown" in names
+
+
+async def test_a_killed_nodes_long_leases_come_back_after_its_heartbeat_stops(nodes: list[ServerProcess]) -> None:
+    a, b, _ = nodes
+    async with replika.AsyncClient(a.url) as ca:
+        await ca.publish("orphans", b"held")
+        async with replika.AsyncClient(b.url) as cb:
+            [held] = await cb.fetch("orphans", lease=3600)  # would be held for an hour
+            b.kill()
+        # A and C see B's heartbeat stop (NODE_TIMEOUT, 15 s) and end its leases then, not in an hour.
+        [again] = await ca.fetch("orphans", wait=WAIT, lease=60)
+        assert (again.id, again.payload, again.attempts) == (held.id, b"held", 2)
