@@ -207,11 +207,15 @@ class PgCore:
         if row is None:
             self._batch.queues.pop(name, None)
             return None
+        return self._known(name, row[0], row[1], row[2])
+
+    def _known(self, name: str, options: Any, count: int, size: int) -> PgQueue:
+        """``name`` as its row says now (``count`` and ``size`` as stored), plus what this batch changed."""
+        q = self._batch.queues.get(name)
         if q is None:
-            q = PgQueue(name, decode_options(row[0]), 0, 0)
-            self._batch.queues[name] = q
-        q.options = decode_options(row[0])
-        q.count, q.bytes = int(row[1]) + q.d_count, int(row[2]) + q.d_bytes
+            q = self._batch.queues[name] = PgQueue(name, decode_options(options), 0, 0)
+        q.options = decode_options(options)
+        q.count, q.bytes = int(count) + q.d_count, int(size) + q.d_bytes
         return q
 
     async def _queue(self, name: str) -> PgQueue:

@@ -107,7 +107,6 @@ class PgPublishing(PgHistorian):
         gets its own answer, as if the group had never been formed."""
         name = ops[0].queue
         now = self._clock.time()
-        q = await self._find(name, lock=True)
         packed: list[list[bytes | None]] = [
             [pack_headers(h) for h in op.headers] if op.headers else [None] * len(op.payloads) for op in ops
         ]
@@ -116,17 +115,19 @@ class PgPublishing(PgHistorian):
             for op, hs in zip(ops, packed, strict=True)
         ]
         n, added = sum(len(s) for s in sizes), sum(sum(s) for s in sizes)
+        q, first = await self._reserve(name, n)  # the lock, the row and the ids in one round trip
         try:
             if await self._room(name, q, n, added):
                 raise StoreError(StoreCode.QUEUE_FULL, "room must be made")  # victims: one at a time, in order
             await self._check_room_in_store(added)
         except StoreError:
+            if q is not None:  # give the ids back: the lock is still ours, nobody took any after them
+                await self._cur.execute("UPDATE replika_queues SET next_id = %s WHERE name = %s", (first, name))
             return [await self._one_publish(op) for op in ops]
         if q is None:
             await self._get_or_create(name)
-            q = await self._find(name, lock=True)
+            q, first = await self._reserve(name, n)
             assert q is not None
-        first = await self._next_ids(q, n)
         rows = _Rows()
         for op, hs, ss in zip(ops, packed, sizes, strict=True):
             rows.add(q, op, now, op.payloads, hs, ss)
@@ -243,6 +244,21 @@ class PgPublishing(PgHistorian):
             )
             self._batch.timers.append(plan.now + window)
         return Published(first, n, ids)
+
+    async def _reserve(self, name: str, n: int) -> tuple[PgQueue | None, int]:
+        """Lock queue ``name``, read it and reserve ``n`` consecutive ids: (the queue, the first id), or (None, 0)
+        when it does not exist."""
+        await self._cur.execute(
+            "UPDATE replika_queues SET next_id = next_id + %s WHERE name = %s "
+            "RETURNING next_id - %s, options, count, bytes",
+            (n, name, n),
+        )
+        row = await self._cur.fetchone()
+        if row is None:
+            return None, 0
+        first = int(row[0])
+        self._batch.fresh.setdefault(name, first)
+        return self._known(name, row[1], row[2], row[3]), first
 
     async def _next_ids(self, q: PgQueue, n: int) -> int:
         """Reserve ``n`` consecutive ids of ``q``; the first."""

@@ -32,8 +32,8 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg import sql
 import structlog
+from psycopg import sql
 
 from replika_server.store._pg_core import Batch
 from replika_server.store._pg_queues import PgQueues
