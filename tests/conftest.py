@@ -21,7 +21,7 @@ from replika_server.config import Config
 from replika_server.node import Node as Server
 from replika_server.store import Store
 from tests.engines import ENGINES, LmdbOpener, Opener, StoreSpace
-from tests.pg import postgres_server  # noqa: F401  (the session fixture of the PostgreSQL engine's tests)
+from tests.pg import postgres_server, replicated_postgres  # noqa: F401  (the PostgreSQL engine's tests' fixtures)
 from tests.tokens import AUTH, write
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
