@@ -2,7 +2,8 @@
 
 Everything protocol is in :class:`replika._core.ClientProtocol`; this writes its bytes, reads until a call's
 reply is in, and reads the replies of settles not waited for when they are there (a blocking client has no
-background to read them in).
+background to read them in). Settles not waited for are held back in the core until a write goes anyway, the
+client is about to block, or :meth:`replika._settle.Settles.due` says they must leave (SPEC.md §5).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ssl as _ssl
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 from replika._core import DEFAULT_URL, SETTLE_WINDOW, ClientProtocol, check, parse_url, tls_context
@@ -39,6 +41,9 @@ class SyncConnection:
     ) -> None:
         self._endpoint = parse_url(url)
         self._ssl = tls_context(self._endpoint, ssl)
+        #: The clock (seconds) that times held-back settles, the caller's pace and the connection's silence;
+        #: tests replace it to move time without sleeping.
+        self._clock: Callable[[], float] = time.monotonic
         self._last_io = 0.0
         # Waiters are request ids: a reply is kept in _replies until the call that sent the request reads it.
         self._core: ClientProtocol[int] = ClientProtocol(client_name, token, self._endpoint)
@@ -159,13 +164,14 @@ class SyncConnection:
 
     def _flush(self) -> None:
         """Send every request the core has queued."""
+        if self._sock is None:
+            raise ConnectionLost("not connected")
         data = self._core.data_to_send()
         if not data:
             return
-        assert self._sock is not None
         try:
             self._sock.sendall(data)
-            self._last_io = time.monotonic()
+            self._last_io = self._clock()
         except OSError as exc:
             self._drop()
             raise _lost(exc, self._timeout) from None
@@ -183,6 +189,13 @@ class SyncConnection:
         return self._replies.pop(rid)
 
     def _receive(self, timeout: float | None) -> None:
+        """Send what is queued, held-back settles included (nothing waits unsent while the client blocks), then
+        read once, blocking up to ``timeout`` seconds."""
+        if self._core.has_data_to_send:
+            self._flush()
+        self._recv_once(timeout)
+
+    def _recv_once(self, timeout: float | None) -> None:
         """One read from the socket, its replies routed by the core; raise if the connection failed."""
         sock = self._sock
         if sock is None:
@@ -196,7 +209,7 @@ class SyncConnection:
         if not data:
             self._drop()
             raise ConnectionLost("the broker closed the connection")
-        self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
+        self._last_io = self._clock()  # a reply (say, of a long poll) restarts the broker's idle clock too
         core = self._core
         for rid, frame in core.receive_data(data):
             self._replies[rid] = frame
@@ -204,7 +217,8 @@ class SyncConnection:
             failure = core.failure
             self._drop()
             raise failure
-        self._flush()  # fetches nobody waits for any more are handed back
+        if core.has_requests_to_send:
+            self._flush()  # fetches nobody waits for any more are handed back
 
     def _read_settles(self) -> None:
         """Read the replies of settles not waited for that are already in, without blocking; block only while
@@ -213,7 +227,13 @@ class SyncConnection:
         while settles.unconfirmed > SETTLE_WINDOW:
             self._receive(self._timeout)
         if settles.unconfirmed and self._readable():
-            self._receive(self._timeout)
+            self._recv_once(self._timeout)
+
+    def _send_due(self, ahead: float = 0.0) -> None:
+        """Write the settles held back if they must leave now, or would have to by ``ahead`` seconds from now
+        (see :meth:`replika._settle.Settles.due`)."""
+        if self._core.settles.due(self._clock(), ahead):
+            self._flush()
 
     def _readable(self) -> bool:
         sock, poll = self._sock, self._poll
@@ -230,7 +250,7 @@ class SyncConnection:
         if deferred and self._sock is not None and self._core.settles.unconfirmed:
             self._read_settles()
         interval = self._core.keepalive_interval
-        if self._sock is not None and interval is not None and time.monotonic() - self._last_io > 2.7 * interval:
+        if self._sock is not None and interval is not None and self._clock() - self._last_io > 2.7 * interval:
             self._drop()  # the broker may have closed it as idle by now: start afresh rather than fail
         if deferred and self._core.settles.has_errors:
             self._raise_deferred()

@@ -257,8 +257,11 @@ class Client(SyncConnection):
         batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
         if batch:
             self._ensure(deferred=False)
-            self._core.settle(op, batch, extra, now=True)
-            self._flush()  # at once: an ack must not sit unsent while the caller works on the next message
+            self._core.settle(op, batch, extra, self._clock())
+            if op == "touch":
+                self._flush()  # a touch is of use only if it reaches the broker while the caller works
+            else:
+                self._send_due()
             self._read_settles()
         if wait:
             self.flush()
@@ -298,10 +301,14 @@ class Client(SyncConnection):
         buffer: deque[SyncMessage] = deque()
         pending: deque[tuple[int, int]] = deque()  # fetches in flight: (messages asked for, request id)
         backoff = BACKOFF_FIRST
+        held = 0.0  # seconds the caller took over the message it had last
         try:
             while True:
-                if not window.full(len(buffer)):
-                    try:
+                try:
+                    # The caller's last message took it ``held`` s: if the next is as slow, waiting for the next
+                    # call would keep the settles held back past SETTLE_DELAY, so they leave now.
+                    self._send_due(held)
+                    if not window.full(len(buffer)):
                         self._ensure(deferred=False)
                         want = window.want(len(buffer), sum(n for n, _ in pending))
                         if want:
@@ -310,16 +317,17 @@ class Client(SyncConnection):
                             buffer.extend(self._finish_fetch(pending.popleft()[1], queue, CONSUME_POLL))
                             backoff = BACKOFF_FIRST
                             continue
-                    except ConnectionLost:
-                        pending.clear()
-                        buffer.clear()  # their leases ended with the connection
-                        time.sleep(backoff * (1 + random.random()))
-                        backoff = min(backoff * 2, BACKOFF_MAX)
-                        continue
+                except ConnectionLost:
+                    pending.clear()
+                    buffer.clear()  # their leases ended with the connection
+                    time.sleep(backoff * (1 + random.random()))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
                 msg = buffer.popleft()
-                taken = time.perf_counter()
+                taken = self._clock()
                 yield msg
-                window.handed_out(time.perf_counter() - taken, len(msg.payload))
+                held = self._clock() - taken
+                window.handed_out(held, len(msg.payload))
         finally:
             self._leave_consume(queue, buffer, pending)
 
