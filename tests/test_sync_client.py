@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 
 import replika
-from tests.conftest import ServerProcess
+from replika._settle import SETTLE_DELAY
+from tests.clock import ManualClock
+from tests.conftest import WAIT, RunningServer, ServerProcess
 
 
 def test_blocking_round_trip(server_process: ServerProcess) -> None:
@@ -75,3 +82,134 @@ def test_sigterm_drains_and_exits_zero(server_process: ServerProcess) -> None:
     with replika.Client(server_process.url) as client:
         msgs = client.fetch("t", max=10)
         assert [(m.payload, m.attempts) for m in msgs] == [(b"1", 2), (b"2", 1)]
+
+
+# ----------------------------------------------------------------------------- settles held back (SPEC.md §5)
+def held_client(url: str) -> tuple[replika.Client, ManualClock]:
+    """A blocking client whose clock moves only when the test says: no held-back settle comes due by age unless
+    the test advances it."""
+    client = replika.Client(url)
+    clock = ManualClock()
+    client._clock = clock.monotonic
+    return client, clock
+
+
+def poll(condition: Callable[[], bool], what: str) -> None:
+    """Wait, up to WAIT seconds, for ``condition`` to hold (it is checked on another connection or on the broker:
+    the client under test must make no call meanwhile)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
+        time.sleep(0.02)
+
+
+def stale_delivery(client: replika.Client, queue: str) -> tuple[replika.SyncMessage, replika.SyncMessage]:
+    """A message delivered twice: the first delivery's token is no longer current."""
+    client.publish(queue, b"job")
+    [first] = client.fetch(queue, lease=0.05)
+    [second] = client.fetch(queue, wait=WAIT)  # once the first lease expired
+    assert second.id == first.id and second.token != first.token
+    return first, second
+
+
+async def test_held_acks_leave_as_one_request_with_the_next_write_and_a_touch_leaves_at_once(
+    server: RunningServer,
+) -> None:
+    broker = server.server.broker
+
+    def run() -> None:
+        client, _ = held_client(server.url)
+        with client:
+            client.publish_many("held", [str(i).encode() for i in range(51)])
+            *msgs, last = client.fetch("held", max=51)
+            ops = broker.batched_ops
+            for msg in msgs:
+                msg.ack()  # held back: the clock stands still and fewer than SETTLE_BATCH are held
+            last.touch(lease=WAIT)  # written at once, the fifty acks before it: two requests
+            poll(lambda: broker.batched_ops == ops + 2, "the held acks and the touch reached the broker")
+            client.flush()
+            assert broker.batched_ops == ops + 2  # nothing else was sent
+            last.ack()
+            assert client.stats("held")["total"] == 0  # the ack went with the stats request, before it
+
+    await asyncio.to_thread(run)
+
+
+def test_held_acks_leave_before_consume_blocks_and_nothing_is_delivered_again(server_process: ServerProcess) -> None:
+    client, _ = held_client(server_process.url)
+    got: list[int] = []
+
+    def consume() -> None:
+        with client:
+            for msg in client.consume("idle", prefetch=16):
+                got.append(int(msg.payload))
+                msg.ack()
+                if len(got) == 11:
+                    break
+
+    with replika.Client(server_process.url) as other:
+        other.publish_many("idle", [str(i).encode() for i in range(10)])
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        # The consumer has taken all ten and waits in a long poll: its acks must have gone before it blocked.
+        poll(lambda: other.stats("idle")["total"] == 0, "the acks held back reached the broker")
+        other.publish("idle", b"10")  # lets the loop end: its last ack goes at close
+        consumer.join(WAIT)
+        assert not consumer.is_alive() and got == list(range(11))
+        stats = other.stats("idle")
+        assert (stats["total"], stats["in_flight"]) == (0, 0)
+        assert other.fetch("idle") == []  # acked, not leased: nothing is delivered again
+
+
+def test_a_slow_consumers_ack_leaves_by_the_next_call_after_settle_delay(server_process: ServerProcess) -> None:
+    client, clock = held_client(server_process.url)
+    with client, replika.Client(server_process.url) as other:
+        client.publish_many("slow", [str(i).encode() for i in range(10)])
+        consumer = client.consume("slow", prefetch=10)  # all ten in one fetch: no other is due for a while
+        a = next(consumer)
+        clock.advance(SETTLE_DELAY)  # the work on a took this long ...
+        a.ack()  # ... and its ack, once made, would be due at once by the next call at that pace:
+        next(consumer)  # the iterator writes it before handing out the next message
+        poll(lambda: other.stats("slow")["total"] == 9, "a's ack reached the broker while b is worked on")
+        consumer.close()
+        client.publish_many("calls", [b"c", b"d"])
+        c, d = client.fetch("calls", max=2)
+        c.ack()  # held: made just now
+        clock.advance(SETTLE_DELAY)
+        d.ack()  # the first call SETTLE_DELAY after c's ack writes both
+        poll(lambda: other.stats("calls")["total"] == 0, "c's and d's acks reached the broker")
+
+
+def test_a_held_acks_stale_lease_reaches_the_barrier_or_the_next_call(server_process: ServerProcess) -> None:
+    client, _ = held_client(server_process.url)
+    with client:
+        first, second = stale_delivery(client, "stale")
+        first.ack()
+        with pytest.raises(replika.StaleLease) as info:
+            client.flush()
+        assert info.value.failed == {first.id: "STALE_LEASE"}
+        client.flush()  # raised once
+        first.ack()
+        client.stats("stale")  # the held ack leaves with it, and its reply is read before the stats reply
+        with pytest.raises(replika.StaleLease):
+            client.publish("stale", b"never")  # the next call raises it before doing anything
+        assert client.stats("stale")["total"] == 1
+        first.ack()
+        with pytest.raises(replika.StaleLease):
+            second.ack(wait=True)  # its own ack is applied; the earlier failure is raised here
+        assert client.stats("stale")["total"] == 0
+
+
+def test_connection_lost_with_acks_held_back_is_raised_by_the_barrier(server_process: ServerProcess) -> None:
+    client, _ = held_client(server_process.url)
+    client.connect()
+    client.publish_many("lost", [b"1", b"2"])
+    msgs = client.fetch("lost", max=2)
+    client.ack(msgs)  # held back
+    server_process.kill()
+    with pytest.raises(replika.ConnectionLost, match="2 settle"):
+        client.flush()  # never claims the acks durable
+    client.close()  # already raised: nothing more
+    server_process.start()
+    with replika.Client(server_process.url) as other:  # the acks were never applied: delivered again
+        assert sorted(m.payload for m in other.fetch("lost", max=2, wait=WAIT)) == [b"1", b"2"]

@@ -52,6 +52,10 @@ CONSUME_POLL = 5.0
 #: a bound on what the broker must hold for a client that only writes (it stops reading a client that does not
 #: read, which would stall both). About 40 bytes of reply each.
 SETTLE_WINDOW = 1024
+#: Seconds between the blocking client's looks for replies of settles already in its socket, at a settle call:
+#: a look is a system call (poll), which at every ack of a fast loop costs a fifth of its speed; so a reply is
+#: read (and its error raised) by the first call that starts at least this long after it arrived, or sooner.
+REPLY_LOOK = 0.001
 #: consume()'s default ``prefetch``: the most messages it leases ahead of its caller. Deep enough that a fast
 #: caller never waits on a commit (a fetch's reply waits for its commit, about 0.3-1 ms with an fsync, so a
 #: window of N carries at most N/2 messages per commit); the lease and byte bounds of Prefetch keep a slow caller

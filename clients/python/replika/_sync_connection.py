@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Self
 
-from replika._core import DEFAULT_URL, SETTLE_WINDOW, ClientProtocol, check, parse_url, tls_context
+from replika._core import DEFAULT_URL, REPLY_LOOK, SETTLE_WINDOW, ClientProtocol, check, parse_url, tls_context
 from replika.errors import ConnectionLost, ReplikaError
 from replika_protocol import Frame
 
@@ -45,6 +45,7 @@ class SyncConnection:
         #: tests replace it to move time without sleeping.
         self._clock: Callable[[], float] = time.monotonic
         self._last_io = 0.0
+        self._last_read = 0.0  # when the client last read its socket, or looked and found nothing
         # Waiters are request ids: a reply is kept in _replies until the call that sent the request reads it.
         self._core: ClientProtocol[int] = ClientProtocol(client_name, token, self._endpoint)
         self._connect_timeout = connect_timeout
@@ -209,7 +210,8 @@ class SyncConnection:
         if not data:
             self._drop()
             raise ConnectionLost("the broker closed the connection")
-        self._last_io = self._clock()  # a reply (say, of a long poll) restarts the broker's idle clock too
+        # A reply (of a long poll, say) restarts the broker's idle clock too.
+        self._last_io = self._last_read = self._clock()
         core = self._core
         for rid, frame in core.receive_data(data):
             self._replies[rid] = frame
@@ -220,19 +222,26 @@ class SyncConnection:
         if core.has_requests_to_send:
             self._flush()  # fetches nobody waits for any more are handed back
 
-    def _read_settles(self) -> None:
+    def _read_settles(self, now: float | None = None) -> None:
         """Read the replies of settles not waited for that are already in, without blocking; block only while
-        more than SETTLE_WINDOW are unanswered."""
+        more than SETTLE_WINDOW are unanswered. With ``now`` (a settle call's time), look only if the socket was
+        not read within the last REPLY_LOOK seconds."""
         settles = self._core.settles
         while settles.unconfirmed > SETTLE_WINDOW:
             self._receive(self._timeout)
-        if settles.unconfirmed and self._readable():
+        if not settles.unconfirmed:
+            return
+        if now is not None:
+            if now - self._last_read < REPLY_LOOK:
+                return
+            self._last_read = now
+        if self._readable():
             self._recv_once(self._timeout)
 
-    def _send_due(self, ahead: float = 0.0) -> None:
-        """Write the settles held back if they must leave now, or would have to by ``ahead`` seconds from now
-        (see :meth:`replika._settle.Settles.due`)."""
-        if self._core.settles.due(self._clock(), ahead):
+    def _send_due(self, now: float, ahead: float = 0.0) -> None:
+        """Write the settles held back if, at time ``now``, they must leave, or would have to by ``ahead`` seconds
+        from now (see :meth:`replika._settle.Settles.due`)."""
+        if self._core.settles.due(now, ahead):
             self._flush()
 
     def _readable(self) -> bool:

@@ -257,12 +257,13 @@ class Client(SyncConnection):
         batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
         if batch:
             self._ensure(deferred=False)
-            self._core.settle(op, batch, extra, self._clock())
+            now = self._clock()
+            self._core.settle(op, batch, extra, now)
             if op == "touch":
                 self._flush()  # a touch is of use only if it reaches the broker while the caller works
             else:
-                self._send_due()
-            self._read_settles()
+                self._send_due(now)
+            self._read_settles(now)
         if wait:
             self.flush()
         elif self._core.settles.has_errors:
@@ -307,7 +308,7 @@ class Client(SyncConnection):
                 try:
                     # The caller's last message took it ``held`` s: if the next is as slow, waiting for the next
                     # call would keep the settles held back past SETTLE_DELAY, so they leave now.
-                    self._send_due(held)
+                    self._send_due(self._clock(), held)
                     if not window.full(len(buffer)):
                         self._ensure(deferred=False)
                         want = window.want(len(buffer), sum(n for n, _ in pending))
