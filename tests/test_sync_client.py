@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +214,19 @@ def test_connection_lost_with_acks_held_back_is_raised_by_the_barrier(server_pro
     server_process.start()
     with replika.Client(server_process.url) as other:  # the acks were never applied: delivered again
         assert sorted(m.payload for m in other.fetch("lost", max=2, wait=WAIT)) == [b"1", b"2"]
+
+
+def test_acks_held_when_a_quiet_connection_is_replaced_are_reported_not_dropped(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path / "d", "--idle-timeout", "60").start()
+    try:
+        client, clock = held_client(proc.url)
+        with client:
+            client.publish("quiet", b"x")
+            [msg] = client.fetch("quiet", lease=WAIT)
+            msg.ack()  # held back ...
+            clock.advance(0.95 * 60)  # ... while the caller is away longer than the broker lets a connection idle
+            with pytest.raises(replika.ConnectionLost, match="1 settle"):
+                client.stats("quiet")  # replaced before the call: the held ack cannot be confirmed any more
+            assert client.stats("quiet")["total"] in (0, 1)  # written before the drop: it may have been applied
+    finally:
+        proc.stop()

@@ -66,7 +66,8 @@ class Message(MessageData):
 
 class SyncMessage(MessageData):
     """A message delivered to a blocking :class:`Client`. Its settle methods are the client's for this one
-    message: the request is written before they return, its reply read later; ``wait=True`` waits until it is
+    message: an ack, nack or reject is held back and written with others, at the latest by the client's first
+    call 0.02 s later, a touch is written at once, and replies are read later; ``wait=True`` waits until it is
     durable and raises its errors there (see :meth:`Client.ack`)."""
 
     __slots__ = ()

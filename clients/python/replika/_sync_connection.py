@@ -8,6 +8,7 @@ client is about to block, or :meth:`replika._settle.Settles.due` says they must 
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl as _ssl
@@ -260,7 +261,12 @@ class SyncConnection:
             self._read_settles()
         interval = self._core.keepalive_interval
         if self._sock is not None and interval is not None and self._clock() - self._last_io > 2.7 * interval:
-            self._drop()  # the broker may have closed it as idle by now: start afresh rather than fail
+            # The broker may have closed it as idle by now: start afresh rather than fail. Settles held back are
+            # written first all the same, as the broker's own timeout may not have run out yet; either way they
+            # are reported (ConnectionLost: perhaps applied), since no reply can be read on this connection.
+            with contextlib.suppress(ConnectionLost):
+                self._flush()
+            self._drop()
         if deferred and self._core.settles.has_errors:
             self._raise_deferred()
         if self._sock is None:
