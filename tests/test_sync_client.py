@@ -113,7 +113,7 @@ def stale_delivery(client: replika.Client, queue: str) -> tuple[replika.SyncMess
     return first, second
 
 
-async def test_held_acks_leave_as_one_request_with_the_next_write_and_a_touch_leaves_at_once(
+async def test_acks_in_a_consume_loop_are_held_and_leave_as_one_request_and_elsewhere_at_once(
     server: RunningServer,
 ) -> None:
     broker = server.server.broker
@@ -121,17 +121,24 @@ async def test_held_acks_leave_as_one_request_with_the_next_write_and_a_touch_le
     def run() -> None:
         client, _ = held_client(server.url)
         with client:
-            client.publish_many("held", [str(i).encode() for i in range(51)])
-            *msgs, last = client.fetch("held", max=51)
+            client.publish_many("held", [str(i).encode() for i in range(50)])
+            consumer = client.consume("held", prefetch=50)  # one fetch of 50; the next once 25 are taken
+            first = next(consumer)  # that fetch is answered, so counted
             ops = broker.batched_ops
-            for msg in msgs:
-                msg.ack()  # held back: the clock stands still and fewer than SETTLE_BATCH are held
-            last.touch(lease=WAIT)  # written at once, the fifty acks before it: two requests
+            first.ack()  # held back: the clock stands still and fewer than SETTLE_BATCH are held
+            for _ in range(19):
+                next(consumer).ack()
+            next(consumer).touch(lease=WAIT)  # written at once, the twenty acks before it: two requests
             poll(lambda: broker.batched_ops == ops + 2, "the held acks and the touch reached the broker")
             client.flush()
             assert broker.batched_ops == ops + 2  # nothing else was sent
-            last.ack()
-            assert client.stats("held")["total"] == 0  # the ack went with the stats request, before it
+            consumer.close()  # the 29 not handed out go back
+            assert client.stats("held")["total"] == 30
+            [msg] = client.fetch("held")
+            ops = broker.batched_ops
+            msg.ack()  # outside a consume() loop: written before it returns
+            poll(lambda: broker.batched_ops == ops + 1, "the ack reached the broker with no further call")
+            assert client.stats("held")["total"] == 29
 
     await asyncio.to_thread(run)
 
@@ -154,7 +161,7 @@ def test_held_acks_leave_before_consume_blocks_and_nothing_is_delivered_again(se
         consumer.start()
         # The consumer has taken all ten and waits in a long poll: its acks must have gone before it blocked.
         poll(lambda: other.stats("idle")["total"] == 0, "the acks held back reached the broker")
-        other.publish("idle", b"10")  # lets the loop end: its last ack goes at close
+        other.publish("idle", b"10")  # lets the loop end: its last ack goes when the loop is left
         consumer.join(WAIT)
         assert not consumer.is_alive() and got == list(range(11))
         stats = other.stats("idle")
@@ -162,29 +169,33 @@ def test_held_acks_leave_before_consume_blocks_and_nothing_is_delivered_again(se
         assert other.fetch("idle") == []  # acked, not leased: nothing is delivered again
 
 
-def test_a_slow_consumers_ack_leaves_by_the_next_call_after_settle_delay(server_process: ServerProcess) -> None:
+def test_held_acks_leave_by_the_first_call_settle_delay_later_or_before_a_slow_callers_next_message(
+    server_process: ServerProcess,
+) -> None:
     client, clock = held_client(server_process.url)
     with client, replika.Client(server_process.url) as other:
         client.publish_many("slow", [str(i).encode() for i in range(10)])
         consumer = client.consume("slow", prefetch=10)  # all ten in one fetch: no other is due for a while
-        a = next(consumer)
-        clock.advance(SETTLE_DELAY)  # the work on a took this long ...
-        a.ack()  # ... and its ack, once made, would be due at once by the next call at that pace:
+        next(consumer).ack()  # held
+        b = next(consumer)  # made just now: still held
+        clock.advance(SETTLE_DELAY)  # the work on b takes this long
+        b.ack()  # the first call SETTLE_DELAY after the first ack writes both
+        poll(lambda: other.stats("slow")["total"] == 8, "the first two acks reached the broker")
+        c = next(consumer)
+        clock.advance(SETTLE_DELAY)  # the work on c took this long ...
+        c.ack()  # ... and its ack, made just now, would be SETTLE_DELAY old by the next call at that pace:
         next(consumer)  # the iterator writes it before handing out the next message
-        poll(lambda: other.stats("slow")["total"] == 9, "a's ack reached the broker while b is worked on")
+        poll(lambda: other.stats("slow")["total"] == 7, "c's ack reached the broker while the next is worked on")
         consumer.close()
-        client.publish_many("calls", [b"c", b"d"])
-        c, d = client.fetch("calls", max=2)
-        c.ack()  # held: made just now
-        clock.advance(SETTLE_DELAY)
-        d.ack()  # the first call SETTLE_DELAY after c's ack writes both
-        poll(lambda: other.stats("calls")["total"] == 0, "c's and d's acks reached the broker")
 
 
 def test_a_held_acks_stale_lease_reaches_the_barrier_or_the_next_call(server_process: ServerProcess) -> None:
     client, _ = held_client(server_process.url)
     with client:
         first, second = stale_delivery(client, "stale")
+        client.publish_many("stale", [b"a", b"b"])
+        consumer = client.consume("stale", prefetch=10)
+        a = next(consumer)  # in the loop: settles are held back
         first.ack()
         with pytest.raises(replika.StaleLease) as info:
             client.flush()
@@ -194,22 +205,25 @@ def test_a_held_acks_stale_lease_reaches_the_barrier_or_the_next_call(server_pro
         client.stats("stale")  # the held ack leaves with it, and its reply is read before the stats reply
         with pytest.raises(replika.StaleLease):
             client.publish("stale", b"never")  # the next call raises it before doing anything
-        assert client.stats("stale")["total"] == 1
         first.ack()
         with pytest.raises(replika.StaleLease):
             second.ack(wait=True)  # its own ack is applied; the earlier failure is raised here
-        assert client.stats("stale")["total"] == 0
+        a.ack()
+        consumer.close()  # b goes back
+        assert client.stats("stale")["total"] == 1
 
 
 def test_connection_lost_with_acks_held_back_is_raised_by_the_barrier(server_process: ServerProcess) -> None:
     client, _ = held_client(server_process.url)
     client.connect()
     client.publish_many("lost", [b"1", b"2"])
-    msgs = client.fetch("lost", max=2)
-    client.ack(msgs)  # held back
+    consumer = client.consume("lost", prefetch=10)
+    next(consumer).ack()  # held back
+    next(consumer).ack()
     server_process.kill()
     with pytest.raises(replika.ConnectionLost, match="2 settle"):
         client.flush()  # never claims the acks durable
+    consumer.close()
     client.close()  # already raised: nothing more
     server_process.start()
     with replika.Client(server_process.url) as other:  # the acks were never applied: delivered again
@@ -222,11 +236,12 @@ def test_acks_held_when_a_quiet_connection_is_replaced_are_reported_not_dropped(
         client, clock = held_client(proc.url)
         with client:
             client.publish("quiet", b"x")
-            [msg] = client.fetch("quiet", lease=WAIT)
-            msg.ack()  # held back ...
+            consumer = client.consume("quiet", prefetch=10, lease=WAIT)
+            next(consumer).ack()  # held back ...
             clock.advance(0.95 * 60)  # ... while the caller is away longer than the broker lets a connection idle
             with pytest.raises(replika.ConnectionLost, match="1 settle"):
                 client.stats("quiet")  # replaced before the call: the held ack cannot be confirmed any more
+            consumer.close()
             assert client.stats("quiet")["total"] in (0, 1)  # written before the drop: it may have been applied
     finally:
         proc.stop()

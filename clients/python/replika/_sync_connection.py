@@ -2,8 +2,9 @@
 
 Everything protocol is in :class:`replika._core.ClientProtocol`; this writes its bytes, reads until a call's
 reply is in, and reads the replies of settles not waited for when they are there (a blocking client has no
-background to read them in). Settles not waited for are held back in the core until a write goes anyway, the
-client is about to block, or :meth:`replika._settle.Settles.due` says they must leave (SPEC.md §5).
+background to read them in). Settles not waited for that are made in a ``consume()`` loop are held back in the
+core until a write goes anyway, the client is about to block, or :meth:`replika._settle.Settles.due` says they
+must leave (SPEC.md §5 "Settles not waited for").
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class SyncConnection:
         self._clock: Callable[[], float] = time.monotonic
         self._last_io = 0.0
         self._last_read = 0.0  # when the client last read its socket, or looked and found nothing
+        # consume() loops of this client whose caller holds a message now (suspended at their yield): a settle
+        # made meanwhile may be held back, since the loop's next step is a call on the client sure to come.
+        self._looping = 0
         # Waiters are request ids: a reply is kept in _replies until the call that sent the request reads it.
         self._core: ClientProtocol[int] = ClientProtocol(client_name, token, self._endpoint)
         self._connect_timeout = connect_timeout

@@ -43,17 +43,18 @@ class Client(SyncConnection):
     ``idle_timeout`` (270 s by default) without a call, ``touch`` included, may be delivered again and its ack
     fail with :class:`~replika.StaleLease`.
 
-    Settling is fast by default, with :class:`AsyncClient`'s rules, except when requests leave. :meth:`ack`,
-    :meth:`nack` and :meth:`reject` return at once and their settles are held back in the client, then written
-    together (one request per run of one op and queue): with the next request the client writes anyway
-    (``consume()``'s next fetch, any other call, a :meth:`touch`), before the client blocks on the network, once
-    ``SETTLE_BATCH`` (512) are held, at a settle call or step of ``consume()`` that starts ``SETTLE_DELAY``
-    (0.02 s) or more after the oldest was made, or at a step of ``consume()`` when the caller's last message took
-    it long enough that the next step would come later than that. :meth:`touch` is written before it returns.
-    So a held settle is written at the latest by the first call on the client that starts 0.02 s after it, and
-    never between calls: before a long pause, :meth:`flush`. Replies are read whenever the client reads anyway;
-    a call first reads those already in without blocking (a settle call at most once a millisecond); more than
-    ``SETTLE_WINDOW`` (1,024) unanswered settle requests make a settle call read until 1,024 or fewer are.
+    Settling is fast by default, with :class:`AsyncClient`'s rules, except when requests leave. Outside a
+    :meth:`consume` loop, :meth:`ack`, :meth:`nack`, :meth:`reject` and :meth:`touch` write their request before
+    they return and do not wait for the reply. Inside one (while the caller holds a message it handed out), an
+    ack, nack or reject is held back and written with the others held (one request per run of one op and queue):
+    with the next request the client writes anyway (the loop's next fetch, any other call, a touch), before the
+    client blocks on the network, once ``SETTLE_BATCH`` (512) are held, at a settle call or loop step that starts
+    ``SETTLE_DELAY`` (0.02 s) or more after the oldest was made, at a loop step when the caller's last message
+    took it long enough that the next step would come later than that, and when the loop is left. So a held
+    settle is written at the latest by the first call on the client that starts 0.02 s after it, which in the
+    loop is within 0.02 s plus the caller's time over one message. Replies are read whenever the client reads
+    anyway; a call first reads those already in without blocking (a settle call at most once a millisecond); more
+    than ``SETTLE_WINDOW`` (1,024) unanswered settle requests make a settle call read until 1,024 or fewer are.
     ``wait=True``, :meth:`flush` and :meth:`close` write what is held and wait until every settle so far is
     durable. An error of a settle not waited for is raised by the next call once its reply has been read, else by
     :meth:`flush` or :meth:`close`. SPEC.md §5 "Settles not waited for" has the precise rules.
@@ -266,10 +267,12 @@ class Client(SyncConnection):
             self._ensure(deferred=False)
             now = self._clock()
             self._core.settle(op, batch, extra, now)
-            if op == "touch":
-                self._flush()  # a touch is of use only if it reaches the broker while the caller works
-            else:
+            if self._looping and op != "touch":
                 self._send_due(now)
+            else:
+                # Outside a consume() loop nothing says the caller will call again soon; a touch is of use only
+                # if it reaches the broker while the caller works.
+                self._flush()
             self._read_settles(now)
         if wait:
             self.flush()
@@ -277,28 +280,30 @@ class Client(SyncConnection):
             self._raise_deferred()
 
     def ack(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
-        """Delete processed messages (one or a list). Returns at once: the ack is held back and written with
-        others, at the latest by the first call on the client 0.02 s (``SETTLE_DELAY``) after this one (see the
-        class); durable once the broker answers; ``wait=True``: written now and waited for until durable, as
-        :meth:`flush`. A lease token no longer current fails with :class:`~replika.StaleLease` naming its ids (the
-        rest are applied): raised here with ``wait=True``, else by a later call."""
+        """Delete processed messages (one or a list). The request is written before this returns, or, inside a
+        :meth:`consume` loop, held back and written with others, at the latest by the first call on the client
+        0.02 s (``SETTLE_DELAY``) after this one (see the class); its reply is read later: durable once the broker
+        answers; ``wait=True``: written now and waited for until durable, as :meth:`flush`. A lease token no
+        longer current fails with :class:`~replika.StaleLease` naming its ids (the rest are applied): raised here
+        with ``wait=True``, else by a later call."""
         self._settle("ack", msgs, wait, {})
 
     def nack(
         self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None, *, wait: bool = False
     ) -> None:
-        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay. Held
-        back, or waited for, as :meth:`ack`."""
+        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay. Sent
+        (or held back in a :meth:`consume` loop), or waited for, as :meth:`ack`."""
         self._settle("nack", msgs, wait, {} if delay is None else {"delay": delay})
 
     def reject(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
-        """Move messages to their queue's dead-letter queue now. Held back, or waited for, as :meth:`ack`."""
+        """Move messages to their queue's dead-letter queue now. Sent (or held back in a :meth:`consume` loop), or
+        waited for, as :meth:`ack`."""
         self._settle("reject", msgs, wait, {})
 
     def touch(self, msgs: SyncMessage | Iterable[SyncMessage], lease: float = 30.0, *, wait: bool = False) -> None:
-        """Extend leases to ``lease`` seconds from now. Never held back: written before this returns (with the
-        settles held before it), so that it reaches the broker while the caller works; its reply is read later,
-        or waited for with ``wait=True``, as :meth:`ack`."""
+        """Extend leases to ``lease`` seconds from now. Never held back, even in a :meth:`consume` loop: written
+        before this returns (with the settles held before it), so that it reaches the broker while the caller
+        works; its reply is read later, or waited for with ``wait=True``, as :meth:`ack`."""
         self._settle("touch", msgs, wait, {"lease": lease})
 
     def consume(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH, lease: float = 30.0) -> Iterator[SyncMessage]:
@@ -337,7 +342,11 @@ class Client(SyncConnection):
                     continue
                 msg = buffer.popleft()
                 taken = self._clock()
-                yield msg
+                self._looping += 1
+                try:
+                    yield msg
+                finally:
+                    self._looping -= 1
                 held = self._clock() - taken
                 window.handed_out(held, len(msg.payload))
         finally:
