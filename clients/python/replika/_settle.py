@@ -18,9 +18,10 @@ from replika._message import MessageData
 from replika.errors import ConnectionLost, ReplikaError, StaleLease, error_from_reply
 from replika_protocol import Frame
 
-#: Settled messages the blocking client holds back (in a consume() loop) at most before it writes them: enough that a request's fixed
-#: cost (a frame to build, decode and answer, a send) is spread over many, few enough (about 10 KiB of request)
-#: that a burst does not sit long. consume()'s fetches usually take them sooner (one every half window).
+#: Settled messages the blocking client holds back (in a consume() loop) at most before it writes them: enough
+#: that a request's fixed cost (a frame to build, decode and answer, a send) is spread over many, few enough
+#: (about 10 KiB of request) that a burst does not sit long. consume()'s fetches usually take them sooner (one
+#: every half window).
 SETTLE_BATCH = 512
 #: Seconds a settle may wait in the blocking client before the next call on the client writes it: short beside
 #: a lease (30 s by default), so that holding acks back costs a redelivery only in what it delays, long beside
