@@ -132,13 +132,15 @@ async def test_acks_in_a_consume_loop_are_held_and_leave_as_one_request_and_else
             poll(lambda: broker.batched_ops == ops + 2, "the held acks and the touch reached the broker")
             client.flush()
             assert broker.batched_ops == ops + 2  # nothing else was sent
-            consumer.close()  # the 29 not handed out go back
-            assert client.stats("held")["total"] == 30
+            next(consumer).ack()  # held ...
+            consumer.close()  # ... and written as the loop is left, with the return of the 28 not handed out
+            poll(lambda: broker.batched_ops == ops + 4, "the ack held when the loop was left reached the broker")
+            assert client.stats("held")["total"] == 29
             [msg] = client.fetch("held")
             ops = broker.batched_ops
             msg.ack()  # outside a consume() loop: written before it returns
             poll(lambda: broker.batched_ops == ops + 1, "the ack reached the broker with no further call")
-            assert client.stats("held")["total"] == 29
+            assert client.stats("held")["total"] == 28
 
     await asyncio.to_thread(run)
 
@@ -187,6 +189,16 @@ def test_held_acks_leave_by_the_first_call_settle_delay_later_or_before_a_slow_c
         next(consumer)  # the iterator writes it before handing out the next message
         poll(lambda: other.stats("slow")["total"] == 7, "c's ack reached the broker while the next is worked on")
         consumer.close()
+
+
+def test_the_acks_held_when_a_loop_is_left_are_written_then(server_process: ServerProcess) -> None:
+    client, _ = held_client(server_process.url)
+    with client, replika.Client(server_process.url) as other:
+        client.publish("left", b"x")
+        consumer = client.consume("left", prefetch=1)
+        next(consumer).ack()  # held: the clock stands still
+        consumer.close()  # nothing fetched is left to hand back, but the held ack goes
+        poll(lambda: other.stats("left")["total"] == 0, "the ack held when the loop was left reached the broker")
 
 
 def test_a_held_acks_stale_lease_reaches_the_barrier_or_the_next_call(server_process: ServerProcess) -> None:

@@ -361,7 +361,9 @@ class Client(SyncConnection):
                 self._core.abandon(rid)
             elif landed.get("msgs"):
                 buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
-        if self._sock is not None and buffer:
+        if self._sock is None:
+            return
+        if buffer:
             self._core.hand_back_messages(buffer)
-            with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
-                self._flush()
+        with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
+            self._flush()  # the settles the loop held back go too: nothing says when the next call comes
