@@ -62,11 +62,12 @@ class Row:
 async def run_all(
     systems: list[System], workloads: list[str], params: Params, runs: int, progress: Progress
 ) -> tuple[list[Row], list[str]]:
-    """Every workload ``runs`` times against every system; returns the summary rows and any failures."""
+    """Every workload ``runs`` times against every system; returns the summary rows and any failures. Each run
+    goes through every system in turn, so that a slow spell of a shared machine falls on all of them alike."""
     samples: dict[tuple[str, str, str], list[float]] = {}
     failures: list[str] = []
-    for system in systems:
-        for run in range(runs):
+    for run in range(runs):
+        for system in systems:
             for name in workloads:
                 progress.step(f"{system.name} {name} run {run + 1}/{runs}")
                 try:
