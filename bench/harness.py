@@ -9,7 +9,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Row:
     low: float
     high: float
     runs: int
+    samples: list[float] = field(default_factory=list)  # each run's figure, in run order
 
 
 async def run_all(
@@ -80,7 +81,7 @@ async def run_all(
                 progress.advance()
     progress.finish()
     rows = [
-        Row(w, m, s, statistics.median(v), min(v), max(v), len(v))
+        Row(w, m, s, statistics.median(v), min(v), max(v), len(v), v)
         for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1])))
     ]
     return rows, failures
