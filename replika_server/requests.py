@@ -109,7 +109,7 @@ def _number(frame: Frame, key: str, default: float, lo: float, hi: float) -> flo
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _bad(f"field {key!r} must be a number")
     if not lo <= value <= hi:
-        raise _bad(f"field {key!r} must be between {lo:g} and {hi:g}")
+        raise _bad(f"field {key!r} must be between {lo:.15g} and {hi:.15g}")  # 7776000, not 7.776e+06
     return float(value)
 
 
