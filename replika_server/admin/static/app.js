@@ -240,6 +240,10 @@ function messageHash(queue, id) {
 
 function fillHistory(queue, msgs) {
   const body = $("#history-rows");
+  // Refreshed every few seconds: leave the rows alone while nothing changed (a link being clicked stays put).
+  const digest = JSON.stringify([queue, msgs.map((m) => [m.id, m.state, m.events.length])]);
+  if (body.dataset.digest === digest) return;
+  body.dataset.digest = digest;
   body.innerHTML = "";
   if (!msgs.length) {
     const row = state.queues.get(queue);
