@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import signal
 import subprocess
@@ -34,7 +35,9 @@ _DRIVERS = {
 }
 
 
-def start_replika(workdir: Path, durability: str, quiet: bool = False) -> System:
+def start_replika(workdir: Path, durability: str, quiet: bool = False, history: str = "off") -> list[System]:
+    """One broker, as one system per ``history`` setting (off, on or both): with both, the two share the broker
+    and differ only in how each workload's queue is declared, so that the runs compare history's cost alone."""
     # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
     broker = start_broker(workdir / "replika", "--durability", durability)
     broker.wait_for_sidecar()  # measuring starts once it has loaded
@@ -46,7 +49,18 @@ def start_replika(workdir: Path, durability: str, quiet: bool = False) -> System
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 60)
 
-    return System(f"replika ({durability})", lambda: ReplikaDriver(url), stop, [f"durability={durability}"])
+    settings = {"off": [False], "on": [True], "both": [False, True]}[history]
+    systems = [
+        System(
+            f"replika ({durability}{', history' if on else ''})",
+            functools.partial(ReplikaDriver, url, history=on),
+            None,
+            [f"durability={durability}", f"history={'on (declare history=True)' if on else 'off'}"],
+        )
+        for on in settings
+    ]
+    systems[-1].stop = stop  # the broker stops once, after all its systems
+    return systems
 
 
 def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
@@ -112,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-no-xdel", action="store_true", help="Redis driver: XACK without XDEL in W2's batched consume"
     )
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
+    p.add_argument(
+        "--history",
+        choices=("off", "on", "both"),
+        default="off",
+        help="declare Replika's queues with message history on; both: one system each, runs alternating",
+    )
     p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
     p.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness, measures nothing")
@@ -167,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
         workdir = Path(tmp)
-        systems = [start_replika(workdir, args.durability, args.quiet)]
+        systems = start_replika(workdir, args.durability, args.quiet, args.history)
         for peer in peers:
             for fsync in settings:
                 try:
