@@ -36,12 +36,19 @@ _DRIVERS = {
 
 
 def start_replika(
-    workdir: Path, durability: str, quiet: bool = False, store: str | None = None, nodes: int = 1
-) -> System:
-    """Replika: one broker on a temporary LMDB store, or ``nodes`` brokers on the PostgreSQL ``store``, whose
-    drivers (connections) go to the nodes in turn."""
+    workdir: Path,
+    durability: str,
+    quiet: bool = False,
+    history: str = "off",
+    store: str | None = None,
+    nodes: int = 1,
+) -> list[System]:
+    """Replika: one broker on a temporary LMDB store, or ``nodes`` brokers on the PostgreSQL ``store`` (whose
+    drivers, one per connection, go to the nodes in turn), as one system per ``history`` setting (off, on or
+    both): with both, the two share the brokers and differ only in how each workload's queue is declared, so
+    that the runs compare history's cost alone."""
     flags = ["--durability", durability] + (["--store", store] if store else [])
-    brokers = [start_broker(workdir / f"replika-{i}", *flags) for i in range(nodes)]
+    brokers = [start_broker(workdir / f"replika-{nodes}-{i}", *flags) for i in range(nodes)]
     for broker in brokers:
         broker.wait_for_sidecar()  # measuring starts once it has loaded
     if not quiet:
@@ -56,9 +63,24 @@ def start_replika(
             await asyncio.to_thread(broker.proc.wait, 60)
 
     if store is None:
-        return System(f"replika ({durability})", lambda: ReplikaDriver(next(urls)), stop, [f"durability={durability}"])
-    name = f"replika on postgresql ({nodes} node{'s' if nodes > 1 else ''})"
-    return System(name, lambda: ReplikaDriver(next(urls)), stop, [f"{nodes} brokers, --store on one database"])
+        name, note = f"replika ({durability}", f"durability={durability}"
+    else:
+        name, note = (
+            f"replika on postgresql ({nodes} node{'s' if nodes > 1 else ''}",
+            f"{nodes} brokers on one database",
+        )
+    settings = {"off": [False], "on": [True], "both": [False, True]}[history]
+    systems = [
+        System(
+            f"{name}{', history' if on else ''})",
+            lambda on=on: ReplikaDriver(next(urls), history=on),
+            None,
+            [note, f"history={'on (declare history=True)' if on else 'off'}"],
+        )
+        for on in settings
+    ]
+    systems[-1].stop = stop  # the brokers stop once, after all their systems
+    return systems
 
 
 def start_pgmq_baseline(store: str) -> System:
@@ -133,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
     p.add_argument(
+        "--history",
+        choices=("off", "on", "both"),
+        default="off",
+        help="declare Replika's queues with message history on; both: one system each, runs alternating",
+    )
+    p.add_argument(
         "--store",
         metavar="URL",
         help="run Replika on this PostgreSQL database (postgresql://...) instead of a temporary LMDB store, beside "
@@ -195,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
         workdir = Path(tmp)
         if args.store:
-            systems = [start_pgmq_baseline(args.store)]
+            systems = []
             for n in (int(x) for x in args.nodes.split(",")):
-                systems.insert(len(systems) - 1, start_replika(workdir, args.durability, args.quiet, args.store, n))
+                systems += start_replika(workdir, args.durability, args.quiet, args.history, args.store, n)
+            systems.append(start_pgmq_baseline(args.store))
         else:
-            systems = [start_replika(workdir, args.durability, args.quiet)]
+            systems = start_replika(workdir, args.durability, args.quiet, args.history)
         for peer in peers:
             for fsync in settings:
                 try:

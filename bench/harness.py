@@ -9,7 +9,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +57,18 @@ class Row:
     low: float
     high: float
     runs: int
+    samples: list[float] = field(default_factory=list)  # each run's figure, in run order
 
 
 async def run_all(
     systems: list[System], workloads: list[str], params: Params, runs: int, progress: Progress
 ) -> tuple[list[Row], list[str]]:
-    """Every workload ``runs`` times against every system; returns the summary rows and any failures."""
+    """Every workload ``runs`` times against every system; returns the summary rows and any failures. Each run
+    goes through every system in turn, so that a slow spell of a shared machine falls on all of them alike."""
     samples: dict[tuple[str, str, str], list[float]] = {}
     failures: list[str] = []
-    for system in systems:
-        for run in range(runs):
+    for run in range(runs):
+        for system in systems:
             for name in workloads:
                 progress.step(f"{system.name} {name} run {run + 1}/{runs}")
                 try:
@@ -79,7 +81,7 @@ async def run_all(
                 progress.advance()
     progress.finish()
     rows = [
-        Row(w, m, s, statistics.median(v), min(v), max(v), len(v))
+        Row(w, m, s, statistics.median(v), min(v), max(v), len(v), v)
         for (w, m, s), v in sorted(samples.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1])))
     ]
     return rows, failures

@@ -1,6 +1,7 @@
-"""The ``replika`` commands that talk to a running broker: publish, consume, peek, queues, stats, purge, delete,
-redrive, trace, history. Each opens one blocking :class:`replika.Client` to ``--url`` (or ``REPLIKA_URL``) with
-``--token`` (or ``REPLIKA_TOKEN``), does its work and exits with a code a script can trust (see :data:`EXIT_CODES`).
+"""The ``replika`` commands that talk to a running broker: publish, consume, peek, queues, stats, declare, purge,
+delete, redrive, trace, history (declare in :mod:`replika_server.cli_declare`). Each opens one blocking
+:class:`replika.Client` to ``--url`` (or ``REPLIKA_URL``) with ``--token`` (or ``REPLIKA_TOKEN``), does its work
+and exits with a code a script can trust (see :data:`EXIT_CODES`).
 
 What goes to standard output is the data and nothing else (payloads, ids, counts, JSON); errors go to standard
 error as ``replika: CODE: message``, with the broker's stable error code.
@@ -17,6 +18,8 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from replika_server.cli_declare import add_declare
 
 if TYPE_CHECKING:
     import replika
@@ -184,6 +187,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = command("stats", "show one queue's counts and options", "Print QUEUE's stats as 'key: value' lines.")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(client_command=_stats)
+
+    add_declare(command)
 
     p = command(
         "purge", "delete a queue's ready messages", "Delete every message of QUEUE that is not leased; print how many."

@@ -21,29 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from replika_protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD, FRAME_ROOM
+from replika_server.queue_config import DeclaredQueue, queues_from_toml, render_queues
 from replika_server.store import StoreUrlError, engine_of
+from replika_server.units import ConfigError, parse_duration, parse_size
 
-__all__ = ["Config", "ConfigError", "check_exposure", "is_loopback", "load_config_file", "parse_size", "render_toml"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeclaredQueue",
+    "check_exposure",
+    "is_loopback",
+    "load_config_file",
+    "parse_duration",
+    "parse_size",
+    "render_toml",
+]
 
 DEFAULT_PORT = 8777
 DEFAULT_ADMIN_PORT = 8333
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names it."""
-
-
-_SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``"4096"``, ``"64M"``, ``"1GiB"`` (binary units)."""
-    m = _SIZE.fullmatch(text.strip())
-    if m is None:
-        raise ConfigError(f"not a size: {text!r} (use e.g. 512M or 8G)")
-    unit = (m.group(2) or "").upper()[:1]
-    return int(m.group(1)) * _UNITS[unit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +84,8 @@ class Config:
     max_outbound: int = 8 * 1024 * 1024  # unread reply bytes of one connection beyond which its fetches wait
     publish_rate: float = 0.0  # messages per second per token, for tokens that set none; 0: unlimited
     publish_burst: int = 0  # bucket size in messages; 0: one second's worth
+    # Queues declared with these options at every start: the config file's [queues."name"] tables only.
+    queues: tuple[DeclaredQueue, ...] = ()
 
     def __post_init__(self) -> None:
         if self.store:
@@ -192,6 +189,8 @@ _PATHS = frozenset({"data_dir", "auth", "tls_cert", "tls_key", "tls_client_ca", 
 
 
 def _convert(name: str, default: Any, raw: Any) -> Any:
+    if name == "queues":
+        raise ConfigError('queues: only tables of the config file declare queues ([queues."name"])')
     if not isinstance(raw, str):
         return raw
     try:
@@ -220,7 +219,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     Keys are :class:`Config`'s field names at the top level of the file; an unknown key is an error naming it.
     Sizes are a number of bytes or a string with a unit (``"64M"``), durations are seconds, ``admin_port`` may
     be ``"off"``. A relative path is relative to the file's own directory, so that a file and the files it names
-    can move together. Ranges are checked when the :class:`Config` is built."""
+    can move together. Ranges are checked when the :class:`Config` is built. ``[queues."name"]`` tables declare
+    queues (:mod:`replika_server.queue_config`), checked here."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -242,6 +242,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def _from_file(name: str, default: Any, value: Any, base: Path) -> Any:
+    if name == "queues":
+        return queues_from_toml(value)
     if name == "store" and isinstance(value, str) and value and "://" not in value:
         return str(base / value)  # a directory, relative to the file as data_dir is
     if name in _PATHS:
@@ -280,10 +282,15 @@ def render_toml(config: Config, origins: Mapping[str, str] | None = None) -> str
     for f in fields(Config):
         value = getattr(config, f.name)
         origin = f"  # {origins[f.name]}" if origins else ""
+        if f.name == "queues":
+            continue  # tables, which TOML puts after every key of the top level
         if value is None and f.name != "admin_port":
             lines.append(f"# {f.name} = (not set){origin}")
         else:
             lines.append(f"{f.name} = {_toml_value(f.name, value)}{origin}")
+    if not config.queues:
+        lines.append('# queues: none declared here ([queues."name"] tables, with the options of declare)')
+    lines += render_queues(config.queues)
     return "\n".join(lines) + "\n"
 
 

@@ -21,12 +21,12 @@ from replika_protocol import Frame
 from replika_server import __version__
 from replika_server.auth import AuthTable, Principal
 from replika_server.broker import Broker
-from replika_server.config import Config, check_exposure
+from replika_server.config import Config, ConfigError, check_exposure
 from replika_server.connection import Connection
 from replika_server.metrics import Histogram
 from replika_server.pipeline import Outcome, Pipeline
 from replika_server.replies import reply_frame
-from replika_server.store import StoreError, StoreOptions
+from replika_server.store import Declare, StoreError, StoreOptions
 from replika_server.store import open as open_store
 from replika_server.tcp import Connections, TcpServer, tls_context
 
@@ -87,6 +87,7 @@ class Node:
             broker = Broker(store, connections, max_reply=config.max_frame - 1024)
             pipeline = Pipeline(config, broker)
             node = cls(config, broker, pipeline, TcpServer(config, pipeline, broker, connections))
+            await _declare_queues(broker, config)
             await node.tcp.listen()
             if config.admin_port is not None:
                 await node._start_admin(admin_in_background)
@@ -208,6 +209,22 @@ class Node:
         await self.broker.close()
         await self.tcp.close_connections()
         log.info("stopped")
+
+
+async def _declare_queues(broker: Broker, config: Config) -> None:
+    """Declare the config file's queues, in one commit, before the broker listens: no client sees them with
+    other options. Raises :class:`ConfigError` naming a queue the store refuses (too many queues, a full store)."""
+    if not config.queues:
+        return
+    loop = asyncio.get_running_loop()
+    results: list[asyncio.Future[StoreError | None]] = []
+    for q in config.queues:
+        results.append(loop.create_future())
+        broker.submit(Declare(q.name, q.options), results[-1].set_result)
+    for q, result in zip(config.queues, await asyncio.gather(*results), strict=True):
+        if isinstance(result, StoreError):
+            raise ConfigError(f'queues."{q.name}": the store refused to declare it: {result.code}: {result.message}')
+    log.info("queues_declared", queues=[q.name for q in config.queues])
 
 
 async def run(config: Config, on_ready: Callable[[Node], None] | None = None) -> None:

@@ -44,7 +44,7 @@ from replika_server.store.base import (
     HistoryOptions,
 )
 
-__all__ = ["Limits", "RequestError", "parse_op"]
+__all__ = ["Limits", "RequestError", "declare_op", "parse_op"]
 
 #: Longest long-poll a fetch may ask for, in seconds: long enough to idle cheaply, short enough to notice a
 #: half-open connection within minutes.
@@ -109,7 +109,7 @@ def _number(frame: Frame, key: str, default: float, lo: float, hi: float) -> flo
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _bad(f"field {key!r} must be a number")
     if not lo <= value <= hi:
-        raise _bad(f"field {key!r} must be between {lo:g} and {hi:g}")
+        raise _bad(f"field {key!r} must be between {lo:.15g} and {hi:.15g}")  # 7776000, not 7.776e+06
     return float(value)
 
 
@@ -289,6 +289,12 @@ def _touch(frame: Frame, owner: int, limits: Limits) -> Touch:
 
 
 def _declare(frame: Frame, owner: int, limits: Limits) -> Declare:
+    return declare_op(frame)
+
+
+def declare_op(frame: Frame) -> Declare:
+    """The op of a declare request ``frame``, its options checked; also for the queues of the config file, so
+    that a file can declare nothing a client could not."""
     queue = queue_field(frame)
     max_attempts = _int(frame, "max_attempts", None, 1, MAX_ATTEMPTS)
     dead_letter = queue_field(frame, "dead_letter") if frame.get("dead_letter") is not None else None

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import replika
+from bench.drivers.replika_driver import ReplikaDriver
+from tests.conftest import RunningServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +35,38 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     assert w7 == {"msg/s", "blocking msg/s"}  # the async and the blocking client's loops
     assert all(row["median"] > 0 for row in doc["rows"])
     assert "| W1 | msg/s | replika (sync) |" in result.stdout
+
+
+def test_history_cost_runs_alternate_on_one_broker(tmp_path: Path) -> None:
+    args = ["--smoke", "--runs", "2", "--workloads", "W1,W2", "--history", "both", "--quiet", "--out", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [report] = tmp_path.glob("results-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert {(r["workload"], r["system"], r["runs"]) for r in rows} == {
+        (w, s, 2) for w in ("W1", "W2") for s in ("replika (sync)", "replika (sync, history)")
+    }
+
+
+async def test_the_replika_driver_declares_history_when_asked(server: RunningServer) -> None:
+    for history, expected in ((True, True), (False, False)):
+        driver = ReplikaDriver(server.url, history=history)
+        await driver.connect()
+        try:
+            await driver.reset("w1")
+            await driver.publish("w1", [b"x"])
+            async with replika.AsyncClient(server.url) as client:
+                assert ((await client.stats("w1"))["history"] is not None) is expected
+                if expected:
+                    assert (await client.history_list("w1"))[0]["state"] == "waiting"
+        finally:
+            await driver.close()
 
 
 def test_memory_harness_small_run() -> None:

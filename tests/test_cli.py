@@ -258,6 +258,36 @@ def test_stats_key_value_lines_and_json(broker: ServerProcess) -> None:
     assert (stats["ready"], stats["dead_letter"], stats["max_length"]) == (2, "s1.dlq", None)
 
 
+# ------------------------------------------------------------------------------------------------ declare
+def test_declare_sets_the_options_and_history_of_a_queue(broker: ServerProcess) -> None:
+    options = ["--max-attempts", "3", "--dead-letter", "declared.failed", "--max-bytes", "1M", "--overflow"]
+    options += ["drop_oldest", "--retry-delay", "250ms", "--retry-backoff", "3", "--retry-max-delay", "1h"]
+    options += ["--message-ttl", "12h", "--expired", "drop", "--dedup-window", "0", "--max-length", "9"]
+    history = ["--history-retention", "12h", "--history-max", "50", "--history-payloads"]
+    assert ok(cli("declare", "declared", *options, *history, url=broker.url)) == ""
+    with replika.Client(broker.url) as client:
+        stats = client.stats("declared")
+        assert (stats["max_attempts"], stats["dead_letter"], stats["max_bytes"]) == (3, "declared.failed", 1024**2)
+        assert (stats["overflow"], stats["retry_delay"], stats["retry_backoff"]) == ("drop_oldest", 0.25, 3.0)
+        assert (stats["retry_max_delay"], stats["message_ttl"], stats["expired"]) == (3600.0, 43200.0, "drop")
+        assert (stats["dedup_window"], stats["max_length"]) == (0.0, 9)
+        assert stats["history"] == {"retention": 43200.0, "max_messages": 50, "payloads": True}
+        mid = client.publish("declared", b"kept")
+        assert client.history("declared", mid)["payload"] == b"kept"
+        # Options are replaced as a whole: --history alone is history with its defaults, and nothing else.
+        assert ok(cli("declare", "declared", "--history", url=broker.url)) == ""
+        stats = client.stats("declared")
+        assert stats["history"] == {"retention": 7 * 86400.0, "max_messages": 100_000, "payloads": False}
+        assert (stats["max_attempts"], stats["dead_letter"]) == (None, "declared.dlq")
+        assert ok(cli("declare", "declared", url=broker.url)) == ""
+        assert client.stats("declared")["history"] is None
+    bad = cli("declare", "declared", "--history-retention", "soon", url=broker.url)
+    assert bad.returncode == 2 and b"not a duration" in bad.stderr
+    refused = cli("declare", "declared", "--history-retention", "100d", url=broker.url)  # past the store's 90 days
+    assert refused.returncode == 1 and refused.stderr.startswith(b"replika: BAD_REQUEST: ")
+    assert b"retention" in refused.stderr
+
+
 # ------------------------------------------------------------------------------------------------ purge, delete
 def test_purge_prints_how_many(broker: ServerProcess) -> None:
     with replika.Client(broker.url) as client:

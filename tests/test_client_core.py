@@ -7,6 +7,7 @@ import pytest
 import replika
 from replika._core import ClientProtocol, Endpoint, Prefetch
 from replika._message import MessageData
+from replika._settle import SETTLE_BATCH, SETTLE_DELAY
 from replika_protocol import Frame, FrameDecoder, encode_frame
 
 ENDPOINT = Endpoint("127.0.0.1", 8333, tls=False)
@@ -237,12 +238,23 @@ def test_settles_unanswered_when_the_connection_drops_become_one_connection_lost
     assert core.data_to_send() == b"" and core.settles.unconfirmed == 0
 
 
-def test_the_blocking_clients_settle_goes_to_bytes_at_once() -> None:
+def test_settles_held_back_are_due_by_count_by_age_or_by_the_callers_pace() -> None:
     core = new_core()
-    core.settle("ack", [delivered("q", 1, 10)], {}, now=True)
-    core.settle("nack", [delivered("q", 2, 20), delivered("q", 3, 30)], {"delay": 0.5}, now=True)
-    assert not core.settles.has_open
-    assert [(f["op"], f["ids"]) for f in sent(core)] == [("ack", [1]), ("nack", [2, 3])]
+    settles = core.settles
+    assert not settles.due(0.0, ahead=3600.0)  # nothing held
+    core.settle("ack", [delivered("q", 1, 10)], {}, at=0.0)
+    assert not settles.due(0.0) and not settles.due(SETTLE_DELAY / 2)
+    assert settles.due(SETTLE_DELAY)  # the oldest is SETTLE_DELAY old
+    assert settles.due(0.0, ahead=SETTLE_DELAY)  # it would be by the caller's next call at its pace
+    core.settle("ack", [delivered("q", 2, 20)], {}, at=SETTLE_DELAY)
+    assert settles.due(SETTLE_DELAY)  # the oldest sets the age, not the newest
+    assert [f["ids"] for f in sent(core)] == [[1, 2]]
+    assert not settles.due(1000.0)  # written: nothing held back any more
+    core.settle("ack", [delivered("q", i, i) for i in range(SETTLE_BATCH - 1)], {}, at=200.0)
+    core.settle("nack", [delivered("q", 9, 9)], {}, at=200.0)  # another request, still held back
+    assert settles.due(200.0)  # SETTLE_BATCH messages held, however young
+    core.connection_lost()
+    assert not settles.due(1000.0)  # lost with the connection (and reported), not held back any more
 
 
 def test_consume_window_follows_the_callers_pace_within_its_bounds() -> None:

@@ -17,7 +17,9 @@ import pytest
 
 import replika
 from replika_server.cli import build_parser, serve_flags
-from replika_server.config import Config, ConfigError, load_config_file, render_toml
+from replika_server.config import Config, ConfigError, DeclaredQueue, load_config_file, render_toml
+from replika_server.store import QueueOptions
+from replika_server.store.model import HistoryOptions
 from tests.conftest import WAIT, ServerProcess
 
 
@@ -256,3 +258,129 @@ def test_the_store_url_comes_from_the_environment_or_the_file(tmp_path: Path) ->
     assert Config.build({}, environ={}, file=file).store_url == url
     with pytest.raises(ConfigError, match="store"):
         Config.build({}, environ={"REPLIKA_STORE": "mysql://x/y"}, file={})
+
+
+# ------------------------------------------------------------------------------------------------ [queues]
+QUEUES = """
+port = 9001
+
+[queues."orders.eu"]
+max_attempts = 5
+dead_letter = "orders.failed"
+max_bytes = "64M"
+overflow = "drop_oldest"
+retry_delay = "1.5s"
+message_ttl = "12h"
+history = { retention = "7d", max_messages = 1000, payloads = true }
+
+[queues.jobs]
+history = true
+dedup_window = 0
+
+[queues.audit]
+max_length = 10
+
+[queues.audit.history]
+retention = 3600
+"""
+
+
+def test_queue_tables_give_declares_options(tmp_path: Path) -> None:
+    config = Config.build({}, environ={}, file=load_config_file(write(tmp_path / "q.toml", QUEUES)))
+    assert config.port == 9001
+    assert config.queues == (
+        DeclaredQueue(
+            "orders.eu",
+            QueueOptions(
+                max_attempts=5,
+                dead_letter="orders.failed",
+                max_bytes=64 * 1024**2,
+                overflow="drop_oldest",
+                retry_delay=1.5,
+                message_ttl=12 * 3600.0,
+                history=HistoryOptions(retention=7 * 86400.0, max_messages=1000, payloads=True),
+            ),
+        ),
+        DeclaredQueue("jobs", QueueOptions(dedup_window=0.0, history=HistoryOptions())),
+        DeclaredQueue("audit", QueueOptions(max_length=10, history=HistoryOptions(retention=3600.0))),
+    )
+    # --print-config writes them back as tables that read back to the same options.
+    path = write(tmp_path / "printed.toml", render_toml(config))
+    assert Config.build({}, environ={}, file=load_config_file(path)).queues == config.queues
+    assert '[queues."orders.eu"]' in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("queues = 1\n", 'queues must be tables: [queues."name"]'),
+        ("[queues]\njobs = 5\n", 'queues."jobs" must be a table'),
+        ('[queues."a b"]\n', 'queues."a b": not a queue name'),
+        (
+            "[queues.jobs]\nmax_attempt = 3\n",
+            "queues.\"jobs\": unknown option 'max_attempt' (did you mean 'max_attempts'?)",
+        ),
+        ("[queues.jobs]\nmax_attempts = 0\n", 'queues."jobs".max_attempts must be between 1 and'),
+        ('[queues.jobs]\nmax_attempts = "3"\n', 'queues."jobs".max_attempts must be an integer, not str'),
+        ('[queues.jobs]\nretry_delay = "soon"\n', 'queues."jobs".retry_delay: not a duration'),
+        ("[queues.jobs]\nmessage_ttl = -1\n", 'queues."jobs".message_ttl: not a duration'),
+        ('[queues.jobs]\nmax_bytes = "lots"\n', 'queues."jobs".max_bytes: not a size'),
+        ('[queues.jobs]\noverflow = "spill"\n', 'queues."jobs".overflow must be one of'),
+        ('[queues.jobs]\ndead_letter = "jobs"\n', 'queues."jobs": a queue cannot be its own dead-letter queue'),
+        ('[queues.jobs]\nhistory = "yes"\n', 'queues."jobs".history must be true, false or a table'),
+        ("[queues.jobs]\nhistory = { keep = 1 }\n", "queues.\"jobs\".history: unknown option 'keep'"),
+        ('[queues.jobs]\nhistory = { retention = "100d" }\n', 'queues."jobs".history.retention must be between'),
+        ("[queues.jobs]\nhistory = { max_messages = 0 }\n", 'queues."jobs".history.max_messages must be between'),
+        ("[queues.jobs]\nhistory = { payloads = 1 }\n", 'queues."jobs".history.payloads must be a boolean'),
+    ],
+)
+def test_a_bad_queue_table_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"bad\.toml") as info:
+        load_config_file(write(tmp_path / "bad.toml", text))
+    assert message in str(info.value)
+
+
+def test_queues_come_from_the_file_only() -> None:
+    with pytest.raises(ConfigError, match="queues: only tables of the config file"):
+        Config.build({}, environ={"REPLIKA_QUEUES": "jobs"})
+
+
+def test_the_broker_declares_the_files_queues_at_every_start(tmp_path: Path) -> None:
+    path = write(tmp_path / "replika.toml", QUEUES.replace("port = 9001\n", ""))
+    proc = ServerProcess(tmp_path / "data", "--config", str(path)).start()
+    try:
+        with replika.Client(proc.url) as client:
+            stats = client.stats("orders.eu")
+            assert (stats["max_attempts"], stats["dead_letter"], stats["overflow"]) == (
+                5,
+                "orders.failed",
+                "drop_oldest",
+            )
+            assert stats["history"] == {"retention": 7 * 86400.0, "max_messages": 1000, "payloads": True}
+            mid = client.publish("orders.eu", b"order", headers={"trace": "t-1"})
+            [msg] = client.fetch("orders.eu", max=1, wait=WAIT)
+            client.ack([msg])
+            client.flush()
+            life = client.history("orders.eu", mid)
+            assert [e["kind"] for e in life["events"]] == ["published", "delivered", "acked"]
+            assert life["payload"] == b"order"
+            assert client.stats("audit")["history"]["retention"] == 3600.0
+            client.declare("orders.eu")  # a client may change them while it runs (history off: forgotten)...
+            assert client.stats("orders.eu")["history"] is None
+        proc.terminate()
+        proc.start()  # ...and the next start declares them as the file says
+        with replika.Client(proc.url) as client:
+            assert client.stats("orders.eu")["history"]["max_messages"] == 1000
+            mid = client.publish("orders.eu", b"again")
+            assert client.history("orders.eu", mid)["payload"] == b"again"
+    finally:
+        proc.stop()
+
+
+def test_a_queue_the_store_refuses_stops_the_start_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.toml", "[queues.a]\nhistory = true\n[queues.b]\nmax_attempts = 2\n")
+    result = serve(
+        "--config", str(path), "--max-queues", "1", "--port", "0", "--no-admin", "--data-dir", "d", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert 'queues."b": the store refused to declare it: TOO_MANY_QUEUES' in result.stderr

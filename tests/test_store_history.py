@@ -215,3 +215,28 @@ async def test_one_batch_past_max_messages_keeps_the_newest(open_store: Opener) 
     assert [m.id for m in await one(store, HistoryList("q"))] == ids[:-4:-1]
     assert kinds(await history(store, "q", ids[-1])) == ["published", "delivered", "acked"]
     await refused(store, History("q", ids[0]), ErrorCode.NOT_FOUND)
+
+
+async def test_events_of_one_batch_keep_each_messages_attempt_and_connection(open_store: Opener) -> None:
+    """Recording packs alike events once: a batch mixing attempts, details and connections must still record
+    each message's own."""
+    store = await open_store()
+    await declare(store, "mixed")
+    ids = await publish(store, "mixed", b"a", b"b", b"c")
+    await one(store, Publish("mixed", [b"d", b"e"], [{"k": "1"}, {"k": "2"}], owner=5, by="bob"))
+    [first] = await fetch(store, "mixed", max=1, owner=3)
+    await one(store, Nack("mixed", leases([first]), 3, delay=0.0))
+    batch = await fetch(store, "mixed", max=10, owner=4)
+    assert [d[ATTEMPTS] for d in batch] == [2, 1, 1, 1, 1]
+    assert await ack(store, "mixed", batch[:2], owner=4) == {}
+    assert await ack(store, "mixed", batch[2:], owner=9) == {}
+    lives = [await history(store, "mixed", mid) for mid in [*ids, ids[-1] + 1, ids[-1] + 2]]
+    assert [kinds(h) for h in lives] == [
+        ["published", "delivered", "nacked", "delivered", "acked"],
+        *[["published", "delivered", "acked"]] * 4,
+    ]
+    assert [[e.attempt for e in h.events if e.kind.value == "delivered"] for h in lives] == [[1, 2], *[[1]] * 4]
+    assert [h.events[-1].connection for h in lives] == [4, 4, 9, 9, 9]
+    assert [h.headers for h in lives] == [None, None, None, {"k": "1"}, {"k": "2"}]
+    assert [h.events[0].connection for h in lives][3:] == [5, 5]
+    assert {h.events[0].detail.get("by") for h in lives[3:]} == {"bob"}

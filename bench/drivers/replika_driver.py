@@ -13,8 +13,10 @@ from bench.drivers.base import Driver
 class ReplikaDriver(Driver):
     consume_variants = ("blocking",)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, history: bool = False) -> None:
+        """``history``: declare each workload's queue with message history on (its defaults), to measure its cost."""
         self._url = url
+        self._history = history
         self._client = replika.AsyncClient(url)
         self._ahead: dict[str, asyncio.Future[list[replika.Message]]] = {}  # the next fetch, per queue
 
@@ -33,7 +35,7 @@ class ReplikaDriver(Driver):
             ahead.cancel()
         with contextlib.suppress(replika.NotFound):
             await self._client.delete_queue(queue)
-        await self._client.declare(queue)
+        await self._client.declare(queue, history=self._history)
 
     async def publish(self, queue: str, payloads: list[bytes]) -> None:
         await self._client.publish_many(queue, payloads)

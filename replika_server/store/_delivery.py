@@ -212,7 +212,7 @@ class Delivering(Historian):
             acked = [tuple(lease) for lease in op.leases]
             refused = self._ack(q, acked)
             owner = op.owner
-            self._record_many(q, EventKind.ACKED, ((mid, 0, owner, None) for mid, _ in acked if mid not in refused))
+            self._record_alike(q, EventKind.ACKED, [mid for mid, _ in acked if mid not in refused], 0, owner)
             return refused
         failed: Settled = {}
         tracked = q.tracked
@@ -240,7 +240,10 @@ class Delivering(Historian):
         return failed
 
     def _record_deliveries(self, q: QueueState, out: list[Delivery], owner: int) -> None:
-        self._record_many(q, EventKind.DELIVERED, ((d[0], d[2], owner, None) for d in out))
+        if out and out[0][2] == out[-1][2] and len({d[2] for d in out}) == 1:  # one attempt, as a backlog's first
+            self._record_alike(q, EventKind.DELIVERED, [d[0] for d in out], out[0][2], owner)
+        else:
+            self._record_many(q, EventKind.DELIVERED, ((d[0], d[2], owner, None) for d in out))
 
     def _record_settle(self, q: QueueState, t: Tracked, op: Settle) -> None:
         """The event of a nack or touch (a reject is recorded as the dead-lettering it causes)."""

@@ -16,9 +16,10 @@ the queue when history was turned on, or whose history was pruned, records nothi
 from __future__ import annotations
 
 import heapq
+import itertools
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lmdb
@@ -102,50 +103,101 @@ class Historian(EngineCore):
         self, q: QueueState, kind: EventKind, events: Iterable[tuple[int, int, int, dict[str, Any] | None]]
     ) -> None:
         """:meth:`_record` for many events of one kind, (id, attempt, connection, detail) each: the hot paths
-        (publish, fetch, ack), with the per-event work cut to a key, a pack and an index insert."""
-        h = q.options.history
-        if h is None:
+        (publish, fetch), with the per-event work cut to a key and an index insert."""
+        index = self._index(q)
+        if index is None:
             return
         now = self._clock.time()
-        name, qnum, seq = kind.value, q.qnum, self._history_seq
-        index = self._histories.get(qnum)
-        if index is None:
-            index = self._histories[qnum] = _Index()
-        ids = index.ids
+        name, qnum, seq, ids = kind.value, q.qnum, self._history_seq, index.ids
         published = kind is EventKind.PUBLISHED
         key, packb = _EVENT_KEY.pack, msgpack.packb
         items: list[tuple[bytes | memoryview, bytes]] = []
         mids: list[int] = []
+        # The events of one call are mostly alike (one connection, one attempt, one detail or none), so each
+        # value is packed once: packing was a third of the cost of recording. A hit needs the very detail
+        # object the value was packed from, which the cache holds, so a new dict at a reused id() cannot match.
+        packed: dict[tuple[int, int], tuple[dict[str, Any] | None, bytes]] = {}
         for mid, attempt, connection, detail in events:
-            if mid not in ids:
-                if not published:
-                    continue  # as in _record: recorded from its publish only
-                ids[mid] = None
+            if not published and mid not in ids:
+                continue  # as in _record: recorded from its publish only
             seq += 1
-            items.append((key(qnum, mid, seq), packb([now, name, attempt, connection, detail], use_bin_type=True)))
+            hit = packed.get((attempt, connection))
+            if hit is None or hit[0] is not detail:
+                value = packb([now, name, attempt, connection, detail], use_bin_type=True)
+                hit = packed[attempt, connection] = (detail, value)
+            items.append((key(qnum, mid, seq), hit[1]))
             mids.append(mid)
+        self._log(q, index, kind, now, items, mids)
+
+    def _record_alike(
+        self,
+        q: QueueState,
+        kind: EventKind,
+        mids: Iterable[int],
+        attempt: int = 0,
+        connection: int = 0,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """:meth:`_record_many` for events that differ only by message (a publish's, an ack's): one value, and
+        the keys made in a comprehension."""
+        index = self._index(q)
+        if index is None:
+            return
+        ids = index.ids
+        mids = list(mids) if kind is EventKind.PUBLISHED else [mid for mid in mids if mid in ids]
+        now, qnum, seq, key = self._clock.time(), q.qnum, self._history_seq, _EVENT_KEY.pack
+        value = msgpack.packb([now, kind.value, attempt, connection, detail], use_bin_type=True)
+        items: list[tuple[bytes | memoryview, bytes]] = [
+            (key(qnum, mid, seq + k), value) for k, mid in enumerate(mids, 1)
+        ]
+        self._log(q, index, kind, now, items, mids)
+
+    def _index(self, q: QueueState) -> _Index | None:
+        """What ``q`` has history of; None when it keeps none."""
+        if q.options.history is None:
+            return None
+        index = self._histories.get(q.qnum)
+        if index is None:
+            index = self._histories[q.qnum] = _Index()
+        return index
+
+    def _log(
+        self,
+        q: QueueState,
+        index: _Index,
+        kind: EventKind,
+        now: float,
+        items: list[tuple[bytes | memoryview, bytes]],
+        mids: list[int],
+    ) -> None:
+        """Write ``items``, the events ``kind`` of ``mids`` (in sequence order from the next one), and keep
+        ``q``'s index and retention up to date."""
         if not items:
             return
-        self._history_seq = seq
+        h = q.options.history
+        assert h is not None
+        ids = index.ids
+        if kind is EventKind.PUBLISHED:
+            ids.update(dict.fromkeys(mids))  # in C; a published id is new, and one already there keeps its place
+        self._history_seq += len(items)
         self._writes.put_many(self._history_db, items)
-        self._writes.meta[HISTORY_SEQ] = str(seq).encode()
+        self._writes.meta[HISTORY_SEQ] = str(self._history_seq).encode()
         while len(ids) > h.max_messages:
             oldest, _ = ids.popitem(last=False)
-            self._writes.prefix_delete(self._history_db, pack_key(qnum, oldest))
+            self._writes.prefix_delete(self._history_db, pack_key(q.qnum, oldest))
         if kind in TERMINAL:
-            index.ended.extend((now, mid) for mid in mids)
-            heapq.heappush(self._history_timers, (now + h.retention, qnum))
+            index.ended.extend(zip(itertools.repeat(now), mids))
+            heapq.heappush(self._history_timers, (now + h.retention, q.qnum))
 
     def _record_published(
-        self, q: QueueState, first: int, op: Publish, indexes: Iterable[int], values: list[bytes] | None = None
+        self, q: QueueState, first: int, op: Publish, indexes: Sequence[int], values: list[bytes] | None = None
     ) -> None:
         """The published events of the messages ``first``, ``first + 1``... made of ``op``'s payloads at
         ``indexes`` (the headers are kept, the payload only when the queue keeps payloads)."""
         h = q.options.history
         assert h is not None
         if op.headers is None and not h.payloads:
-            plain = {"by": op.by}  # packed per event, never changed: one dict does for all
-            self._record_many(q, EventKind.PUBLISHED, ((first + k, 0, op.owner, plain) for k, _ in enumerate(indexes)))
+            self._record_alike(q, EventKind.PUBLISHED, range(first, first + len(indexes)), 0, op.owner, {"by": op.by})
             return
         events: list[tuple[int, int, int, dict[str, Any] | None]] = []
         for k, i in enumerate(indexes):

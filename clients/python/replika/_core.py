@@ -52,6 +52,10 @@ CONSUME_POLL = 5.0
 #: a bound on what the broker must hold for a client that only writes (it stops reading a client that does not
 #: read, which would stall both). About 40 bytes of reply each.
 SETTLE_WINDOW = 1024
+#: Seconds between the blocking client's looks for replies of settles already in its socket, at a settle call:
+#: a look is a system call (poll), which at every ack of a fast loop costs a fifth of its speed; so a reply is
+#: read (and its error raised) by the first call that starts at least this long after it arrived, or sooner.
+REPLY_LOOK = 0.001
 #: consume()'s default ``prefetch``: the most messages it leases ahead of its caller. Deep enough that a fast
 #: caller never waits on a commit (a fetch's reply waits for its commit, about 0.3-1 ms with an fsync, so a
 #: window of N carries at most N/2 messages per commit); the lease and byte bounds of Prefetch keep a slow caller
@@ -225,21 +229,12 @@ class ClientProtocol(Generic[W]):
         self._waiting[rid] = (waiter, fetch_queue)
         self._out.append(data)
 
-    def settle(self, op: str, msgs: Sequence[MessageData], extra: dict[str, Any], now: bool = False) -> None:
-        """Queue ``op`` (ack, nack, reject, touch) of ``msgs`` with the op's ``extra`` fields, without a waiter:
-        consecutive settles of one op, queue and options become one request (of at most ``max_batch`` pairs) when
-        the bytes are next taken, or at once with ``now``. The reply is checked here; a failure waits in
-        :attr:`settles` for the caller."""
-        if now and len(msgs) == 1 and not self.settles.has_open:
-            # The blocking client's one-at-a-time ack: straight to its frame, no group to build and take apart.
-            m = msgs[0]
-            rid, data = self.request(op, queue=m.queue, ids=[m.id], tokens=[m.token], **extra)
-            self.settles.sent(rid, op, m.queue, 1)
-            self._out.append(data)
-            return
-        self.settles.add(op, msgs, extra, self._close_settles)
-        if now:
-            self._close_settles()
+    def settle(self, op: str, msgs: Sequence[MessageData], extra: dict[str, Any], at: float = 0.0) -> None:
+        """Queue ``op`` (ack, nack, reject, touch) of ``msgs`` with the op's ``extra`` fields, without a waiter,
+        settled at time ``at`` (seconds, the caller's clock: see :meth:`Settles.due`): consecutive settles of one
+        op, queue and options become one request (of at most ``max_batch`` pairs) when the bytes are next taken.
+        The reply is checked here; a failure waits in :attr:`settles` for the caller."""
+        self.settles.add(op, msgs, extra, self._close_settles, at)
 
     def _close_settles(self) -> None:
         group = self.settles.take_open()
@@ -262,6 +257,7 @@ class ClientProtocol(Generic[W]):
         """Everything queued since the last call, in order, as one buffer (one write)."""
         if self.settles.has_open:
             self._close_settles()
+        self.settles.written()
         out = self._out
         if not out:
             return b""
@@ -271,6 +267,12 @@ class ClientProtocol(Generic[W]):
     @property
     def has_data_to_send(self) -> bool:
         return bool(self._out) or self.settles.has_open
+
+    @property
+    def has_requests_to_send(self) -> bool:
+        """Whether a request is queued besides the settles of the open group (which may wait: :meth:`Settles.due`),
+        such as the return of a fetch nobody waits for any more."""
+        return bool(self._out)
 
     def hello(self) -> tuple[int, bytes]:
         """The handshake request (its reply goes to :meth:`on_hello`)."""

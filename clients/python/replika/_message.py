@@ -66,8 +66,10 @@ class Message(MessageData):
 
 class SyncMessage(MessageData):
     """A message delivered to a blocking :class:`Client`. Its settle methods are the client's for this one
-    message: the request is written before they return, its reply read later; ``wait=True`` waits until it is
-    durable and raises its errors there (see :meth:`Client.ack`)."""
+    message: the request is written before they return, except for an ack, nack or reject inside a
+    ``consume()`` loop, held back and written with others by the client's first call 0.02 s later at the latest;
+    replies are read later; ``wait=True`` waits until it is durable and raises its errors there (see
+    :meth:`Client.ack`)."""
 
     __slots__ = ()
     _client: Client

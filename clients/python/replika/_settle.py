@@ -3,7 +3,9 @@
 An ``ack()``, ``nack()``, ``reject()`` or ``touch()`` without ``wait=True`` returns before the broker confirmed
 it. Here such settles are coalesced (consecutive ones of the same op, queue and options become one request),
 remembered until their replies come, and their failures kept until the client raises them to its caller (the
-next call, ``flush()`` or ``close()``; SPEC.md §5 "Settles not waited for"). Nothing here does I/O.
+next call, ``flush()`` or ``close()``; SPEC.md §5 "Settles not waited for"). The rule for when settles held
+back must leave (:meth:`Settles.due`, which the blocking client asks since it has no loop turn to end) is here
+too, with the clock passed in. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ from typing import Any
 from replika._message import MessageData
 from replika.errors import ConnectionLost, ReplikaError, StaleLease, error_from_reply
 from replika_protocol import Frame
+
+#: Settled messages the blocking client holds back (in a consume() loop) at most before it writes them: enough
+#: that a request's fixed cost (a frame to build, decode and answer, a send) is spread over many, few enough
+#: (about 10 KiB of request) that a burst does not sit long. consume()'s fetches usually take them sooner (one
+#: every half window).
+SETTLE_BATCH = 512
+#: Seconds a settle may wait in the blocking client before the next call on the client writes it: short beside
+#: a lease (30 s by default), so that holding acks back costs a redelivery only in what it delays, long beside
+#: the microseconds a fast consumer loop takes per message, so that such a loop sends one request per many.
+SETTLE_DELAY = 0.02
 
 
 @dataclass(slots=True)
@@ -39,6 +51,8 @@ class Settles:
         # (rid, queue, error), oldest first: rid is the request the failure belongs to, so that a flush() raises
         # only its own (two tasks waiting on one client must each learn of their settles, not of the other's).
         self._errors: list[tuple[int, str, ReplikaError]] = []
+        self._held = 0  # messages settled and not yet taken to be written (Settles.written)
+        self._held_since = 0.0  # the clock's time when the oldest of them was settled
 
     @property
     def has_open(self) -> bool:
@@ -53,10 +67,15 @@ class Settles:
     def has_errors(self) -> bool:
         return bool(self._errors)
 
-    def add(self, op: str, msgs: Iterable[MessageData], extra: dict[str, Any], close: Callable[[], None]) -> None:
-        """Queue ``op`` of ``msgs``; ``close`` builds the open group's requests when a different one begins.
-        Only consecutive settles share a request, so the broker applies them in call order."""
+    def add(
+        self, op: str, msgs: Iterable[MessageData], extra: dict[str, Any], close: Callable[[], None], at: float = 0.0
+    ) -> None:
+        """Queue ``op`` of ``msgs``, settled at time ``at`` of the caller's clock (seconds; only :meth:`due`
+        reads it); ``close`` builds the open group's requests when a different one begins. Only consecutive
+        settles share a request, so the broker applies them in call order."""
         group = self._open
+        if not self._held:
+            self._held_since = at
         for m in msgs:
             if group is None or group.queue != m.queue or group.op != op or group.extra != extra:
                 if group is not None:
@@ -64,6 +83,18 @@ class Settles:
                 group = self._open = _Group(op, m.queue, extra)
             group.ids.append(m.id)
             group.tokens.append(m.token)
+            self._held += 1
+
+    def written(self) -> None:
+        """Every settle queued so far has been taken to be written: none is held back any more."""
+        self._held = 0
+
+    def due(self, now: float, ahead: float = 0.0) -> bool:
+        """Whether the settles held back must be written now, at time ``now`` (seconds, the clock given to
+        :meth:`add`): SETTLE_BATCH messages are held, or the oldest was settled SETTLE_DELAY ago or more, or
+        would be by ``ahead`` seconds from now (the time the caller is expected to take before its next call)."""
+        held = self._held
+        return held > 0 and (held >= SETTLE_BATCH or now + ahead - self._held_since >= SETTLE_DELAY)
 
     def take_open(self) -> _Group | None:
         group, self._open = self._open, None
@@ -104,6 +135,7 @@ class Settles:
         group = self.take_open()
         unsent = len(group.ids) if group is not None else 0
         self._sent.clear()
+        self._held = 0
         if not count and not unsent:
             return None
         error = ConnectionLost(

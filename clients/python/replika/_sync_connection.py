@@ -2,20 +2,24 @@
 
 Everything protocol is in :class:`replika._core.ClientProtocol`; this writes its bytes, reads until a call's
 reply is in, and reads the replies of settles not waited for when they are there (a blocking client has no
-background to read them in).
+background to read them in). Settles not waited for that are made in a ``consume()`` loop are held back in the
+core until a write goes anyway, the client is about to block, or :meth:`replika._settle.Settles.due` says they
+must leave (SPEC.md §5 "Settles not waited for").
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl as _ssl
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
-from replika._core import DEFAULT_URL, SETTLE_WINDOW, ClientProtocol, check, parse_url, tls_context
+from replika._core import DEFAULT_URL, REPLY_LOOK, SETTLE_WINDOW, ClientProtocol, check, parse_url, tls_context
 from replika.errors import ConnectionLost, ReplikaError
 from replika_protocol import Frame
 
@@ -39,7 +43,14 @@ class SyncConnection:
     ) -> None:
         self._endpoint = parse_url(url)
         self._ssl = tls_context(self._endpoint, ssl)
+        #: The clock (seconds) that times held-back settles, the caller's pace and the connection's silence;
+        #: tests replace it to move time without sleeping.
+        self._clock: Callable[[], float] = time.monotonic
         self._last_io = 0.0
+        self._last_read = 0.0  # when the client last read its socket, or looked and found nothing
+        # consume() loops of this client whose caller holds a message now (suspended at their yield): a settle
+        # made meanwhile may be held back, since the loop's next step is a call on the client sure to come.
+        self._looping = 0
         # Waiters are request ids: a reply is kept in _replies until the call that sent the request reads it.
         self._core: ClientProtocol[int] = ClientProtocol(client_name, token, self._endpoint)
         self._connect_timeout = connect_timeout
@@ -159,13 +170,14 @@ class SyncConnection:
 
     def _flush(self) -> None:
         """Send every request the core has queued."""
+        if self._sock is None:
+            raise ConnectionLost("not connected")
         data = self._core.data_to_send()
         if not data:
             return
-        assert self._sock is not None
         try:
             self._sock.sendall(data)
-            self._last_io = time.monotonic()
+            self._last_io = self._clock()
         except OSError as exc:
             self._drop()
             raise _lost(exc, self._timeout) from None
@@ -183,6 +195,13 @@ class SyncConnection:
         return self._replies.pop(rid)
 
     def _receive(self, timeout: float | None) -> None:
+        """Send what is queued, held-back settles included (nothing waits unsent while the client blocks), then
+        read once, blocking up to ``timeout`` seconds."""
+        if self._core.has_data_to_send:
+            self._flush()
+        self._recv_once(timeout)
+
+    def _recv_once(self, timeout: float | None) -> None:
         """One read from the socket, its replies routed by the core; raise if the connection failed."""
         sock = self._sock
         if sock is None:
@@ -196,7 +215,8 @@ class SyncConnection:
         if not data:
             self._drop()
             raise ConnectionLost("the broker closed the connection")
-        self._last_io = time.monotonic()  # a reply (say, of a long poll) restarts the broker's idle clock too
+        # A reply (of a long poll, say) restarts the broker's idle clock too.
+        self._last_io = self._last_read = self._clock()
         core = self._core
         for rid, frame in core.receive_data(data):
             self._replies[rid] = frame
@@ -204,16 +224,30 @@ class SyncConnection:
             failure = core.failure
             self._drop()
             raise failure
-        self._flush()  # fetches nobody waits for any more are handed back
+        if core.has_requests_to_send:
+            self._flush()  # fetches nobody waits for any more are handed back
 
-    def _read_settles(self) -> None:
+    def _read_settles(self, now: float | None = None) -> None:
         """Read the replies of settles not waited for that are already in, without blocking; block only while
-        more than SETTLE_WINDOW are unanswered."""
+        more than SETTLE_WINDOW are unanswered. With ``now`` (a settle call's time), look only if the socket was
+        not read within the last REPLY_LOOK seconds."""
         settles = self._core.settles
         while settles.unconfirmed > SETTLE_WINDOW:
             self._receive(self._timeout)
-        if settles.unconfirmed and self._readable():
-            self._receive(self._timeout)
+        if not settles.unconfirmed:
+            return
+        if now is not None:
+            if now - self._last_read < REPLY_LOOK:
+                return
+            self._last_read = now
+        if self._readable():
+            self._recv_once(self._timeout)
+
+    def _send_due(self, now: float, ahead: float = 0.0) -> None:
+        """Write the settles held back if, at time ``now``, they must leave, or would have to by ``ahead`` seconds
+        from now (see :meth:`replika._settle.Settles.due`)."""
+        if self._core.settles.due(now, ahead):
+            self._flush()
 
     def _readable(self) -> bool:
         sock, poll = self._sock, self._poll
@@ -230,8 +264,13 @@ class SyncConnection:
         if deferred and self._sock is not None and self._core.settles.unconfirmed:
             self._read_settles()
         interval = self._core.keepalive_interval
-        if self._sock is not None and interval is not None and time.monotonic() - self._last_io > 2.7 * interval:
-            self._drop()  # the broker may have closed it as idle by now: start afresh rather than fail
+        if self._sock is not None and interval is not None and self._clock() - self._last_io > 2.7 * interval:
+            # The broker may have closed it as idle by now: start afresh rather than fail. Settles held back are
+            # written first all the same, as the broker's own timeout may not have run out yet; either way they
+            # are reported (ConnectionLost: perhaps applied), since no reply can be read on this connection.
+            with contextlib.suppress(ConnectionLost):
+                self._flush()
+            self._drop()
         if deferred and self._core.settles.has_errors:
             self._raise_deferred()
         if self._sock is None:

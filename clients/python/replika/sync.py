@@ -43,13 +43,21 @@ class Client(SyncConnection):
     ``idle_timeout`` (270 s by default) without a call, ``touch`` included, may be delivered again and its ack
     fail with :class:`~replika.StaleLease`.
 
-    Settling is fast by default, with :class:`AsyncClient`'s rules, except when requests leave: :meth:`ack`,
-    :meth:`nack`, :meth:`reject` and :meth:`touch` write their request before they return (so nothing sits unsent
-    while the caller works) and do not wait for the reply. Replies are read whenever the client reads anyway, and
-    a call first reads those already in without blocking; more than ``SETTLE_WINDOW`` (1,024) unanswered settle
-    requests make a settle call read until half are answered. ``wait=True``, :meth:`flush` and :meth:`close`
-    wait until every settle so far is durable. An error of a settle not waited for is raised by the next call once
-    its reply has been read, else by :meth:`flush` or :meth:`close`.
+    Settling is fast by default, with :class:`AsyncClient`'s rules, except when requests leave. Outside a
+    :meth:`consume` loop, :meth:`ack`, :meth:`nack`, :meth:`reject` and :meth:`touch` write their request before
+    they return and do not wait for the reply. Inside one (while the caller holds a message it handed out), an
+    ack, nack or reject is held back and written with the others held (one request per run of one op and queue):
+    with the next request the client writes anyway (the loop's next fetch, any other call, a touch), before the
+    client blocks on the network, once ``SETTLE_BATCH`` (512) are held, at a settle call or loop step that starts
+    ``SETTLE_DELAY`` (0.02 s) or more after the oldest was made, at a loop step when the caller's last message
+    took it long enough that the next step would come later than that, and when the loop is left. So a held
+    settle is written at the latest by the first call on the client that starts 0.02 s after it, which in the
+    loop is within 0.02 s plus the caller's time over one message. Replies are read whenever the client reads
+    anyway; a call first reads those already in without blocking (a settle call at most once a millisecond); more
+    than ``SETTLE_WINDOW`` (1,024) unanswered settle requests make a settle call read until 1,024 or fewer are.
+    ``wait=True``, :meth:`flush` and :meth:`close` write what is held and wait until every settle so far is
+    durable. An error of a settle not waited for is raised by the next call once its reply has been read, else by
+    :meth:`flush` or :meth:`close`. SPEC.md §5 "Settles not waited for" has the precise rules.
     """
 
     # ----------------------------------------------------------------------------------------------- queues
@@ -257,51 +265,67 @@ class Client(SyncConnection):
         batch = [msgs] if isinstance(msgs, SyncMessage) else list(msgs)
         if batch:
             self._ensure(deferred=False)
-            self._core.settle(op, batch, extra, now=True)
-            self._flush()  # at once: an ack must not sit unsent while the caller works on the next message
-            self._read_settles()
+            now = self._clock()
+            self._core.settle(op, batch, extra, now)
+            if self._looping and op != "touch":
+                self._send_due(now)
+            else:
+                # Outside a consume() loop nothing says the caller will call again soon; a touch is of use only
+                # if it reaches the broker while the caller works.
+                self._flush()
+            self._read_settles(now)
         if wait:
             self.flush()
         elif self._core.settles.has_errors:
             self._raise_deferred()
 
     def ack(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
-        """Delete processed messages (one or a list). The request is written before this returns and its reply
-        read later: durable once the broker answers (see the class); ``wait=True``: once durable, as
-        :meth:`flush`. A lease token no longer current fails with :class:`~replika.StaleLease` naming its ids (the
-        rest are applied): raised here with ``wait=True``, else by a later call."""
+        """Delete processed messages (one or a list). The request is written before this returns, or, inside a
+        :meth:`consume` loop, held back and written with others, at the latest by the first call on the client
+        0.02 s (``SETTLE_DELAY``) after this one (see the class); its reply is read later: durable once the broker
+        answers; ``wait=True``: written now and waited for until durable, as :meth:`flush`. A lease token no
+        longer current fails with :class:`~replika.StaleLease` naming its ids (the rest are applied): raised here
+        with ``wait=True``, else by a later call."""
         self._settle("ack", msgs, wait, {})
 
     def nack(
         self, msgs: SyncMessage | Iterable[SyncMessage], delay: float | None = None, *, wait: bool = False
     ) -> None:
-        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay. Sent,
-        or waited for, as :meth:`ack`."""
+        """Make messages ready again, after ``delay`` seconds if given, else after the queue's retry delay. Sent
+        (or held back in a :meth:`consume` loop), or waited for, as :meth:`ack`."""
         self._settle("nack", msgs, wait, {} if delay is None else {"delay": delay})
 
     def reject(self, msgs: SyncMessage | Iterable[SyncMessage], *, wait: bool = False) -> None:
-        """Move messages to their queue's dead-letter queue now. Sent, or waited for, as :meth:`ack`."""
+        """Move messages to their queue's dead-letter queue now. Sent (or held back in a :meth:`consume` loop), or
+        waited for, as :meth:`ack`."""
         self._settle("reject", msgs, wait, {})
 
     def touch(self, msgs: SyncMessage | Iterable[SyncMessage], lease: float = 30.0, *, wait: bool = False) -> None:
-        """Extend leases to ``lease`` seconds from now. Sent, or waited for, as :meth:`ack`."""
+        """Extend leases to ``lease`` seconds from now. Never held back, even in a :meth:`consume` loop: written
+        before this returns (with the settles held before it), so that it reaches the broker while the caller
+        works; its reply is read later, or waited for with ``wait=True``, as :meth:`ack`."""
         self._settle("touch", msgs, wait, {"lease": lease})
 
     def consume(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH, lease: float = 30.0) -> Iterator[SyncMessage]:
         """Yield messages of ``queue`` for ever. Fetches are sent ahead, before the messages buffered run out,
         so they are usually answered by the time they are needed. Reconnects with backoff on a lost connection.
         Messages fetched but not yet yielded when the loop is left are handed back, not counted as attempts.
-        The loop to write is ``for msg in client.consume("jobs"): handle(msg.payload); msg.ack()``: each ack is
-        written at once, its reply read with the next fetch's."""
+        The loop to write is ``for msg in client.consume("jobs"): handle(msg.payload); msg.ack()``: the acks of
+        a fast loop leave together with the next fetch (or after 0.02 s), those of a loop that spends 0.02 s or
+        more per message before the next message is handed out; their replies are read with the fetches'."""
         check_queue(queue)
         window = Prefetch(prefetch, lease)
         buffer: deque[SyncMessage] = deque()
         pending: deque[tuple[int, int]] = deque()  # fetches in flight: (messages asked for, request id)
         backoff = BACKOFF_FIRST
+        held = 0.0  # seconds the caller took over the message it had last
         try:
             while True:
-                if not window.full(len(buffer)):
-                    try:
+                try:
+                    # The caller's last message took it ``held`` s: if the next is as slow, waiting for the next
+                    # call would keep the settles held back past SETTLE_DELAY, so they leave now.
+                    self._send_due(self._clock(), held)
+                    if not window.full(len(buffer)):
                         self._ensure(deferred=False)
                         want = window.want(len(buffer), sum(n for n, _ in pending))
                         if want:
@@ -310,16 +334,21 @@ class Client(SyncConnection):
                             buffer.extend(self._finish_fetch(pending.popleft()[1], queue, CONSUME_POLL))
                             backoff = BACKOFF_FIRST
                             continue
-                    except ConnectionLost:
-                        pending.clear()
-                        buffer.clear()  # their leases ended with the connection
-                        time.sleep(backoff * (1 + random.random()))
-                        backoff = min(backoff * 2, BACKOFF_MAX)
-                        continue
+                except ConnectionLost:
+                    pending.clear()
+                    buffer.clear()  # their leases ended with the connection
+                    time.sleep(backoff * (1 + random.random()))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
                 msg = buffer.popleft()
-                taken = time.perf_counter()
-                yield msg
-                window.handed_out(time.perf_counter() - taken, len(msg.payload))
+                taken = self._clock()
+                self._looping += 1
+                try:
+                    yield msg
+                finally:
+                    self._looping -= 1
+                held = self._clock() - taken
+                window.handed_out(held, len(msg.payload))
         finally:
             self._leave_consume(queue, buffer, pending)
 
@@ -332,7 +361,9 @@ class Client(SyncConnection):
                 self._core.abandon(rid)
             elif landed.get("msgs"):
                 buffer.extend(SyncMessage(queue, m, self) for m in landed["msgs"])
-        if self._sock is not None and buffer:
+        if self._sock is None:
+            return
+        if buffer:
             self._core.hand_back_messages(buffer)
-            with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
-                self._flush()
+        with contextlib.suppress(ReplikaError):  # else their leases end with the connection or expire
+            self._flush()  # the settles the loop held back go too: nothing says when the next call comes

@@ -1,4 +1,5 @@
-// Replika dashboard: live queue table and queue pages, fed by server-sent events from /api/events.
+// Replika dashboard: live queue table, queue pages and message timelines, fed by server-sent events from
+// /api/events and the JSON API.
 // Plain JavaScript, no build step: the broker ships this file as is.
 "use strict";
 
@@ -8,6 +9,7 @@ const state = {
   history: new Map(), // name -> [[t, ready, in_flight, delayed, publish/s, ack/s], ...]
   source: null,
   current: null, // queue shown on the queue page
+  message: null, // {queue, id} shown on the message page
 };
 const HISTORY = 120;
 
@@ -182,6 +184,9 @@ function renderQueue(full) {
     opts.push(row.max_attempts ? `max ${row.max_attempts} attempts` : "unlimited attempts");
     if (row.max_length) opts.push(`max ${num(row.max_length)} messages`);
     if (row.max_bytes) opts.push(`max ${bytes(row.max_bytes)}`);
+    const h = row.history;
+    opts.push(h ? `history kept ${duration(h.retention)} after the end, up to ${num(h.max_messages)} messages` +
+      (h.payloads ? ", with payloads" : "") : "no history");
     $("#q-options").textContent = opts.join(" · ");
     $("#btn-redrive").textContent = row.dead ? `Redrive ${num(row.dead)} dead letters` : "Redrive dead letters";
     $("#btn-redrive").disabled = !row.dead;
@@ -200,12 +205,15 @@ async function loadMessages() {
   peeking = true;
   try {
     const q = encodeURIComponent(name);
-    const [ready, dead] = await Promise.all([
+    const [ready, dead, history] = await Promise.all([
       api("GET", `/api/queues/${q}/messages?max=20`).catch(() => ({ messages: [] })),
       api("GET", `/api/queues/${q}/dead-letters?max=20`).catch(() => ({ messages: [] })),
+      api("GET", `/api/queues/${q}/history?max=20`).catch(() => ({ messages: [] })),
     ]);
+    if (name !== state.current) return; // the page moved on while this was loading
     fillMessages($("#peek-rows"), ready.messages, (m) => m.attempts);
     fillMessages($("#dead-rows"), dead.messages, (m) => m.headers["replika-dead-letter-reason"] || "");
+    fillHistory(name, history.messages);
   } finally {
     peeking = false;
   }
@@ -226,6 +234,162 @@ function fillMessages(body, msgs, second) {
   }
 }
 
+function messageHash(queue, id) {
+  return `#/queues/${encodeURIComponent(queue)}/messages/${id}`;
+}
+
+function fillHistory(queue, msgs) {
+  const body = $("#history-rows");
+  // Refreshed every few seconds: leave the rows alone while nothing changed (a link being clicked stays put).
+  const digest = JSON.stringify([queue, msgs.map((m) => [m.id, m.state, m.events.length])]);
+  if (body.dataset.digest === digest) return;
+  body.dataset.digest = digest;
+  body.innerHTML = "";
+  if (!msgs.length) {
+    const row = state.queues.get(queue);
+    const why = row && !row.history ? `none: ${queue} records no history (declare it with history on)` : "none yet";
+    body.innerHTML = `<tr><td colspan="5" class="empty"></td></tr>`;
+    body.querySelector("td").textContent = why;
+    return;
+  }
+  for (const m of msgs) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = String(m.id);
+    const link = document.createElement("a");
+    link.href = messageHash(queue, m.id);
+    link.textContent = String(m.id);
+    const cells = [link, m.state, new Date(m.published_at * 1000).toLocaleString(),
+      m.events.map((e) => e.kind).join(", "), JSON.stringify(m.headers)];
+    for (const c of cells) {
+      const td = document.createElement("td");
+      if (typeof c === "string") { td.textContent = c; td.title = c; } else td.appendChild(c);
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- message page
+// A message dead-lettered or redriven lives on as a new message in another queue; its timeline follows those
+// moves both ways (as far as those queues record history), at most this many messages.
+const MAX_HOPS = 16;
+const MOVES = new Set(["dead_lettered", "redriven"]);
+const EVENT_FIELDS = new Set(["at", "kind", "attempt", "connection"]);
+
+async function lifeOf(queue, id) {
+  const get = (q, i) => api("GET", `/api/queues/${encodeURIComponent(q)}/messages/${i}`);
+  const chain = [await get(queue, id)];
+  while (chain.length < MAX_HOPS) {
+    const first = chain[0].events[0];
+    if (!first || first.kind !== "published" || first.from == null || first.from_id == null) break;
+    const earlier = await get(first.from, first.from_id).catch(() => null);
+    if (!earlier) break;
+    chain.unshift(earlier);
+  }
+  while (chain.length < MAX_HOPS) {
+    const events = chain[chain.length - 1].events;
+    const last = events[events.length - 1];
+    if (!last || !MOVES.has(last.kind) || last.to == null || last.id == null) break;
+    const later = await get(last.to, last.id).catch(() => null);
+    if (!later) break;
+    chain.push(later);
+  }
+  return chain;
+}
+
+let tracing = false;
+async function loadTimeline() {
+  const shown = state.message;
+  if (!shown || tracing) return;
+  tracing = true;
+  try {
+    const chain = await lifeOf(shown.queue, shown.id);
+    if (shown === state.message) renderTimeline(shown, chain);
+  } catch (err) {
+    if (shown === state.message) $("#m-error").textContent = err.message;
+  } finally {
+    tracing = false;
+  }
+}
+
+function renderTimeline(shown, chain) {
+  const m = chain.find((x) => x.queue === shown.queue && x.id === shown.id);
+  const events = chain.flatMap((x) => x.events.map((e) => [x, e]));
+  $("#m-error").textContent = "";
+  $("#m-state").textContent = chain[chain.length - 1].state;
+  $("#m-published").textContent = new Date(chain[0].published_at * 1000).toLocaleString();
+  $("#m-deliveries").textContent = num(events.filter(([, e]) => e.kind === "delivered").length);
+  $("#m-count").textContent = num(events.length);
+  const body = $("#timeline-rows");
+  body.innerHTML = "";
+  for (const [x, e] of events) {
+    const tr = document.createElement("tr");
+    tr.dataset.kind = e.kind;
+    tr.dataset.queue = x.queue;
+    tr.dataset.id = String(x.id);
+    if (x === m) tr.classList.add("this");
+    const where = link(x.queue, x.id, `${x.queue} #${x.id}`);
+    const cells = [new Date(e.at * 1000).toISOString(), e.kind, e.attempt ? String(e.attempt) : "",
+      e.connection ? String(e.connection) : "", where, details(e)];
+    for (const c of cells) {
+      const td = document.createElement("td");
+      if (typeof c === "string") td.textContent = c; else td.appendChild(c);
+      tr.appendChild(td);
+    }
+    tr.children[1].classList.add("kind");
+    body.appendChild(tr);
+  }
+  fillHeaders(m.headers);
+  const note = $("#m-payload-note");
+  if (m.payload == null) {
+    $("#m-payload").textContent = "";
+    note.textContent = `(not kept: ${m.queue}'s history keeps headers only)`;
+  } else {
+    $("#m-payload").textContent = m.encoding === "base64" ? `base64:${m.payload}` : m.payload;
+    note.textContent = "(kept by the history)";
+  }
+}
+
+function link(queue, id, text) {
+  const a = document.createElement("a");
+  a.href = messageHash(queue, id);
+  a.textContent = text;
+  return a;
+}
+
+function details(e) {
+  const span = document.createElement("span");
+  const parts = [];
+  for (const [key, value] of Object.entries(e)) {
+    if (EVENT_FIELDS.has(key) || value == null) continue;
+    if (key === "to" && e.id != null) parts.push(["to ", link(value, e.id, `${value} #${e.id}`)]);
+    else if (key === "from" && e.from_id != null) parts.push(["from ", link(value, e.from_id, `${value} #${e.from_id}`)]);
+    else if (!((key === "id" && e.to != null) || (key === "from_id" && e.from != null))) {
+      parts.push([`${key}=${typeof value === "string" ? value : JSON.stringify(value)}`]);
+    }
+  }
+  parts.forEach((part, i) => {
+    if (i) span.append(" · ");
+    span.append(...part);
+  });
+  return span;
+}
+
+function fillHeaders(h) {
+  const body = $("#m-headers");
+  body.innerHTML = "";
+  const entries = Object.entries(h || {});
+  if (!entries.length) {
+    body.innerHTML = '<tr><td colspan="2" class="empty">none</td></tr>';
+    return;
+  }
+  for (const [key, value] of entries) {
+    const tr = document.createElement("tr");
+    for (const c of [key, value]) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+    body.appendChild(tr);
+  }
+}
+
 async function act(button, method, path, confirmText, done) {
   if (confirmText && !confirm(confirmText)) return;
   const status = $("#action-status");
@@ -242,18 +406,35 @@ async function act(button, method, path, confirmText, done) {
 }
 
 function route() {
-  const m = location.hash.match(/^#\/queues\/(.+)$/);
+  const msg = location.hash.match(/^#\/queues\/([^/]+)\/messages\/(\d+)$/);
+  const m = msg ? null : location.hash.match(/^#\/queues\/(.+)$/);
+  state.message = msg ? { queue: decodeURIComponent(msg[1]), id: Number(msg[2]) } : null;
   state.current = m ? decodeURIComponent(m[1]) : null;
-  $("#overview").classList.toggle("hidden", !!state.current);
+  $("#overview").classList.toggle("hidden", !!(state.current || state.message));
   $("#queue-view").classList.toggle("hidden", !state.current);
+  $("#message-view").classList.toggle("hidden", !state.message);
   $("#action-status").textContent = "";
   if (state.current) renderQueue(true);
+  if (state.message) showMessage(state.message);
+}
+
+function showMessage(shown) {
+  const back = $("#m-queue");
+  back.textContent = shown.queue;
+  back.href = `#/queues/${encodeURIComponent(shown.queue)}`;
+  $("#m-id").textContent = String(shown.id);
+  for (const id of ["#timeline-rows", "#m-headers"]) $(id).innerHTML = "";
+  $("#m-payload").textContent = "";
+  $("#m-payload-note").textContent = "";
+  $("#m-error").textContent = "";
+  loadTimeline();
 }
 
 function showLogin(message) {
   $("#login").classList.remove("hidden");
   $("#overview").classList.add("hidden");
   $("#queue-view").classList.add("hidden");
+  $("#message-view").classList.add("hidden");
   if (message && state.token) $("#login-error").textContent = message;
 }
 
@@ -274,7 +455,13 @@ $("#btn-redrive").addEventListener("click", (e) => act(e.target, "POST", `/api/q
 $("#btn-delete").addEventListener("click", (e) => act(e.target, "DELETE", `/api/queues/${encodeURIComponent(state.current)}`,
   `Delete queue ${state.current} and all its messages?`, () => { location.hash = "#/"; return "deleted"; }));
 window.addEventListener("hashchange", route);
-setInterval(() => { if (state.current && !document.hidden) loadMessages(); }, 3000);
+setInterval(() => {
+  if (document.hidden) return;
+  if (state.current) loadMessages();
+  // A life still going on (waiting or in flight) gets new events: keep its timeline current.
+  const ongoing = ["waiting", "in_flight"].includes($("#m-state").textContent);
+  if (state.message && ongoing) loadTimeline();
+}, 3000);
 
 route();
 connect();
