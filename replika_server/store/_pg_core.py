@@ -27,8 +27,6 @@ from replika_server.store._engine import DEAD_LETTER_HEADERS, DELIVERY_OVERHEAD
 from replika_server.store._queue import QueueCounters
 from replika_server.store._records import VALUE_HEAD_SIZE
 from replika_server.store.base import (
-    MAX_QUEUE_NAME,
-    MAX_RETRY_DELAY,
     Clock,
     DeadLetterReason,
     EventKind,
@@ -115,28 +113,13 @@ class PgQueue:
 
     @property
     def dead_letter(self) -> str:
-        if self.options.dead_letter:
-            return self.options.dead_letter
-        name = f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
-        return name if name != self.name else f"{self.name[: MAX_QUEUE_NAME - 5]}_.dlq"
+        return self.options.dead_letter_of(self.name)
 
     def retry_delay(self, attempts: int) -> float:
-        o = self.options
-        if not o.retry_delay:
-            return 0.0
-        cap = MAX_RETRY_DELAY if o.retry_max_delay is None else o.retry_max_delay
-        try:
-            delay = o.retry_delay * o.retry_backoff ** max(attempts - 1, 0)
-        except OverflowError:
-            return cap
-        return min(delay, cap)
+        return self.options.retry_delay_after(attempts)
 
     def limits(self, default_length: int | None, default_bytes: int | None) -> tuple[int | None, int | None]:
-        max_length, max_bytes = self.options.max_length, self.options.max_bytes
-        return (
-            default_length if max_length is None else max_length,
-            default_bytes if max_bytes is None else max_bytes,
-        )
+        return self.options.limits(default_length, default_bytes)
 
     def expiry(self, published_at: float, own: float | None) -> float | None:
         """When a message published at ``published_at`` with its own expiry ``own`` expires here, or None."""

@@ -46,6 +46,7 @@ from replika_server.store.model import (
     final_state,
     is_valid_pattern,
     is_valid_queue_name,
+    queue_full,
 )
 from replika_server.store.ops import (
     Ack,
@@ -134,6 +135,7 @@ __all__ = [
     "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
+    "queue_full",
 ]
 
 
