@@ -14,7 +14,9 @@ COPY pyproject.toml README.md ./
 COPY protocol/ protocol/
 COPY clients/python/ clients/python/
 COPY replika_server/ replika_server/
-RUN python -m venv /opt/replika && /opt/replika/bin/pip install . && /opt/replika/bin/replika --version
+# With the postgresql extra (psycopg and its bundled libpq), so that one image serves both engines: the embedded
+# LMDB store by default, or --store postgresql://... (deploy/docker/compose.postgres.yml, deploy/k8s/postgres/).
+RUN python -m venv /opt/replika && /opt/replika/bin/pip install ".[postgresql]" && /opt/replika/bin/replika --version
 
 # --- runtime -----------------------------------------------------------------------------------------------------
 FROM python:3.11-slim

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import importlib
+import itertools
 import signal
 import subprocess
 import sys
@@ -35,32 +35,60 @@ _DRIVERS = {
 }
 
 
-def start_replika(workdir: Path, durability: str, quiet: bool = False, history: str = "off") -> list[System]:
-    """One broker, as one system per ``history`` setting (off, on or both): with both, the two share the broker
-    and differ only in how each workload's queue is declared, so that the runs compare history's cost alone."""
-    # The admin sidecar on a free port: its dashboard shows the runs live (the URL is printed unless --quiet).
-    broker = start_broker(workdir / "replika", "--durability", durability)
-    broker.wait_for_sidecar()  # measuring starts once it has loaded
-    proc, url = broker.proc, broker.url
+def start_replika(
+    workdir: Path,
+    durability: str,
+    quiet: bool = False,
+    history: str = "off",
+    store: str | None = None,
+    nodes: int = 1,
+) -> list[System]:
+    """Replika: one broker on a temporary LMDB store, or ``nodes`` brokers on the PostgreSQL ``store`` (whose
+    drivers, one per connection, go to the nodes in turn), as one system per ``history`` setting (off, on or
+    both): with both, the two share the brokers and differ only in how each workload's queue is declared, so
+    that the runs compare history's cost alone."""
+    flags = ["--durability", durability] + (["--store", store] if store else [])
+    brokers = [start_broker(workdir / f"replika-{nodes}-{i}", *flags) for i in range(nodes)]
+    for broker in brokers:
+        broker.wait_for_sidecar()  # measuring starts once it has loaded
     if not quiet:
-        print(f"bench: the broker's live dashboard: http://127.0.0.1:{broker.admin_port}/", file=sys.stderr)
+        # The admin sidecar on a free port: its dashboard shows the runs live.
+        print(f"bench: the broker's live dashboard: http://127.0.0.1:{brokers[0].admin_port}/", file=sys.stderr)
+    urls = itertools.cycle([b.url for b in brokers])
 
     async def stop() -> None:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 60)
+        for broker in brokers:
+            broker.proc.send_signal(signal.SIGTERM)
+        for broker in brokers:
+            await asyncio.to_thread(broker.proc.wait, 60)
 
+    if store is None:
+        name, note = f"replika ({durability}", f"durability={durability}"
+    else:
+        name, note = (
+            f"replika on postgresql ({nodes} node{'s' if nodes > 1 else ''}",
+            f"{nodes} brokers on one database",
+        )
     settings = {"off": [False], "on": [True], "both": [False, True]}[history]
     systems = [
         System(
-            f"replika ({durability}{', history' if on else ''})",
-            functools.partial(ReplikaDriver, url, history=on),
+            f"{name}{', history' if on else ''})",
+            lambda on=on: ReplikaDriver(next(urls), history=on),
             None,
-            [f"durability={durability}", f"history={'on (declare history=True)' if on else 'off'}"],
+            [note, f"history={'on (declare history=True)' if on else 'off'}"],
         )
         for on in settings
     ]
-    systems[-1].stop = stop  # the broker stops once, after all its systems
+    systems[-1].stop = stop  # the brokers stop once, after all their systems
     return systems
+
+
+def start_pgmq_baseline(store: str) -> System:
+    """The pgmq-style baseline on the same database (see bench/drivers/pgmq_driver.py)."""
+    from bench.drivers.pgmq_driver import PgmqDriver
+
+    note = "psycopg 3, INSERT ... unnest, FOR UPDATE SKIP LOCKED claim, DELETE at ack, synchronous_commit on"
+    return System("pgmq-style (postgresql)", lambda: PgmqDriver(store), None, [note])
 
 
 def start_peer_system(peer: str, workdir: Path, fsync: bool) -> System:
@@ -132,6 +160,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="off",
         help="declare Replika's queues with message history on; both: one system each, runs alternating",
     )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="run Replika on this PostgreSQL database (postgresql://...) instead of a temporary LMDB store, beside "
+        "a pgmq-style baseline on the same database",
+    )
+    p.add_argument("--nodes", default="1", help="with --store: comma-separated broker counts to run, e.g. 1,2,3")
     p.add_argument("--timeout", type=float, default=Params.timeout, help="seconds allowed per workload run")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON and PNG")
     p.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness, measures nothing")
@@ -187,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="replika-bench-") as tmp:
         workdir = Path(tmp)
-        systems = start_replika(workdir, args.durability, args.quiet, args.history)
+        if args.store:
+            systems = []
+            for n in (int(x) for x in args.nodes.split(",")):
+                systems += start_replika(workdir, args.durability, args.quiet, args.history, args.store, n)
+            systems.append(start_pgmq_baseline(args.store))
+        else:
+            systems = start_replika(workdir, args.durability, args.quiet, args.history)
         for peer in peers:
             for fsync in settings:
                 try:

@@ -103,6 +103,8 @@ class Broker:
         self.failed = asyncio.Event()  # set with failure: whoever runs the broker should stop it
         self.batch_ops = Histogram(BATCH_OPS_BUCKETS)  # requests per group commit
         self.commit_seconds = Histogram(LATENCY_BUCKETS)  # applying and committing one batch
+        # Another broker's commit on a shared store (PostgreSQL) wakes long polls here too.
+        store.on_readied(self._wake)
         # Leases, delays and TTLs that ran out while the broker was down are handled now, not at the first request.
         self._arm_timer()
 
@@ -295,6 +297,10 @@ class Broker:
     # ----------------------------------------------------------------------------------------------- timers
     def _arm_timer(self) -> None:
         when = self._store.next_timer()
+        poll = self._store.poll_interval
+        if poll is not None:
+            soon = self._store.clock.monotonic() + poll
+            when = soon if when is None else min(when, soon)
         if when is None or self._closing or self.failure is not None:
             return
         when += _TIMER_SLACK

@@ -21,6 +21,7 @@ from replika_server.config import Config
 from replika_server.node import Node as Server
 from replika_server.store import Store
 from tests.engines import ENGINES, LmdbOpener, Opener, StoreSpace
+from tests.pg import postgres_server, replicated_postgres  # noqa: F401  (the PostgreSQL engine's tests' fixtures)
 from tests.tokens import AUTH, write
 
 # Every wait in these tests is bounded by this many seconds; far above what any step needs on a loaded machine.
@@ -152,7 +153,9 @@ async def _loop_errors_fail() -> AsyncIterator[None]:
     assert not errors, f"unhandled event loop errors: {errors}"
 
 
-@pytest.fixture(params=list(ENGINES))
+@pytest.fixture(
+    params=[pytest.param(name, marks=pytest.mark.postgres) if name == "postgresql" else name for name in ENGINES]
+)
 def store_space(request: pytest.FixtureRequest) -> Iterator[StoreSpace]:
     """Fresh stores of one engine: every test that uses this (or ``open_store``, ``store``) runs once per entry of
     tests/engines.py's ENGINES, so a new engine inherits the whole store contract suite."""

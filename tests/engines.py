@@ -24,19 +24,33 @@ from __future__ import annotations
 import contextlib
 import shutil
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, Unpack
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from replika_server import store as stores
 from replika_server.store import Store, StoreOptions
 from replika_server.store._records import KEY, VALUE_HEAD_SIZE
 from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
+from replika_server.store.pg_engine import PgStore
 from tests.clock import ManualClock
+from tests.pg import PostgresServer
 
-__all__ = ["ENGINES", "LmdbOpener", "LmdbSpace", "Opener", "Options", "SpaceFactory", "StoreSpace"]
+__all__ = [
+    "ENGINES",
+    "LmdbOpener",
+    "LmdbSpace",
+    "Opener",
+    "Options",
+    "PostgresSpace",
+    "SpaceFactory",
+    "StoreSpace",
+]
 
 
 class StoreSpace(Protocol):
@@ -162,8 +176,66 @@ class LmdbOpener:
             await store.close()
 
 
+# ----------------------------------------------------------------------------------------------- PostgreSQL
+class PostgresSpace:
+    """PostgreSQL stores, each a schema of its own on the session's cluster (``search_path`` in the URL), dropped
+    when the test ends."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self._made: list[str] = []
+
+    def new(self) -> str:
+        schema = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(self.server.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        self._made.append(schema)
+        return self.server.url + "?options=" + urllib.parse.quote(f"-csearch_path={schema}")
+
+    @staticmethod
+    def schema_of(url: str) -> str:
+        options = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["options"][0]
+        return options.removeprefix("-csearch_path=")
+
+    def drop(self, url: str) -> None:
+        schema = self.schema_of(url)
+        with psycopg.connect(self.server.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        if schema in self._made:
+            self._made.remove(schema)
+
+    def holdings(self, store: Store) -> dict[str, tuple[int, int]]:
+        assert isinstance(store, PgStore)
+        out: dict[str, tuple[int, int]] = {}
+        with psycopg.connect(store._url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT coalesce(q.name, '<no queue: ' || m.queue || '>'), count(*), sum(m.size) "
+                "FROM replika_messages m LEFT JOIN replika_queues q ON q.name = m.queue GROUP BY 1"
+            ).fetchall()
+        for name, n, size in rows:
+            out[str(name)] = (int(n), int(size))
+        return out
+
+    def close(self) -> None:
+        for schema in list(self._made):
+            with psycopg.connect(self.server.url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        self._made.clear()
+
+
+@contextlib.contextmanager
+def postgres_spaces(request: pytest.FixtureRequest) -> Iterator[StoreSpace]:
+    server: PostgresServer = request.getfixturevalue("postgres_server")  # session-scoped: tests/pg.py
+    space = PostgresSpace(server)
+    try:
+        yield space
+    finally:
+        space.close()
+
+
 # ----------------------------------------------------------------------------------------------- the engines
 #: Every engine the contract suite runs against: its ``--store`` scheme -> how a test gets its stores.
 ENGINES: dict[str, SpaceFactory] = {
     "lmdb": lmdb_spaces,
+    "postgresql": postgres_spaces,
 }

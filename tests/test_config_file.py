@@ -250,6 +250,16 @@ def test_logs_go_to_stdout_when_asked(tmp_path: Path) -> None:
     assert '"event": "stopped"' in "".join(seen) + out and err == ""
 
 
+def test_the_store_url_comes_from_the_environment_or_the_file(tmp_path: Path) -> None:
+    url = "postgresql://replika@db1,db2/queues?target_session_attrs=read-write"
+    from_env = Config.build({}, environ={"REPLIKA_STORE": url}, file={})
+    assert from_env.store_url == url
+    file = load_config_file(write(tmp_path / "r.toml", f'store = "{url}"\n'))
+    assert Config.build({}, environ={}, file=file).store_url == url
+    with pytest.raises(ConfigError, match="store"):
+        Config.build({}, environ={"REPLIKA_STORE": "mysql://x/y"}, file={})
+
+
 # ------------------------------------------------------------------------------------------------ [queues]
 QUEUES = """
 port = 9001

@@ -1,7 +1,8 @@
-"""Static checks of the deployment files: the Dockerfile, docker-compose.yml, the Kubernetes manifests under
-deploy/k8s/ and the systemd unit. No Docker engine or cluster runs here, so each file is parsed and checked for what
-matters, and every ``replika serve`` command line in them is parsed by ``replika serve``'s own parser and built
-into a validated :class:`Config` together with the config files and environment they give it."""
+"""Static checks of the deployment files: the Dockerfile, docker-compose.yml and deploy/docker/compose.postgres.yml,
+the Kubernetes manifests under deploy/k8s/ (and deploy/k8s/postgres/) and the systemd unit. No Docker engine or
+cluster runs here, so each file is parsed and checked for what matters, and every ``replika serve`` command line in
+them is parsed by ``replika serve``'s own parser and built into a validated :class:`Config` together with the
+config files and environment they give it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import yaml
 from replika_server.auth import load_auth
 from replika_server.cli import build_parser, serve_flags
 from replika_server.config import Config, ConfigError, check_exposure, load_config_file
+from replika_server.store import engine_of
 from tests.conftest import WAIT, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +94,8 @@ def docker_env(stage: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-def k8s_documents() -> Iterator[dict[str, Any]]:
-    for path in sorted(K8S.glob("*.yaml")):
+def k8s_documents(directory: Path = K8S) -> Iterator[dict[str, Any]]:
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":  # kustomize's own file, not a Kubernetes object
             continue
         for doc in yaml.safe_load_all(path.read_text()):
@@ -100,8 +103,27 @@ def k8s_documents() -> Iterator[dict[str, Any]]:
                 yield {**doc, "_file": path.name}
 
 
-def k8s(kind: str) -> list[dict[str, Any]]:
-    return [d for d in k8s_documents() if d["kind"] == kind]
+def k8s(kind: str, directory: Path = K8S) -> list[dict[str, Any]]:
+    return [d for d in k8s_documents(directory) if d["kind"] == kind]
+
+
+def pod_files(pod: dict[str, Any], container: dict[str, Any], directories: list[Path]) -> dict[str, str]:
+    """The files the pod sees: the keys of the ConfigMaps and Secrets under their mounts, each object taken from
+    the first of ``directories`` that has one of its name."""
+    files: dict[str, str] = {}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    objects = [d for directory in directories for d in k8s_documents(directory)]
+    for mount in container["volumeMounts"]:
+        name, path = mount["name"], mount["mountPath"]
+        if "configMap" in volumes.get(name, {}):
+            wanted = ("ConfigMap", volumes[name]["configMap"]["name"])
+        elif "secret" in volumes.get(name, {}):
+            wanted = ("Secret", volumes[name]["secret"]["secretName"])
+        else:
+            continue
+        found = next(d for d in objects if (d["kind"], d["metadata"]["name"]) == wanted)  # the first directory's
+        files.update({f"{path}/{key}": text for key, text in found.get("data", found.get("stringData")).items()})
+    return files
 
 
 def systemd_unit() -> dict[str, dict[str, list[str]]]:
@@ -235,16 +257,7 @@ def test_k8s_statefulset_keeps_the_store_on_a_claim_mounted_at_the_data_dir(tmp_
     assert claims[claim]["accessModes"] == ["ReadWriteOnce"] and claims[claim]["resources"]["requests"]["storage"]
     assert claim not in {v["name"] for v in pod["spec"].get("volumes", [])}, "the claim, not a pod volume"
 
-    # The files the pod sees: the ConfigMap's and the Secret's keys under their mounts.
-    files: dict[str, str] = {}
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    for name, path in mounts.items():
-        if "configMap" in volumes.get(name, {}):
-            (cm,) = [c for c in k8s("ConfigMap") if c["metadata"]["name"] == volumes[name]["configMap"]["name"]]
-            files.update({f"{path}/{key}": text for key, text in cm["data"].items()})
-        if "secret" in volumes.get(name, {}):
-            (secret,) = [s for s in k8s("Secret") if s["metadata"]["name"] == volumes[name]["secret"]["secretName"]]
-            files.update({f"{path}/{key}": text for key, text in secret["stringData"].items()})
+    files = pod_files(pod, container, [K8S])
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     env.setdefault("REPLIKA_CONFIG", "/etc/replika/replika.toml")  # from the image
     config = effective_config(container["args"], env, files, tmp_path)
@@ -256,9 +269,10 @@ def test_k8s_statefulset_keeps_the_store_on_a_claim_mounted_at_the_data_dir(tmp_
     assert claims[claim]["resources"]["requests"]["storage"] == "10Gi"
 
 
-def test_k8s_probes_ports_and_security_context() -> None:
-    (sts,) = k8s("StatefulSet")
-    pod = sts["spec"]["template"]["spec"]
+@pytest.mark.parametrize(("kind", "directory"), [("StatefulSet", K8S), ("Deployment", K8S / "postgres")])
+def test_k8s_probes_ports_and_security_context(kind: str, directory: Path) -> None:
+    (workload,) = k8s(kind, directory)
+    pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert set(ports.values()) == {BROKER_PORT, ADMIN_PORT}
@@ -297,6 +311,143 @@ def test_k8s_kustomization_applies_all_but_the_example_secret() -> None:
     assert all((K8S / r).exists() for r in resources)
     assert resources == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     for doc in k8s_documents():
+        assert doc["metadata"]["name"] and doc["apiVersion"], doc["_file"]
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL mode
+PG_COMPOSE = ROOT / "deploy" / "docker" / "compose.postgres.yml"
+PG_K8S = K8S / "postgres"
+
+
+def ignored_by_git(path: Path) -> bool:
+    done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], timeout=WAIT)
+    return done.returncode == 0
+
+
+def test_compose_on_postgresql_gives_every_node_the_same_store_and_no_volume(tmp_path: Path) -> None:
+    compose = yaml.safe_load(PG_COMPOSE.read_text())
+    db, nodes = compose["services"]["postgres"], compose["services"]["replika"]
+    assert nodes["deploy"]["replicas"] == 3, "one service, three nodes: they share its command and URL"
+    assert "volumes" not in nodes, "a node keeps no state: the store is PostgreSQL"
+    assert nodes["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert nodes["build"] == "../.." and (PG_COMPOSE.parent / nodes["build"] / "Dockerfile").exists()
+    env = {**docker_env(final_stage(dockerfile())), **nodes.get("environment", {})}
+    image_config = {"/etc/replika/replika.toml": (ROOT / "deploy" / "docker" / "replika.toml").read_text()}
+    config = effective_config(nodes["command"], env, image_config, tmp_path)
+    check_exposure(config)  # it binds 0.0.0.0 and has tokens
+    assert config.auth == Path("/run/secrets/replika_auth") and "replika_auth" in nodes["secrets"]
+    assert engine_of(config.store_url)[0] == "postgresql"
+    url = urllib.parse.urlsplit(config.store)
+    assert (url.hostname, url.password) == ("postgres", None), "the service's name, and no secret in the URL"
+    assert (
+        url.path.lstrip("/") == db["environment"]["POSTGRES_DB"] and url.username == db["environment"]["POSTGRES_USER"]
+    )
+    # The broker port only through the proxy; the admin sidecars on the host's loopback only.
+    assert all(p["target"] == ADMIN_PORT and p["host_ip"] == "127.0.0.1" for p in nodes["ports"])
+
+
+def test_compose_on_postgresql_keeps_the_password_in_a_secret_file_that_is_not_committed(tmp_path: Path) -> None:
+    compose = yaml.safe_load(PG_COMPOSE.read_text())
+    db, nodes = compose["services"]["postgres"], compose["services"]["replika"]
+    assert db["image"].startswith("postgres:") and "ports" not in db, "reached by the nodes only"
+    assert "POSTGRES_PASSWORD" not in db["environment"]
+    secret = db["environment"]["POSTGRES_PASSWORD_FILE"].removeprefix("/run/secrets/")
+    assert secret in db["secrets"] and secret in nodes["secrets"]
+    password_file = (PG_COMPOSE.parent / compose["secrets"][secret]["file"]).resolve()
+    assert ignored_by_git(password_file), f"{password_file} must never be committed"
+    mounts = {target: volume for volume, target in (v.split(":", 1) for v in db["volumes"])}
+    assert mounts["/var/lib/postgresql/data"] in compose["volumes"], "the database in a named volume, declared"
+    # The nodes' entrypoint reads the same file into PGPASSWORD (libpq's) and runs replika with the command.
+    shell, flag, script, name = nodes["entrypoint"]
+    assert (shell, flag, name) == ("/bin/sh", "-c", "replika")
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "replika"
+    fake.write_text('#!/bin/sh\necho "$PGPASSWORD"; echo "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "password").write_text("s3cret\n")
+    script = script.replace("$$", "$").replace(f"/run/secrets/{secret}", str(tmp_path / "password"))
+    done = subprocess.run(
+        [shell, flag, script, name, *nodes["command"]],
+        env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.stdout.splitlines() == ["s3cret", " ".join(nodes["command"])], done
+    no_file = script.replace(str(tmp_path / "password"), str(tmp_path / "absent"))
+    assert subprocess.run([shell, flag, no_file, name], capture_output=True, timeout=WAIT).returncode != 0
+
+
+def test_compose_on_postgresql_puts_the_nodes_behind_one_tcp_proxy(broker: ServerProcess) -> None:
+    compose = yaml.safe_load(PG_COMPOSE.read_text())
+    proxy, nodes = compose["services"]["proxy"], compose["services"]["replika"]
+    assert proxy["ports"] == [f"{BROKER_PORT}:{BROKER_PORT}"]
+    source, target = proxy["volumes"][0].split(":")[:2]
+    assert target == "/usr/local/etc/haproxy/haproxy.cfg"
+    cfg = (PG_COMPOSE.parent / source).read_text()
+    lines = [line.split("#")[0].split() for line in cfg.splitlines()]
+    lines = [words for words in lines if words]
+    assert ["mode", "tcp"] in lines and ["bind", f":{BROKER_PORT}"] in lines
+    (template,) = [words for words in lines if words[0] == "server-template"]
+    assert template[3] == f"replika:{BROKER_PORT}" and int(template[2]) >= nodes["deploy"]["replicas"]
+    (defaults,) = [words for words in lines if words[0] == "default-server"]
+    assert defaults[1:4] == ["check", "port", str(ADMIN_PORT)] and ["option", "httpchk"] in lines
+    (send,) = [words for words in lines if words[:2] == ["http-check", "send"]]
+    assert send[2:6] == ["meth", "GET", "uri", "/readyz"]
+    idle = Config().idle_timeout
+    for side in ("client", "server"):
+        (value,) = [w[2] for w in lines if w[:2] == ["timeout", side]]
+        assert parse_duration(value) > idle, "the broker's idle timeout, not the proxy's, ends idle connections"
+    test = nodes["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and healthcheck_passes(test[3], broker.admin_port)
+
+
+def parse_duration(text: str) -> float:
+    """haproxy's time format: a number with an optional unit (ms, s, m, h); milliseconds without one."""
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", text).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 0.001}[unit]
+
+
+def test_k8s_on_postgresql_is_a_deployment_without_volumes_and_its_store_from_a_secret(tmp_path: Path) -> None:
+    (deployment,) = k8s("Deployment", PG_K8S)
+    assert not k8s("StatefulSet", PG_K8S) and not k8s("PersistentVolumeClaim", PG_K8S)
+    assert (
+        deployment["spec"]["replicas"] >= 2 and deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    )
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "volumeClaimTemplates" not in deployment["spec"]
+    assert all({"configMap", "secret", "emptyDir"} & set(v) for v in pod["spec"]["volumes"]), "no persistent volume"
+    (container,) = pod["spec"]["containers"]
+    (store,) = [e for e in container["env"] if e["name"] == "REPLIKA_STORE"]
+    assert "value" not in store, "the URL holds the password: from a Secret, not the manifest"
+    ref = store["valueFrom"]["secretKeyRef"]
+    (example,) = [s for s in k8s("Secret", PG_K8S) if s["metadata"]["name"] == ref["name"]]
+    url = example["stringData"][ref["key"]]
+    assert "REPLACE-" in (urllib.parse.urlsplit(url).password or ""), "an example password must not look real"
+    files = pod_files(pod, container, [PG_K8S, K8S])  # the auth Secret is the LMDB variant's replika-auth
+    env = {"REPLIKA_CONFIG": "/etc/replika/replika.toml", "REPLIKA_STORE": url}  # REPLIKA_CONFIG: from the image
+    config = effective_config(container["args"], env, files, tmp_path)
+    assert engine_of(config.store_url)[0] == "postgresql" and config.store == url
+    assert str(config.auth) in files, "the auth file comes from the Secret"
+    check_exposure(config)
+    assert (config.host, config.log_format, config.log_stream) == ("0.0.0.0", "json", "stdout")
+
+
+def test_k8s_on_postgresql_service_budget_and_kustomization() -> None:
+    (deployment,) = k8s("Deployment", PG_K8S)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    port_names = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    (service,) = k8s("Service", PG_K8S)
+    assert service["spec"]["selector"].items() <= labels.items() and service["spec"]["type"] == "ClusterIP"
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    assert {p["port"] for p in service["spec"]["ports"]} == {BROKER_PORT, ADMIN_PORT}
+    (budget,) = k8s("PodDisruptionBudget", PG_K8S)
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    resources = set(yaml.safe_load((PG_K8S / "kustomization.yaml").read_text())["resources"])
+    assert resources == {p.name for p in PG_K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    for doc in k8s_documents(PG_K8S):
         assert doc["metadata"]["name"] and doc["apiVersion"], doc["_file"]
 
 

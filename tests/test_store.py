@@ -810,3 +810,116 @@ async def test_after_a_reopen_an_ack_and_a_fetch_in_one_batch_never_redeliver_th
     assert first[0] not in ids
     assert sorted(ids) == [2, 3, 4]
     assert await counts(store, "q") == (0, 3, 0, 3)
+
+
+# -------------------------------------------------------------------------------------------- many ops of a kind
+async def test_publishes_of_one_batch_get_consecutive_ids_in_op_order_and_each_its_own_refusal(
+    open_store: Opener,
+) -> None:
+    # The requests of many producers in one loop turn: an engine may store them together, but each keeps its
+    # own answer, and one that does not fit is refused alone.
+    store = await open_store()
+    await one(store, Declare("jobs", QueueOptions(max_length=4)))
+    results = await run(
+        store,
+        Publish("jobs", [b"a", b"b"]),
+        Publish("jobs", [b"c"], headers=[{"k": "v"}]),
+        Publish("jobs", [b"d", b"e"]),  # would make 5
+        Publish("jobs", [b"f"]),
+        Publish("other", [b"x"]),
+        Publish("jobs", [b"g"]),  # full again
+    )
+    assert results[:2] == [Published(1, 2), Published(3, 1)]
+    assert isinstance(results[2], StoreError) and results[2].code == ErrorCode.QUEUE_FULL
+    assert results[3:5] == [Published(4, 1), Published(1, 1)]
+    assert isinstance(results[5], StoreError) and results[5].code == ErrorCode.QUEUE_FULL
+    ds = await fetch(store, "jobs")
+    assert [(d[ID], d[PAYLOAD], d[HEADERS]) for d in ds] == [
+        (1, b"a", None),
+        (2, b"b", None),
+        (3, b"c", {"k": "v"}),
+        (4, b"f", None),
+    ]
+
+
+async def test_acks_of_one_batch_each_get_their_own_refusals_in_op_order(store: Store) -> None:
+    await publish(store, "jobs", b"a", b"b", b"c")
+    first = await fetch(store, "jobs", max=1)
+    await one(store, Nack("jobs", leases(first), 1))
+    a, b, c = await fetch(store, "jobs", max=3)
+    assert a[ID] == first[0][ID]
+    results = await run(
+        store,
+        Ack("jobs", leases(first), 1),  # the earlier delivery's token
+        Ack("jobs", leases([a, b]), 2),
+        Ack("jobs", leases([b]), 3),  # acked just before, in this batch
+        Ack("jobs", [(c[ID], c[TOKEN] + 1000)], 4),  # never issued
+        Ack("missing", leases([c]), 5),
+    )
+    assert results[0] == {a[ID]: StaleReason.REDELIVERED}
+    assert results[1] == {}
+    assert results[2] == {b[ID]: StaleReason.GONE}
+    assert results[3] == {c[ID]: StaleReason.UNKNOWN}
+    assert isinstance(results[4], StoreError) and results[4].code == ErrorCode.NOT_FOUND
+    assert await counts(store, "jobs") == (0, 1, 0, 1)
+    assert await ack(store, "jobs", [c]) == {}
+
+
+async def test_fetches_and_acks_of_one_batch_give_what_they_give_one_after_the_other(store: Store) -> None:
+    await publish(store, "jobs", *[b"%d" % i for i in range(8)])
+    held = await fetch(store, "jobs", max=2, owner=7)
+    results = await run(
+        store,
+        Fetch("jobs", 2, LONG, 1),
+        Ack("jobs", leases(held[:1]), 7),
+        Fetch("jobs", 3, LONG, 2),
+        Ack("jobs", leases(held), 7),  # the first was acked just before
+        Fetch("jobs", 5, LONG, 3),
+    )
+    first, acked, second, again, third = results
+    assert [d[ID] for d in cast(list[Delivery], first)] == [3, 4]
+    assert acked == {}
+    assert [d[ID] for d in cast(list[Delivery], second)] == [5, 6, 7]
+    assert again == {held[0][ID]: StaleReason.GONE}
+    assert [d[ID] for d in cast(list[Delivery], third)] == [8]
+    assert await counts(store, "jobs") == (0, 6, 0, 6)
+    await run(store, Release(1), Release(2), Release(3))
+    assert await counts(store, "jobs") == (6, 0, 0, 6)
+
+
+async def test_a_late_ack_and_a_fetch_of_one_batch_keep_their_order(store: Store) -> None:
+    # The lease ended, so the message is ready again with its token still current: a fetch before the ack takes
+    # it (and the ack is refused), an ack before the fetch deletes it.
+    await publish(store, "jobs", b"a", b"b")
+    [a] = await fetch(store, "jobs", max=1, lease=SHORT)
+    let_timer_pass(store)
+    await run(store, Expire())
+    fetched, refused = await run(store, Fetch("jobs", 1, LONG, 1), Ack("jobs", leases([a]), 2))
+    assert [d[ID] for d in cast(list[Delivery], fetched)] == [a[ID]] and refused == {a[ID]: StaleReason.REDELIVERED}
+    [b] = await fetch(store, "jobs", max=1, lease=SHORT)
+    let_timer_pass(store)
+    await run(store, Expire())
+    acked, fetched = await run(store, Ack("jobs", leases([b]), 2), Fetch("jobs", 1, LONG, 1))
+    assert acked == {} and fetched == []
+
+
+async def test_fetches_of_one_batch_move_out_what_they_meet_as_one_fetch_would(store: Store) -> None:
+    await one(store, Declare("jobs", QueueOptions(max_attempts=1)))
+    await publish(store, "jobs", b"a", b"b", b"c")
+    [a] = await fetch(store, "jobs", max=1)
+    await one(store, Nack("jobs", leases([a]), 1))  # its one attempt used: the next fetch dead-letters it
+    first, second = await run(store, Fetch("jobs", 1, LONG, 1), Fetch("jobs", 5, LONG, 2))
+    assert [d[PAYLOAD] for d in cast(list[Delivery], first)] == [b"b"]
+    assert [d[PAYLOAD] for d in cast(list[Delivery], second)] == [b"c"]
+    assert [d[PAYLOAD] for d in await fetch(store, "jobs.dlq")] == [b"a"]
+
+
+async def test_settle_ops_take_their_leases_as_an_iterator(store: Store) -> None:
+    # What the request parser hands over (a zip of the ids and tokens arrays): iterated once by the store.
+    await publish(store, "jobs", b"a", b"b", b"c")
+    a, b, c = await fetch(store, "jobs", max=3)
+    assert await one(store, Touch("jobs", iter(leases([a])), 1, lease=LONG)) == {}
+    assert await one(store, Nack("jobs", iter(leases([b])), 1)) == {}
+    results = await run(store, Ack("jobs", iter(leases([a])), 1), Ack("jobs", iter(leases([c, b])), 1))
+    assert results == [{}, {b[ID]: StaleReason.SETTLED}]
+    assert await counts(store, "jobs") == (1, 0, 0, 1)

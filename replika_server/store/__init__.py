@@ -154,7 +154,11 @@ async def open(url: str | Path, options: StoreOptions | None = None) -> Store:
         from replika_server.store.lmdb_engine import LmdbConfig, LmdbStore
 
         return await LmdbStore.open(LmdbConfig.of(Path(where), options))
-    raise StoreUrlError(f"the {engine} engine is not available in this version")
+    try:
+        from replika_server.store.pg_engine import PgStore
+    except ImportError as exc:  # psycopg is an extra: pip install 'replika[postgresql]'
+        raise StoreUrlError(f"the PostgreSQL engine needs psycopg: pip install 'replika[postgresql]' ({exc})") from None
+    return await PgStore.open(where, options)
 
 
 def backup(url: str | Path, dest: Path) -> BackupResult:
@@ -165,7 +169,11 @@ def backup(url: str | Path, dest: Path) -> BackupResult:
         from replika_server.store.lmdb_backup import hot_copy
 
         return hot_copy(Path(where), dest)
-    raise BackupError(f"the {engine} engine is backed up with its own tools, not replika backup")
+    raise BackupError(
+        "a PostgreSQL store is backed up with PostgreSQL's own tools, not replika backup: pg_dump for a copy of "
+        "the replika_* tables, pg_basebackup with WAL archiving (or your provider's snapshots) for point-in-time "
+        "recovery"
+    )
 
 
 def restore(src: Path, url: str | Path, *, force: bool = False) -> BackupResult:
@@ -176,4 +184,7 @@ def restore(src: Path, url: str | Path, *, force: bool = False) -> BackupResult:
         from replika_server.store.lmdb_backup import restore as restore_lmdb
 
         return restore_lmdb(src, Path(where), force=force)
-    raise BackupError(f"the {engine} engine is restored with its own tools, not replika restore")
+    raise BackupError(
+        "a PostgreSQL store is restored with PostgreSQL's own tools (pg_restore, or a base backup and its WAL), "
+        "not replika restore"
+    )

@@ -41,7 +41,7 @@ from replika_server.store.base import (
     StoreError,
 )
 
-__all__ = ["HISTORY_SEQ", "Historian"]
+__all__ = ["HISTORY_SEQ", "LIST_SCAN", "Historian", "matches"]
 
 HISTORY_SEQ = b"history_seq"
 _SEQ = struct.Struct(">Q")
@@ -345,7 +345,7 @@ class Historian(EngineCore):
             if len(out) >= op.max or scanned >= LIST_SCAN:
                 break
             found = self._read_history(q, mid)
-            if found is not None and _matches(found, op):
+            if found is not None and matches(found, op):
                 out.append(found)
         return out
 
@@ -370,7 +370,8 @@ class Historian(EngineCore):
             yield HistoryEvent(at, _KINDS[kind], attempt, connection, detail or {})
 
 
-def _matches(found: MessageHistory, op: HistoryList) -> bool:
+def matches(found: MessageHistory, op: HistoryList) -> bool:
+    """Whether ``found`` passes the filters of ``op`` (state, publish time range, header)."""
     if op.state is not None and found.state != op.state:
         return False
     if op.since is not None and found.published_at < op.since:

@@ -33,6 +33,7 @@ from replika_server.store.base import (
     StoreCode,
     StoreError,
     Unbind,
+    queue_full,
 )
 
 __all__ = ["BINDING_PREFIX", "MAX_BINDINGS", "Publishing", "binding_key"]
@@ -235,17 +236,7 @@ class Publishing(Historian):
         if victims is not None:
             return victims
         why = "" if q is None or q.options.overflow == "reject" else " and its ready messages cannot make room"
-        if over_count > 0:
-            message = (
-                f"queue {name!r} is full: it holds {count} messages, its max_length is {max_length}; "
-                f"{n} more do not fit{why}"
-            )
-        else:
-            message = (
-                f"queue {name!r} is full: it holds {size} bytes, its max_bytes is {max_bytes}; {added} more do not "
-                f"fit{why}"
-            )
-        raise StoreError(StoreCode.QUEUE_FULL, message)
+        raise queue_full(name, (count, size), (max_length, max_bytes), (n, added), why)
 
     def _oldest_ready(self, q: QueueState, over_count: int, over_bytes: int) -> list[Victim] | None:
         """The fewest ready messages of ``q``, lowest ids first across its lanes, whose removal frees at least

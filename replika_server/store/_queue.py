@@ -24,7 +24,7 @@ import enum
 import heapq
 
 from replika_server.store._dedup import DedupIndex
-from replika_server.store.base import MAX_QUEUE_NAME, MAX_RETRY_DELAY, HistoryOptions, QueueOptions, QueueStats
+from replika_server.store.base import HistoryOptions, QueueOptions, QueueStats
 
 
 class Status(enum.IntEnum):
@@ -176,23 +176,11 @@ class QueueState:
 
     @property
     def dead_letter(self) -> str:
-        # Truncated so that the default stays a valid queue name a client can address.
-        if self.options.dead_letter:
-            return self.options.dead_letter
-        name = f"{self.name[: MAX_QUEUE_NAME - 4]}.dlq"
-        return name if name != self.name else f"{self.name[: MAX_QUEUE_NAME - 5]}_.dlq"  # never its own DLQ
+        return self.options.dead_letter_of(self.name)
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds before a message whose lease ended after ``attempts`` deliveries is ready again."""
-        o = self.options
-        if not o.retry_delay:
-            return 0.0
-        cap = MAX_RETRY_DELAY if o.retry_max_delay is None else o.retry_max_delay
-        try:
-            delay = o.retry_delay * o.retry_backoff ** max(attempts - 1, 0)
-        except OverflowError:  # a large factor to a large power: the cap, whatever it is
-            return cap
-        return min(delay, cap)
+        return self.options.retry_delay_after(attempts)
 
     def set_status(self, t: Tracked, status: Status) -> None:
         old = t.status
@@ -239,11 +227,7 @@ class QueueState:
 
     def limits(self, default_length: int | None, default_bytes: int | None) -> tuple[int | None, int | None]:
         """The (max_length, max_bytes) in force: the queue's own, else the store's default; None is unlimited."""
-        max_length, max_bytes = self.options.max_length, self.options.max_bytes
-        return (
-            default_length if max_length is None else max_length,
-            default_bytes if max_bytes is None else max_bytes,
-        )
+        return self.options.limits(default_length, default_bytes)
 
     def stats(self, default_length: int | None, default_bytes: int | None) -> QueueStats:
         """Counts and settings; the defaults are the store's, used where the queue's own limits are None."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +46,7 @@ from replika_server.store.model import (
     final_state,
     is_valid_pattern,
     is_valid_queue_name,
+    queue_full,
 )
 from replika_server.store.ops import (
     Ack,
@@ -134,6 +135,7 @@ __all__ = [
     "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
+    "queue_full",
 ]
 
 
@@ -216,6 +218,15 @@ class Store(abc.ABC):
 
     #: The engine's name as a ``--store`` URL scheme ("lmdb", "postgresql").
     engine: str = ""
+    #: Seconds between :class:`Expire` runs the broker makes whatever :meth:`next_timer` says (None: only when it
+    #: says). An engine shared by several brokers sets it: another node's commit can create timer work (a lease
+    #: of a node that died) that this one's :meth:`next_timer` cannot know of.
+    poll_interval: float | None = None
+
+    def on_readied(self, wake: Callable[[str], None]) -> None:
+        """Have ``wake(queue)`` called when ``queue`` gains ready messages other than by this store's
+        :meth:`execute` (another broker's commit on a shared engine). The default: it never happens."""
+        del wake  # a store no other broker shares: its own batch results say what readied
 
     @abc.abstractmethod
     async def execute(self, ops: Sequence[Op]) -> BatchResult:

@@ -40,6 +40,7 @@ __all__ = [
     "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
+    "queue_full",
 ]
 
 #: Seconds a dedup id is remembered unless the queue says otherwise: long enough to cover a producer's retries
@@ -95,6 +96,7 @@ class StoreCode(enum.StrEnum):
     TOO_MANY_QUEUES = "TOO_MANY_QUEUES"
     STORE_FULL = "STORE_FULL"
     STORE_FAILED = "STORE_FAILED"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
 
@@ -171,6 +173,50 @@ class QueueOptions:
     expired: Expired = "dead_letter"
     dedup_window: float = DEFAULT_DEDUP_WINDOW
     history: HistoryOptions | None = None  # None: no history is recorded
+
+    def dead_letter_of(self, queue: str) -> str:
+        """The dead-letter queue of ``queue`` under these options: ``dead_letter``, else ``<queue>.dlq``,
+        truncated so that it stays a valid name a client can address, and never ``queue`` itself."""
+        if self.dead_letter:
+            return self.dead_letter
+        name = f"{queue[: MAX_QUEUE_NAME - 4]}.dlq"
+        return name if name != queue else f"{queue[: MAX_QUEUE_NAME - 5]}_.dlq"
+
+    def retry_delay_after(self, attempts: int) -> float:
+        """Seconds before a message whose lease ended after ``attempts`` deliveries is ready again."""
+        if not self.retry_delay:
+            return 0.0
+        cap = MAX_RETRY_DELAY if self.retry_max_delay is None else self.retry_max_delay
+        try:
+            delay = self.retry_delay * self.retry_backoff ** max(attempts - 1, 0)
+        except OverflowError:  # a large factor to a large power: the cap, whatever it is
+            return cap
+        return min(delay, cap)
+
+    def limits(self, default_length: int | None, default_bytes: int | None) -> tuple[int | None, int | None]:
+        """The (max_length, max_bytes) in force: these options' own, else the store's default; None: unlimited."""
+        return (
+            default_length if self.max_length is None else self.max_length,
+            default_bytes if self.max_bytes is None else self.max_bytes,
+        )
+
+
+def queue_full(
+    name: str, held: tuple[int, int], limits: tuple[int | None, int | None], more: tuple[int, int], why: str
+) -> StoreError:
+    """``QUEUE_FULL`` for queue ``name`` holding ``held`` (messages, bytes) under ``limits`` (max_length,
+    max_bytes), which ``more`` (messages, bytes) would pass; ``why`` adds the reason room could not be made."""
+    (count, size), (max_length, max_bytes), (n, added) = held, limits, more
+    if max_length is not None and count + n > max_length:
+        message = (
+            f"queue {name!r} is full: it holds {count} messages, its max_length is {max_length}; {n} more do not "
+            f"fit{why}"
+        )
+    else:
+        message = (
+            f"queue {name!r} is full: it holds {size} bytes, its max_bytes is {max_bytes}; {added} more do not fit{why}"
+        )
+    return StoreError(StoreCode.QUEUE_FULL, message)
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ __all__ = [
     "StaleLease",
     "StoreFailed",
     "StoreFull",
+    "StoreUnavailable",
     "TooManyQueues",
     "Unauthorized",
     "UnsupportedVersion",
@@ -142,6 +143,14 @@ class StoreFull(ReplikaError, codes=("STORE_FULL",)):
 class StoreFailed(ReplikaError, codes=("STORE_FAILED",)):
     """The broker's store failed a write or fsync: this request was not applied, or not durably, and the broker
     refuses every write until it restarts (it exits to be restarted). Retriable against the restarted broker."""
+
+    retriable = True
+
+
+class StoreUnavailable(ReplikaError, codes=("STORE_UNAVAILABLE",)):
+    """The broker could not reach its database (PostgreSQL engine: the primary went away, a network cut) or kept
+    conflicting with other brokers: this request was not confirmed (it may have applied if the commit was cut
+    off). The broker reconnects by itself; retry."""
 
     retriable = True
 
