@@ -151,7 +151,8 @@ async def test_kill_9_of_a_node_under_load_loses_nothing_and_its_leases_come_bac
         tasks = [asyncio.ensure_future(producer(url, n)) for n, url in enumerate([a.url, c.url, a.url, c.url])]
         tasks.append(asyncio.ensure_future(consumer(c.url)))
         await asyncio.wait_for(enough.wait(), WAIT * 4)
-        victim_leases = await holder.fetch("load", max=100, lease=3)  # held, never settled
+        # Held, never settled; waited for, as the consumer on C may just have taken everything ready.
+        victim_leases = await holder.fetch("load", max=100, wait=WAIT, lease=3)
         assert victim_leases
         b.kill()
         stop.set()

@@ -194,6 +194,8 @@ class PgStore(PgQueues, Store):
                 op.leases = list(op.leases)  # an iterator (the request parser's zip) would not survive a retry
         for attempt in range(RETRIES + 1):
             self._batch = Batch()
+            if attempt:
+                self._held = None  # the failed attempt counted its publishes: read the total again
             try:
                 conn = self._conn if self._conn is not None and not self._conn.closed else await self._reconnect()
                 results = await self._run(conn, ops)
@@ -203,6 +205,7 @@ class PgStore(PgQueues, Store):
                     continue
                 return self._unavailable(ops, f"the batch kept conflicting with other nodes' ({exc})")
             except _CONNECTION_ERRORS as exc:
+                self._held = None
                 await self._drop_connection()
                 return self._unavailable(ops, f"PostgreSQL is unreachable ({exc})")
             except Exception:
