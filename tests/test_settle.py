@@ -183,6 +183,58 @@ async def test_every_task_waiting_on_settles_lost_with_the_connection_raises() -
         await client.close()  # both raised, and no settle no one waited for was lost: nothing more
 
 
+@contextlib.asynccontextmanager
+async def scripted_broker(
+    replies: list[list[dict[str, object]]],
+) -> AsyncIterator[int]:
+    """A server that does the handshake and then answers requests in writes of its own choosing: for each entry
+    of ``replies``, it waits for as many requests as the entry has replies and writes them, in one write, with
+    those requests' ids (in arrival order)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        frames: list[Frame] = []
+        while not frames:
+            frames = decoder.feed(await reader.read(65536))
+        writer.write(encode_frame({"id": frames.pop(0)["id"], "ok": True, "max_batch": 1000}))
+        for group in replies:
+            while len(frames) < len(group):
+                frames += decoder.feed(await reader.read(65536))
+            taken, frames = frames[: len(group)], frames[len(group) :]
+            writer.write(b"".join(encode_frame({"id": f["id"], **r}) for f, r in zip(taken, group, strict=True)))
+        await reader.read()  # until the client closes
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_a_failed_settle_is_raised_to_its_waiter_even_if_another_tasks_call_runs_first() -> None:
+    # Found by the I/O-error fault test: two consumers on one client, each waiting on its own ack. Both replies
+    # come in one read; the first consumer, whose ack applied, goes on with its next call, which raises errors
+    # of settles no one waits for; it took the second consumer's failure, and the second returned as if its ack
+    # had applied: a "confirmed" ack of messages that came back after the broker restarted.
+    failed = {"ok": False, "code": "STORE_FAILED", "message": "the store failed"}
+    async with scripted_broker([[{"ok": True}, failed], [{"ok": True}]]) as port:
+        client = replika.AsyncClient(f"replika://127.0.0.1:{port}")
+        await client.connect()
+        first, second = (replika.Message("q", [i, i, 1, 0.0, b"", None], client) for i in (1, 2))
+
+        async def first_consumer() -> None:
+            await first.ack(wait=True)  # applied
+            await client.ping()  # the next call: must not raise the other consumer's failure
+
+        results = await asyncio.wait_for(
+            asyncio.gather(first_consumer(), second.ack(wait=True), return_exceptions=True), WAIT
+        )
+        assert results[0] is None, results
+        assert isinstance(results[1], replika.StoreFailed), results
+        await client.close()  # every error raised once, to its own caller: nothing more
+
+
 async def test_a_task_waiting_on_its_settle_raises_its_own_refusal_and_not_anothers(server: RunningServer) -> None:
     async with replika.AsyncClient(server.url) as client:
         first, second = await stale_delivery(client, "own")

@@ -80,7 +80,8 @@ class AsyncConnection:
         self._writable.set()
         self._connect_lock = asyncio.Lock()
         self._closed = False
-        self._barriers: list[tuple[int, asyncio.Future[None]]] = []  # flush() calls: (settle mark, future)
+        # flush() calls: (settle mark, future of the error it is to raise, bound to it when its settles are answered)
+        self._barriers: list[tuple[int, asyncio.Future[ReplikaError | None]]] = []
 
     @property
     def connected(self) -> bool:
@@ -163,22 +164,23 @@ class AsyncConnection:
         broker committed it), then raise the first of their errors not raised yet (:class:`~replika.StaleLease`
         naming the refused ids, or :class:`~replika.ConnectionLost` if the connection dropped first: those settles
         may or may not have been applied). A barrier: settles made after it are not waited for."""
-        self._raise_deferred(await self._settled())
+        mark, error = await self._settled()
+        self._raise_deferred(mark, error=error)
 
-    async def _settled(self) -> int | None:
-        """Wait for the settles made so far to be answered and return their mark (None: not connected, so none
-        is unconfirmed); raise :class:`ConnectionLost` if the connection was lost before they all were."""
+    async def _settled(self) -> tuple[int | None, ReplikaError | None]:
+        """Wait for the settles made so far to be answered: their mark (None: not connected, so none is
+        unconfirmed) and the first of their errors, taken for this caller to raise; raise :class:`ConnectionLost`
+        if the connection was lost before they all were."""
         core = self._core
         if self._transport is None:
-            return None
+            return None, None
         mark = core.settle_mark()
         if core.settles.done_through(mark):
-            return mark
+            return mark, None
         self._schedule_flush()
-        barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        barrier: asyncio.Future[ReplikaError | None] = asyncio.get_running_loop().create_future()
         self._barriers.append((mark, barrier))
-        await barrier
-        return mark
+        return mark, await barrier
 
     def _release_barriers(self) -> None:
         settles = self._core.settles
@@ -187,7 +189,10 @@ class AsyncConnection:
             if barrier.done():
                 continue  # its flush() was cancelled
             if settles.done_through(mark):
-                barrier.set_result(None)
+                # Its error is taken now, for its waiter: another task's call, which raises errors of settles no
+                # one waits for, may run first and would otherwise take it, and this waiter would return as if
+                # its settles were applied (a "confirmed" ack that never was).
+                barrier.set_result(settles.take_error(mark))
             else:
                 kept.append((mark, barrier))
         self._barriers = kept
@@ -209,8 +214,9 @@ class AsyncConnection:
         that no call has raised yet, with any others noted on it."""
         self._closed = True
         lost: ConnectionLost | None = None
+        error: ReplikaError | None = None
         try:
-            await self._settled()
+            _, error = await self._settled()
         except ConnectionLost as exc:
             lost = exc
         finally:
@@ -222,7 +228,7 @@ class AsyncConnection:
                 self._transport.close()
                 self._transport = None
             self._fail_pending(ConnectionLost("the client was closed"))
-        self._raise_deferred(last=True, error=lost)
+        self._raise_deferred(last=True, error=lost or error)
 
     def _abort(self) -> None:
         if self._transport is not None:
