@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from replika_server.cli_declare import add_declare
+from replika_server.cli_declare import positive as _positive
 
 if TYPE_CHECKING:
     import replika
@@ -69,16 +70,6 @@ class _Peeked(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------ parsers
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)

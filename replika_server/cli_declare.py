@@ -12,7 +12,7 @@ from replika_server.units import ConfigError, parse_duration, parse_size
 if TYPE_CHECKING:
     import replika
 
-__all__ = ["add_declare"]
+__all__ = ["add_declare", "positive"]
 
 
 def _duration(text: str) -> float:
@@ -29,7 +29,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (also the other client commands' counts)."""
     try:
         value = int(text)
     except ValueError:
@@ -56,10 +57,10 @@ def add_declare(command: Callable[[str, str, str], argparse.ArgumentParser]) -> 
         "are bytes or a number with a unit (64M, 1G). Prints nothing; 'replika stats QUEUE' shows the options.",
     )
     p.add_argument(
-        "--max-attempts", type=_count, metavar="N", help="deliveries before dead-lettering (default: no limit)"
+        "--max-attempts", type=positive, metavar="N", help="deliveries before dead-lettering (default: no limit)"
     )
     p.add_argument("--dead-letter", metavar="QUEUE", help="the dead-letter queue (default QUEUE.dlq)")
-    p.add_argument("--max-length", type=_count, metavar="N", help="most messages the queue holds")
+    p.add_argument("--max-length", type=positive, metavar="N", help="most messages the queue holds")
     p.add_argument("--max-bytes", type=_size, metavar="SIZE", help="most payload and header bytes it holds")
     p.add_argument("--overflow", choices=("reject", "drop_oldest", "dead_letter"), help="past a limit (default reject)")
     p.add_argument("--retry-delay", type=_duration, metavar="DURATION", help="before a nacked message is ready again")
@@ -75,7 +76,7 @@ def add_declare(command: Callable[[str, str, str], argparse.ArgumentParser]) -> 
     h.add_argument(
         "--history-retention", type=_duration, metavar="DURATION", help="kept after a message ends (default 7d)"
     )
-    h.add_argument("--history-max", type=_count, metavar="N", help="most messages with a history (default 100000)")
+    h.add_argument("--history-max", type=positive, metavar="N", help="most messages with a history (default 100000)")
     h.add_argument("--history-payloads", action="store_true", help="keep payloads too (default: headers only)")
     p.set_defaults(client_command=_declare)
 

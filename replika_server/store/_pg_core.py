@@ -149,6 +149,7 @@ class Batch:
     # Queue -> the first id this batch stored there. Ids from it on are not committed yet, so this batch's fetches,
     # peeks and redrives do not see them, as on LMDB: a message is never delivered before its publish is confirmed.
     fresh: dict[str, int] = field(default_factory=dict)
+    issued: int | None = None  # the newest lease token issued, once a refusal needed it
 
     def visible(self, queue: str) -> int:
         """One past the highest id of ``queue`` this batch may read."""

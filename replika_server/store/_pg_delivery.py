@@ -10,7 +10,7 @@ timer ends leases whose deadline passed, whoever granted them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from replika_server.store._pg_core import (
     ROW_COLUMNS,
@@ -192,8 +192,7 @@ class PgDelivering(PgPublishing):
     # ----------------------------------------------------------------------------------------------- settle
     async def _settle(self, op: Settle) -> Settled:
         q = await self._queue(op.queue)
-        leases = [(int(mid), int(token)) for mid, token in op.leases]
-        op.leases = leases  # iterated again below for an ack
+        leases = cast(list[tuple[int, int]], op.leases)  # made a list of pairs by the engine's execute
         if isinstance(op, Ack):
             [result] = await self._ack_group([op])
             if isinstance(result, StoreError):
@@ -234,7 +233,7 @@ class PgDelivering(PgPublishing):
             q = await self._queue(ops[0].queue)
         except StoreError as exc:
             return [exc] * len(ops)
-        per_op = [[(int(mid), int(token)) for mid, token in op.leases] for op in ops]
+        per_op = [cast(list[tuple[int, int]], op.leases) for op in ops]  # lists of pairs: see execute
         leases = [lease for op_leases in per_op for lease in op_leases]
         await self._cur.execute(
             "DELETE FROM replika_messages m USING unnest(%s::bigint[], %s::bigint[]) AS u(id, token) "
@@ -277,9 +276,12 @@ class PgDelivering(PgPublishing):
 
     async def _stale(self, row: MessageRow | None, token: int) -> StaleReason:
         """Why (id, ``token``) of a message whose row is ``row`` is not a current lease: off the hot path."""
-        await self._cur.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM replika_tokens")
-        issued = await self._cur.fetchone()
-        if not 0 < token <= (int(issued[0]) if issued else 0):
+        issued = self._batch.issued
+        if issued is None or token > issued:  # read once per batch (refusals come many at a time), or if passed
+            await self._cur.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM replika_tokens")
+            latest = await self._cur.fetchone()
+            issued = self._batch.issued = int(latest[0]) if latest else 0
+        if not 0 < token <= issued:
             return StaleReason.UNKNOWN
         if row is None:
             return StaleReason.GONE

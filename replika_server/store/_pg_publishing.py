@@ -23,9 +23,11 @@ from replika_server.store.base import (
     Publish,
     Published,
     PublishTopic,
+    QueueOptions,
     StoreCode,
     StoreError,
     Unbind,
+    overage,
     queue_full,
 )
 
@@ -286,14 +288,11 @@ class PgPublishing(PgHistorian):
         """What must leave queue ``name`` for ``n`` more messages of ``added`` bytes to fit its limits (see the
         LMDB engine's ``_room``); raises ``QUEUE_FULL`` when they cannot be made to fit."""
         options = self._options
-        if q is None:
-            count = size = 0
-            max_length, max_bytes = options.default_max_length, options.default_max_bytes
-        else:
-            count, size = q.count, q.bytes
-            max_length, max_bytes = q.limits(options.default_max_length, options.default_max_bytes)
-        over_count = count + n - max_length if max_length is not None else 0
-        over_bytes = size + added - max_bytes if max_bytes is not None else 0
+        held = (q.count, q.bytes) if q is not None else (0, 0)
+        limits = (q.options if q is not None else QueueOptions()).limits(
+            options.default_max_length, options.default_max_bytes
+        )
+        over_count, over_bytes = overage(held, limits, (n, added))
         if over_count <= 0 and over_bytes <= 0:
             return []
         victims = None
@@ -302,7 +301,7 @@ class PgPublishing(PgHistorian):
         if victims is not None:
             return victims
         why = "" if q is None or q.options.overflow == "reject" else " and its ready messages cannot make room"
-        raise queue_full(name, (count, size), (max_length, max_bytes), (n, added), why)
+        raise queue_full(name, held, limits, (n, added), why)
 
     async def _oldest_ready(self, q: PgQueue, over_count: int, over_bytes: int) -> list[MessageRow] | None:
         """The fewest ready messages of ``q``, lowest ids first, whose removal frees at least ``over_count``

@@ -30,9 +30,11 @@ from replika_server.store.base import (
     Publish,
     Published,
     PublishTopic,
+    QueueOptions,
     StoreCode,
     StoreError,
     Unbind,
+    overage,
     queue_full,
 )
 
@@ -220,14 +222,11 @@ class Publishing(Historian):
         ``added`` bytes to fit its max_length and max_bytes: nothing when they fit; ready messages, oldest first,
         under overflow drop_oldest or dead_letter. Raises ``QUEUE_FULL`` when they cannot be made to fit."""
         config = self._config
-        if q is None:
-            count = size = 0
-            max_length, max_bytes = config.default_max_length, config.default_max_bytes
-        else:
-            count, size = q.count, q.bytes
-            max_length, max_bytes = q.limits(config.default_max_length, config.default_max_bytes)
-        over_count = count + n - max_length if max_length is not None else 0
-        over_bytes = size + added - max_bytes if max_bytes is not None else 0
+        held = (q.count, q.bytes) if q is not None else (0, 0)
+        limits = (q.options if q is not None else QueueOptions()).limits(
+            config.default_max_length, config.default_max_bytes
+        )
+        over_count, over_bytes = overage(held, limits, (n, added))
         if over_count <= 0 and over_bytes <= 0:
             return []
         victims = None
@@ -236,7 +235,7 @@ class Publishing(Historian):
         if victims is not None:
             return victims
         why = "" if q is None or q.options.overflow == "reject" else " and its ready messages cannot make room"
-        raise queue_full(name, (count, size), (max_length, max_bytes), (n, added), why)
+        raise queue_full(name, held, limits, (n, added), why)
 
     def _oldest_ready(self, q: QueueState, over_count: int, over_bytes: int) -> list[Victim] | None:
         """The fewest ready messages of ``q``, lowest ids first across its lanes, whose removal frees at least

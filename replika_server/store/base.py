@@ -46,6 +46,7 @@ from replika_server.store.model import (
     final_state,
     is_valid_pattern,
     is_valid_queue_name,
+    overage,
     queue_full,
 )
 from replika_server.store.ops import (
@@ -135,6 +136,7 @@ __all__ = [
     "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
+    "overage",
     "queue_full",
 ]
 

@@ -40,6 +40,7 @@ __all__ = [
     "final_state",
     "is_valid_pattern",
     "is_valid_queue_name",
+    "overage",
     "queue_full",
 ]
 
@@ -199,6 +200,16 @@ class QueueOptions:
             default_length if self.max_length is None else self.max_length,
             default_bytes if self.max_bytes is None else self.max_bytes,
         )
+
+
+def overage(held: tuple[int, int], limits: tuple[int | None, int | None], more: tuple[int, int]) -> tuple[int, int]:
+    """How far ``more`` (messages, bytes) would take a queue holding ``held`` past ``limits`` (max_length,
+    max_bytes; None: unlimited): (messages, bytes) over, each at most 0 when within."""
+    (count, size), (max_length, max_bytes), (n, added) = held, limits, more
+    return (
+        count + n - max_length if max_length is not None else 0,
+        size + added - max_bytes if max_bytes is not None else 0,
+    )
 
 
 def queue_full(

@@ -190,8 +190,9 @@ class PgStore(PgQueues, Store):
 
     async def _execute(self, ops: Sequence[Op]) -> BatchResult:
         for op in ops:
-            if isinstance(op, Settle) and not isinstance(op.leases, list):
-                op.leases = list(op.leases)  # an iterator (the request parser's zip) would not survive a retry
+            if isinstance(op, Settle):
+                # Once, here: an iterator (the request parser's zip) would not survive a second look or a retry.
+                op.leases = [(int(mid), int(token)) for mid, token in op.leases]
         for attempt in range(RETRIES + 1):
             self._batch = Batch()
             if attempt:
@@ -263,8 +264,6 @@ class PgStore(PgQueues, Store):
         """Whether ``acks``' queue exists and each message they name is absent or leased."""
         if await self._find(acks[0].queue) is None:
             return False
-        for op in acks:
-            op.leases = [(int(mid), int(token)) for mid, token in op.leases]  # iterated once: keep them
         ids = [mid for op in acks for mid, _ in op.leases]
         await self._cur.execute(
             "SELECT 1 FROM replika_messages WHERE queue = %s AND id = ANY(%s::bigint[]) AND state <> 1 LIMIT 1",
