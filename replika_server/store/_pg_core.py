@@ -293,21 +293,18 @@ class PgCore:
         q.changed(-len(gone), -sum(size for _, size in gone))
         return gone
 
-    async def _read_message(self, q: PgQueue, mid: int) -> tuple[bytes, dict[str, str] | None] | None:
-        await self._cur.execute(
-            "SELECT payload, headers FROM replika_messages WHERE queue = %s AND id = %s", (q.name, mid)
-        )
-        row = await self._cur.fetchone()
-        return None if row is None else (bytes(row[0]), unpack_headers(row[1]))
-
     async def _dead_letter(self, q: PgQueue, row: MessageRow, reason: DeadLetterReason) -> None:
         """Move message ``row`` of ``q`` to ``q``'s dead-letter queue."""
-        found = await self._read_message(q, row.id)
-        await self._remove(q, [row.id])
+        await self._cur.execute(
+            "DELETE FROM replika_messages WHERE queue = %s AND id = %s RETURNING size, payload, headers",
+            (q.name, row.id),
+        )
+        found = await self._cur.fetchone()  # removed and read in one round trip
         self._counter(q, "dead_lettered")
         if found is None:
             return  # removed meanwhile (cannot happen under the row lock the caller holds); never invent one
-        payload, headers = found
+        q.changed(-1, -int(found[0]))
+        payload, headers = bytes(found[1]), unpack_headers(found[2])
         moved = dict(headers or {})
         moved.update(zip(DEAD_LETTER_HEADERS, (q.name, reason.value, str(row.id), str(row.attempts)), strict=True))
         # Neither max_queues nor the DLQ's own limits may refuse it: the message would be lost.
