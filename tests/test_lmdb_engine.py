@@ -108,7 +108,7 @@ async def test_a_store_of_the_previous_schema_opens_and_is_upgraded(open_lmdb: L
     store = await open_lmdb()
     assert await counts(store, "jobs") == (2, 0, 0, 2)
     with store._env.begin() as txn:
-        assert txn.get(b"schema", db=store._meta_db) == b"2"
+        assert txn.get(b"schema", db=store._meta_db) == b"3"
 
 
 async def test_a_store_written_before_byte_accounting_is_counted_on_load(open_lmdb: LmdbOpener, tmp_path: Path) -> None:

@@ -1,10 +1,15 @@
 """Message history through the store contract: what a queue declared with ``history`` records of each message's
 life, in order, durably, within its retention; and that a queue without it records nothing. Runs once per engine
-(the ``open_store`` fixture); the last test looks inside LMDB itself."""
+(the ``open_store`` fixture); the last ones look inside LMDB itself."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+
+import lmdb
+import msgpack
+import pytest
 
 from replika_protocol import ErrorCode
 from replika_server.store import (
@@ -200,8 +205,8 @@ async def test_lmdb_writes_no_history_for_a_queue_without_it(tmp_path: Path) -> 
         store = await opener()
         await publish(store, "plain", b"x")
         await ack(store, "plain", await fetch(store, "plain"))
-        with store._env.begin(db=store._history_db) as txn:
-            assert txn.stat(store._history_db)["entries"] == 0
+        with store._env.begin(db=store._events_db) as txn:
+            assert txn.stat(store._events_db)["entries"] == 0
     finally:
         await opener.close()
 
@@ -240,3 +245,85 @@ async def test_events_of_one_batch_keep_each_messages_attempt_and_connection(ope
     assert [h.headers for h in lives] == [None, None, None, {"k": "1"}, {"k": "2"}]
     assert [h.events[0].connection for h in lives][3:] == [5, 5]
     assert {h.events[0].detail.get("by") for h in lives[3:]} == {"bob"}
+
+
+async def test_pruning_part_of_a_batch_keeps_the_rest_of_it_across_a_reopen(open_store: Opener) -> None:
+    """The events of a batch that differ only by message may share a record: deleting the history of some of its
+    messages, by count or by time, must keep the others'."""
+    store = await open_store()
+    await declare(store, "q", HistoryOptions(retention=60.0, max_messages=5))
+    ids = await publish(store, "q", *(b"m%d" % i for i in range(4)))
+    batch = await fetch(store, "q", max=4)
+    await ack(store, "q", batch[1:2])  # ids[1] ends now
+    let_time_pass(store, 30.0)
+    await ack(store, "q", batch[2:])  # ids[2] and ids[3] end 30 s later
+    newer = await publish(store, "q", b"m4", b"m5")  # one past max_messages: ids[0] goes
+    store = await open_store.reopen(store)
+    await refused(store, History("q", ids[0]), ErrorCode.NOT_FOUND)
+    assert [kinds(await history(store, "q", mid)) for mid in ids[1:]] == [["published", "delivered", "acked"]] * 3
+    let_time_pass(store, 31.0)  # past ids[1]'s retention, not the others'
+    await one(store, Expire())
+    store = await open_store.reopen(store)
+    await refused(store, History("q", ids[1]), ErrorCode.NOT_FOUND)
+    assert [kinds(await history(store, "q", mid)) for mid in ids[2:]] == [["published", "delivered", "acked"]] * 2
+    assert [m.id for m in await one(store, HistoryList("q"))] == [*newer[::-1], ids[3], ids[2]]
+    let_time_pass(store, 30.0)  # and now past theirs (a timer rebuilt on open)
+    await one(store, Expire())
+    store = await open_store.reopen(store)
+    assert [m.id for m in await one(store, HistoryList("q"))] == newer[::-1]
+    assert kinds(await history(store, "q", newer[0])) == ["published"]
+
+
+async def test_lmdb_records_a_batchs_alike_events_once(tmp_path: Path) -> None:
+    """A batch's publish, delivery and ack of messages without headers are one record each, not one per message:
+    that is most of history's cost on the batched paths."""
+    opener = LmdbOpener(tmp_path / "store")
+    try:
+        store = await opener()
+        await declare(store, "q")
+        ids = await publish(store, "q", *(b"m%d" % i for i in range(100)))
+        await ack(store, "q", await fetch(store, "q", max=100))
+        with store._env.begin(db=store._events_db) as txn:
+            assert txn.stat(store._events_db)["entries"] == 3
+        assert {tuple(kinds(await history(store, "q", mid))) for mid in ids} == {("published", "delivered", "acked")}
+    finally:
+        await opener.close()
+
+
+async def test_lmdb_store_of_schema_2_has_its_history_moved_on_open(tmp_path: Path) -> None:
+    """Schema 2 kept one record per event under (queue, message, sequence) in a ``history`` database."""
+    opener = LmdbOpener(tmp_path / "store")
+    try:
+        store = await opener()
+        await declare(store, "q")
+        ids = await publish(store, "q", b"a", b"b")
+        await ack(store, "q", await fetch(store, "q", max=1))
+        await store.close()
+        env = lmdb.open(str(opener.path), max_dbs=6)
+        with env.begin(write=True) as txn:
+            events, old = env.open_db(b"events", txn=txn), env.open_db(b"history", txn=txn)
+            seq = 0  # schema 2 gave every event a sequence of its own
+            for key, value in list(txn.cursor(db=events)):
+                qnum = struct.unpack(">IQ", key)[0]
+                (size,) = struct.unpack_from(">I", value)
+                head = value[4 : 4 + size]
+                for (mid,) in struct.iter_unpack("<Q", value[4 + size :]):
+                    seq += 1
+                    txn.put(struct.pack(">IQQ", qnum, mid, seq), head, db=old)
+            txn.drop(events, delete=False)
+            txn.put(b"schema", b"2", db=env.open_db(b"meta", txn=txn))
+        env.close()
+
+        store = await opener()
+        assert kinds(await history(store, "q", ids[0])) == ["published", "delivered", "acked"]
+        assert kinds(await history(store, "q", ids[1])) == ["published"]
+        await ack(store, "q", await fetch(store, "q", max=1))
+        store = await opener.reopen(store)
+        assert kinds(await history(store, "q", ids[1])) == ["published", "delivered", "acked"]
+        assert msgpack.unpackb(head, raw=False)[1] in {"published", "delivered", "acked"}
+        with store._env.begin() as txn:
+            assert txn.get(b"schema", db=store._meta_db) == b"3"
+            with pytest.raises(lmdb.NotFoundError):
+                store._env.open_db(b"history", txn=txn, create=False)
+    finally:
+        await opener.close()

@@ -65,8 +65,10 @@ QNUM_SEQ = b"qnum_seq"
 SCHEMA_KEY = b"schema"
 # 2: lanes, the side prefix, extended state records, the dedup database and bindings. A store of schema 1 is a
 # store of schema 2 that uses none of them, so it is read as is (and marked 2 on open).
-SCHEMA_VERSION = b"2"
-READABLE_SCHEMAS = (None, b"1", b"2")
+# 3: message history in the `events` database, keyed by (queue, sequence), one record per batch of alike events;
+# schema 2 had one record per event keyed by (queue, message, sequence) in `history`, moved on open (_history).
+SCHEMA_VERSION = b"3"
+READABLE_SCHEMAS = (None, b"1", b"2", b"3")
 
 #: The map LMDB starts with, in bytes: room for a few hundred thousand small messages before the first growth,
 #: which doubles it (address space, not disk: the file grows only by what is written).
@@ -138,7 +140,7 @@ class EngineCore:
             self._env = lmdb.open(
                 str(config.path),
                 map_size=config.map_size,
-                max_dbs=5,
+                max_dbs=6,  # msgs, state, meta, dedup, events, and a schema-2 store's history while it moves
                 sync=config.durable,
                 metasync=config.durable,
                 readahead=False,

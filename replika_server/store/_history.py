@@ -1,16 +1,24 @@
 """Message history in the LMDB engine: each message's lifecycle events, recorded in the commit that makes them.
 
-Only queues declared with ``history`` record anything. An event is a key of the ``history`` database,
-``queue qnum (u32) + message id (u64) + event sequence (u64)``, whose value is msgpack ``[at, kind, attempt,
-connection, detail or nil]``; the sequence is store-wide and persisted in ``meta`` so that a message's events
-read back in the order they happened, across restarts too. The events go into the batch's write log like every
-other write, so they are durable exactly when the change they describe is.
+Only queues declared with ``history`` record anything. An event record is a key of the ``events`` database,
+``queue qnum (u32) + event sequence (u64)``, whose value is a head, msgpack ``[at, kind, attempt, connection,
+detail or nil]`` after its length (u32), then the ids of the messages it happened to (u64 each, little-endian).
+The sequence is store-wide and persisted in ``meta``, so a queue's records are appended in order (the commit
+writes new pages at the end of the queue's range, not into pages written before), and one record holds the
+events of a batch that differ only by message (the publish of a batch without headers, its delivery, its ack):
+that was most of what history cost W2. The records go into the batch's write log like every other write, so
+they are durable exactly when the change they describe is.
 
-Retention: each queue keeps in memory the ids it has history of, in first-event order, and when each ended
-message ended; :meth:`Historian._prune_history` (run by the Expire timer) deletes the history of messages that
-ended more than ``retention`` seconds ago, and recording past ``max_messages`` deletes the oldest message's.
-Both are rebuilt from the database on open. Only a published event starts a message's history: one already in
-the queue when history was turned on, or whose history was pruned, records nothing more.
+What a message's events are is kept in memory, per queue: its ids in first-event order, each with the sequences
+of its records, the records of several messages (to rewrite them when one of those messages' history goes), and
+when each ended message ended. All of it is rebuilt from the database on open. Retention:
+:meth:`Historian._prune_history` (run by the Expire timer) deletes the history of messages that ended more than
+``retention`` seconds ago, and recording past ``max_messages`` deletes the oldest messages'. Only a published
+event starts a message's history: one already in the queue when history was turned on, or whose history was
+pruned, records nothing more.
+
+Stores of schema 2 kept one record per event under ``queue + message id + sequence`` in a ``history``
+database; :func:`migrate_history` moves them on open.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import heapq
 import itertools
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lmdb
@@ -27,7 +35,7 @@ import msgpack
 
 from replika_server.store._engine import EngineCore, LmdbConfig
 from replika_server.store._queue import QueueState
-from replika_server.store._records import KEY, QNUM, decode_message, pack_key, unpack_key
+from replika_server.store._records import QNUM, decode_message, pack_key, unpack_key
 from replika_server.store.base import (
     TERMINAL,
     DeadLetterReason,
@@ -41,25 +49,63 @@ from replika_server.store.base import (
     StoreError,
 )
 
-__all__ = ["HISTORY_SEQ", "LIST_SCAN", "Historian", "matches"]
+__all__ = ["HISTORY_SEQ", "LIST_SCAN", "Historian", "matches", "migrate_history"]
 
 HISTORY_SEQ = b"history_seq"
-_SEQ = struct.Struct(">Q")
-_EVENT_KEY = struct.Struct(">IQQ")  # queue qnum, message id, event sequence
+_RECORD_KEY = struct.Struct(">IQ")  # queue qnum, record sequence: a queue's records in the order they happened
+_HEAD_SIZE = struct.Struct(">I")
+_OLD_KEY = struct.Struct(">IQQ")  # schema 2: queue qnum, message id, event sequence
+_MID = struct.Struct("<Q")
 _KINDS = {kind.value: kind for kind in EventKind}
+_TERMINAL = frozenset(kind.value for kind in TERMINAL)
 #: Most messages one HistoryList reads before it answers with what it found (a filter that matches little must
 #: not read the whole history in one batch).
 LIST_SCAN = 10_000
 
+_Detail = dict[str, Any] | None
+
 
 class _Index:
-    """What one queue has history of: ids in first-event order, and (ended unix s, id) in the order they ended."""
+    """What one queue has history of; see the module docstring."""
 
-    __slots__ = ("ended", "ids")
+    __slots__ = ("ended", "ids", "shared")
 
     def __init__(self) -> None:
-        self.ids: OrderedDict[int, None] = OrderedDict()
-        self.ended: deque[tuple[float, int]] = deque()
+        #: message id -> the sequences of its records, oldest first; ids in first-event (publish) order
+        self.ids: OrderedDict[int, list[int]] = OrderedDict()
+        #: sequence -> (packed head, ids) of each record of more than one message
+        self.shared: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        #: (ended unix s, ids), in the order they ended
+        self.ended: deque[tuple[float, tuple[int, ...]]] = deque()
+
+
+def _record_value(head: bytes, mids: Sequence[int]) -> bytes:
+    return _HEAD_SIZE.pack(len(head)) + head + struct.pack(f"<{len(mids)}Q", *mids)
+
+
+def _split_record(value: bytes | memoryview) -> tuple[memoryview, tuple[int, ...]]:
+    """A record's packed head and the ids of its messages."""
+    view = memoryview(value)
+    (size,) = _HEAD_SIZE.unpack_from(view)
+    start = _HEAD_SIZE.size + size
+    return view[_HEAD_SIZE.size : start], struct.unpack_from(f"<{(len(view) - start) // 8}Q", view, start)
+
+
+def migrate_history(env: lmdb.Environment, txn: lmdb.Transaction, events_db: Any) -> int:
+    """Move a schema-2 store's ``history`` database into ``events`` (one record per event, as it was stored),
+    inside ``txn``, and drop it; the number of events moved."""
+    try:
+        old = env.open_db(b"history", txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return 0
+    moved = 0
+    put = txn.cursor(db=events_db).put
+    for key, value in txn.cursor(db=old):
+        qnum, mid, seq = _OLD_KEY.unpack(key)
+        put(_RECORD_KEY.pack(qnum, seq), _record_value(bytes(value), (mid,)))
+        moved += 1
+    txn.drop(old, delete=True)
+    return moved
 
 
 class Historian(EngineCore):
@@ -67,7 +113,7 @@ class Historian(EngineCore):
 
     def __init__(self, config: LmdbConfig) -> None:
         super().__init__(config)
-        self._history_db = self._env.open_db(b"history")
+        self._events_db = self._env.open_db(b"events")
         self._history_seq = 0
         self._histories: dict[int, _Index] = {}  # queue qnum -> its index
         self._history_timers: list[tuple[float, int]] = []  # (unix s, queue qnum): history to prune then
@@ -77,57 +123,22 @@ class Historian(EngineCore):
         self, q: QueueState, mid: int, kind: EventKind, attempt: int = 0, connection: int = 0, **detail: Any
     ) -> None:
         """Log event ``kind`` of message ``mid`` of ``q`` in this batch, if ``q`` keeps history."""
-        h = q.options.history
-        if h is None:
-            return
-        index = self._histories.get(q.qnum)
-        if index is None:
-            index = self._histories[q.qnum] = _Index()
-        if kind is not EventKind.PUBLISHED and mid not in index.ids:
-            return  # a life is recorded from its publish: none before history was on, none after it was pruned
-        now = self._clock.time()
-        self._history_seq += 1
-        value = msgpack.packb([now, kind.value, attempt, connection, detail or None], use_bin_type=True)
-        self._writes.put(self._history_db, pack_key(q.qnum, mid) + _SEQ.pack(self._history_seq), value)
-        self._writes.meta[HISTORY_SEQ] = str(self._history_seq).encode()
-        if mid not in index.ids:
-            index.ids[mid] = None
-            while len(index.ids) > h.max_messages:
-                oldest, _ = index.ids.popitem(last=False)
-                self._writes.prefix_delete(self._history_db, pack_key(q.qnum, oldest))
-        if kind in TERMINAL:
-            index.ended.append((now, mid))
-            heapq.heappush(self._history_timers, (now + h.retention, q.qnum))
+        self._record_alike(q, kind, (mid,), attempt, connection, detail or None)
 
-    def _record_many(
-        self, q: QueueState, kind: EventKind, events: Iterable[tuple[int, int, int, dict[str, Any] | None]]
-    ) -> None:
-        """:meth:`_record` for many events of one kind, (id, attempt, connection, detail) each: the hot paths
-        (publish, fetch), with the per-event work cut to a key and an index insert."""
-        index = self._index(q)
-        if index is None:
+    def _record_many(self, q: QueueState, kind: EventKind, events: Iterable[tuple[int, int, int, _Detail]]) -> None:
+        """Events ``kind`` of ``q``, (id, attempt, connection, detail) each: one record for each run of events
+        with the same attempt, connection and detail (the very same object: a publish's headers are its own)."""
+        if q.options.history is None:
             return
-        now = self._clock.time()
-        name, qnum, seq, ids = kind.value, q.qnum, self._history_seq, index.ids
-        published = kind is EventKind.PUBLISHED
-        key, packb = _EVENT_KEY.pack, msgpack.packb
-        items: list[tuple[bytes | memoryview, bytes]] = []
-        mids: list[int] = []
-        # The events of one call are mostly alike (one connection, one attempt, one detail or none), so each
-        # value is packed once: packing was a third of the cost of recording. A hit needs the very detail
-        # object the value was packed from, which the cache holds, so a new dict at a reused id() cannot match.
-        packed: dict[tuple[int, int], tuple[dict[str, Any] | None, bytes]] = {}
+        groups: dict[tuple[int, int, int], tuple[_Detail, list[int]]] = {}
         for mid, attempt, connection, detail in events:
-            if not published and mid not in ids:
-                continue  # as in _record: recorded from its publish only
-            seq += 1
-            hit = packed.get((attempt, connection))
-            if hit is None or hit[0] is not detail:
-                value = packb([now, name, attempt, connection, detail], use_bin_type=True)
-                hit = packed[attempt, connection] = (detail, value)
-            items.append((key(qnum, mid, seq), hit[1]))
-            mids.append(mid)
-        self._log(q, index, kind, now, items, mids)
+            # The group holds its detail, so the id() in its key cannot be reused by another while it lives.
+            group = groups.get((attempt, connection, id(detail)))
+            if group is None:
+                group = groups[attempt, connection, id(detail)] = (detail, [])
+            group[1].append(mid)
+        for (attempt, connection, _), (detail, mids) in groups.items():
+            self._record_alike(q, kind, mids, attempt, connection, detail)
 
     def _record_alike(
         self,
@@ -136,58 +147,69 @@ class Historian(EngineCore):
         mids: Iterable[int],
         attempt: int = 0,
         connection: int = 0,
-        detail: dict[str, Any] | None = None,
+        detail: _Detail = None,
     ) -> None:
-        """:meth:`_record_many` for events that differ only by message (a publish's, an ack's): one value, and
-        the keys made in a comprehension."""
-        index = self._index(q)
-        if index is None:
+        """Events ``kind`` of the messages ``mids`` of ``q`` that differ only by message, as one record."""
+        h = q.options.history
+        if h is None:
             return
-        ids = index.ids
-        mids = list(mids) if kind is EventKind.PUBLISHED else [mid for mid in mids if mid in ids]
-        now, qnum, seq, key = self._clock.time(), q.qnum, self._history_seq, _EVENT_KEY.pack
-        value = msgpack.packb([now, kind.value, attempt, connection, detail], use_bin_type=True)
-        items: list[tuple[bytes | memoryview, bytes]] = [
-            (key(qnum, mid, seq + k), value) for k, mid in enumerate(mids, 1)
-        ]
-        self._log(q, index, kind, now, items, mids)
-
-    def _index(self, q: QueueState) -> _Index | None:
-        """What ``q`` has history of; None when it keeps none."""
-        if q.options.history is None:
-            return None
         index = self._histories.get(q.qnum)
         if index is None:
             index = self._histories[q.qnum] = _Index()
-        return index
-
-    def _log(
-        self,
-        q: QueueState,
-        index: _Index,
-        kind: EventKind,
-        now: float,
-        items: list[tuple[bytes | memoryview, bytes]],
-        mids: list[int],
-    ) -> None:
-        """Write ``items``, the events ``kind`` of ``mids`` (in sequence order from the next one), and keep
-        ``q``'s index and retention up to date."""
-        if not items:
-            return
-        h = q.options.history
-        assert h is not None
         ids = index.ids
-        if kind is EventKind.PUBLISHED:
-            ids.update(dict.fromkeys(mids))  # in C; a published id is new, and one already there keeps its place
-        self._history_seq += len(items)
-        self._writes.put_many(self._history_db, items)
-        self._writes.meta[HISTORY_SEQ] = str(self._history_seq).encode()
-        while len(ids) > h.max_messages:
-            oldest, _ = ids.popitem(last=False)
-            self._writes.prefix_delete(self._history_db, pack_key(q.qnum, oldest))
+        published = kind is EventKind.PUBLISHED
+        # A life is recorded from its publish: none before history was on, none after it was pruned.
+        mids = tuple(mids) if published else tuple(mid for mid in mids if mid in ids)
+        if not mids:
+            return
+        now = self._clock.time()
+        head = msgpack.packb([now, kind.value, attempt, connection, detail], use_bin_type=True)
+        self._history_seq += 1
+        seq = self._history_seq
+        self._writes.put(self._events_db, _RECORD_KEY.pack(q.qnum, seq), _record_value(head, mids))
+        self._writes.meta[HISTORY_SEQ] = str(seq).encode()
+        if len(mids) > 1:
+            index.shared[seq] = (head, mids)
+        if published:
+            ids.update([(mid, [seq]) for mid in mids])
+            excess = len(ids) - h.max_messages
+            if excess > 0:
+                self._drop(q.qnum, index, list(itertools.islice(ids, excess)))
+        else:
+            # list.append over the ids' lists, in C: this runs for every delivered and acked message.
+            deque(map(list.append, map(ids.__getitem__, mids), itertools.repeat(seq)), maxlen=0)
         if kind in TERMINAL:
-            index.ended.extend(zip(itertools.repeat(now), mids))
+            index.ended.append((now, mids))
             heapq.heappush(self._history_timers, (now + h.retention, q.qnum))
+
+    def _drop(self, qnum: int, index: _Index, mids: Iterable[int]) -> None:
+        """Delete the history of ``mids`` of queue ``qnum``: their own records, and their ids from the records
+        they share with others (rewritten, or deleted with the last of them)."""
+        gone: set[int] = set()
+        seqs: dict[int, None] = {}  # in order, each once
+        for mid in mids:
+            own = index.ids.pop(mid, None)
+            if own is not None:
+                gone.add(mid)
+                seqs.update(dict.fromkeys(own))
+        if not gone:
+            return
+        deletes: list[bytes] = []
+        for seq in sorted(seqs):
+            key = _RECORD_KEY.pack(qnum, seq)
+            shared = index.shared.get(seq)
+            if shared is None:
+                deletes.append(key)
+                continue
+            head, members = shared
+            rest = tuple(mid for mid in members if mid not in gone)
+            if rest:
+                index.shared[seq] = (head, rest)
+                self._writes.put(self._events_db, key, _record_value(head, rest))
+            else:
+                del index.shared[seq]
+                deletes.append(key)
+        self._writes.delete_many(self._events_db, deletes)
 
     def _record_published(
         self, q: QueueState, first: int, op: Publish, indexes: Sequence[int], values: list[bytes] | None = None
@@ -199,7 +221,7 @@ class Historian(EngineCore):
         if op.headers is None and not h.payloads:
             self._record_alike(q, EventKind.PUBLISHED, range(first, first + len(indexes)), 0, op.owner, {"by": op.by})
             return
-        events: list[tuple[int, int, int, dict[str, Any] | None]] = []
+        events: list[tuple[int, int, int, _Detail]] = []
         for k, i in enumerate(indexes):
             detail: dict[str, Any] = {"by": op.by}
             if op.headers is not None and op.headers[i]:
@@ -266,6 +288,7 @@ class Historian(EngineCore):
         """The purged events of every message of ``q`` a purge keeping ``keep`` (qnum -> ids) removes."""
         if q.options.history is None:
             return
+        purged: list[int] = []
         txn = self._read_txn()
         for qnum in q.storage():
             kept = keep.get(qnum, set())
@@ -277,14 +300,14 @@ class Historian(EngineCore):
                 if kq != qnum:
                     break
                 if mid not in kept:
-                    self._record(q, mid, EventKind.PURGED)
-        for mid in range(q.visible_hi, q.next_id):  # published by this batch: not readable yet
-            self._record(q, mid, EventKind.PURGED)
+                    purged.append(mid)
+        purged.extend(range(q.visible_hi, q.next_id))  # published by this batch: not readable yet
+        self._record_alike(q, EventKind.PURGED, purged)
 
     def _forget_history(self, q: QueueState) -> None:
         """Delete everything recorded of ``q`` (its history was turned off, or the queue deleted)."""
         if self._histories.pop(q.qnum, None) is not None:
-            self._writes.prefix_delete(self._history_db, QNUM.pack(q.qnum))
+            self._writes.prefix_delete(self._events_db, QNUM.pack(q.qnum))
 
     # ----------------------------------------------------------------------------------------------- retention
     def _prune_history(self, wall: float) -> None:
@@ -297,35 +320,46 @@ class Historian(EngineCore):
             if q is None or index is None or q.options.history is None:
                 continue
             horizon = wall - q.options.history.retention
+            ended: list[int] = []
             while index.ended and index.ended[0][0] <= horizon:
-                _, mid = index.ended.popleft()
-                if mid in index.ids:
-                    del index.ids[mid]
-                    self._writes.prefix_delete(self._history_db, pack_key(qnum, mid))
+                ended.extend(index.ended.popleft()[1])
+            self._drop(qnum, index, ended)
+            if index.ended:
+                heapq.heappush(timers, (index.ended[0][0] + q.options.history.retention, qnum))
 
     def _load_history(self, txn: lmdb.Transaction) -> None:
-        """Rebuild the retention indexes from the history database (on open, and after a failed commit)."""
+        """Rebuild the indexes from the events database (on open, and after a failed commit)."""
         self._histories.clear()
         self._history_timers.clear()
         stored = int(txn.get(HISTORY_SEQ, b"0", db=self._meta_db))
         self._history_seq = max(self._history_seq, stored)
-        last: tuple[int, int] | None = None
-        ended: dict[int, list[tuple[float, int]]] = {}
-        terminal = {kind.value for kind in TERMINAL}
-        for key, value in txn.cursor(db=self._history_db):
-            qnum, mid = KEY.unpack(key[: KEY.size])
-            if (qnum, mid) != last:
-                last = (qnum, mid)
-                self._histories.setdefault(qnum, _Index()).ids[mid] = None
-            at, kind = msgpack.unpackb(value, raw=False)[:2]
-            if kind in terminal:
-                ended.setdefault(qnum, []).append((at, mid))
-        for qnum, items in ended.items():
+        index: _Index | None = None
+        last_qnum = -1
+        for key, value in txn.cursor(db=self._events_db):
+            qnum, seq = _RECORD_KEY.unpack(key)
+            self._history_seq = max(self._history_seq, seq)  # a sequence is never given twice
+            if qnum != last_qnum:
+                index, last_qnum = self._histories.setdefault(qnum, _Index()), qnum
+            assert index is not None
+            head, mids = _split_record(value)
+            at, kind = msgpack.unpackb(head, raw=False)[:2]
+            if kind == EventKind.PUBLISHED.value:
+                index.ids.update([(mid, [seq]) for mid in mids])
+            else:
+                for mid in mids:
+                    own = index.ids.get(mid)
+                    if own is not None:
+                        own.append(seq)
+            if len(mids) > 1:
+                index.shared[seq] = (bytes(head), mids)
+            if kind in _TERMINAL:
+                index.ended.append((at, mids))
+        for qnum, index in self._histories.items():
             q = self._by_qnum.get(qnum)
-            items.sort()
-            self._histories[qnum].ended.extend(items)
-            if q is not None and q.options.history is not None and items:
-                heapq.heappush(self._history_timers, (items[0][0] + q.options.history.retention, qnum))
+            # Records are in sequence order; the clock may have stepped back between two of them.
+            index.ended = deque(sorted(index.ended, key=lambda item: item[0]))
+            if q is not None and q.options.history is not None and index.ended:
+                heapq.heappush(self._history_timers, (index.ended[0][0] + q.options.history.retention, qnum))
 
     # ----------------------------------------------------------------------------------------------- reading
     def _history_of(self, op: History) -> MessageHistory:
@@ -350,24 +384,24 @@ class Historian(EngineCore):
         return out
 
     def _read_history(self, q: QueueState, mid: int) -> MessageHistory | None:
-        events = list(self._events(q.qnum, mid))
+        index = self._histories.get(q.qnum)
+        seqs = index.ids.get(mid) if index is not None else None
+        if not seqs:
+            return None
+        events: list[HistoryEvent] = []
+        txn = self._read_txn()
+        for seq in list(seqs):
+            value = txn.get(_RECORD_KEY.pack(q.qnum, seq), db=self._events_db)
+            if value is None:
+                continue  # recorded by the batch in progress: a read sees what was committed before it
+            at, kind, attempt, connection, detail = msgpack.unpackb(_split_record(value)[0], raw=False)
+            events.append(HistoryEvent(at, _KINDS[kind], attempt, connection, detail or {}))
         if not events:
             return None
         first = events[0]
         headers = first.detail.pop("headers", None) if first.kind == EventKind.PUBLISHED else None
         payload = first.detail.pop("payload", None) if first.kind == EventKind.PUBLISHED else None
         return MessageHistory(q.name, mid, events, headers, payload)
-
-    def _events(self, qnum: int, mid: int) -> Iterator[HistoryEvent]:
-        prefix = pack_key(qnum, mid)
-        cur = self._read_txn().cursor(db=self._history_db)
-        if not cur.set_range(prefix):
-            return
-        for key, value in cur:
-            if key[: len(prefix)] != prefix:
-                return
-            at, kind, attempt, connection, detail = msgpack.unpackb(value, raw=False)
-            yield HistoryEvent(at, _KINDS[kind], attempt, connection, detail or {})
 
 
 def matches(found: MessageHistory, op: HistoryList) -> bool:

@@ -18,7 +18,7 @@ from replika_server.store._engine import (
     SCHEMA_VERSION,
     TOKEN_SEQ,
 )
-from replika_server.store._history import Historian
+from replika_server.store._history import Historian, migrate_history
 from replika_server.store._publishing import BINDING_PREFIX
 from replika_server.store._queue import DELAYED, LEASED, READY, Lane, QueueState, Tracked, options_from_meta
 from replika_server.store._records import (
@@ -50,11 +50,9 @@ class Recovering(Historian):
         for heap in (self._lease_heap, self._delay_heap, self._ttl_heap, self._sweeps, self._prunes):
             heap.clear()
         self._bindings.clear()
+        self._upgrade()
         now = self._clock.time()
         with self._env.begin() as txn:
-            schema = txn.get(SCHEMA_KEY, db=self._meta_db)
-            if schema not in READABLE_SCHEMAS:
-                raise RuntimeError(f"store schema {schema!r} is not supported by this version")
             self._token_seq_stored = int(txn.get(TOKEN_SEQ, b"0", db=self._meta_db))
             self._token_seq = max(self._token_seq, self._token_seq_stored)
             self._qnum_seq = max(self._qnum_seq, int(txn.get(QNUM_SEQ, b"0", db=self._meta_db)))
@@ -82,9 +80,20 @@ class Recovering(Historian):
         for q in self._queues.values():
             if q.options.message_ttl:
                 self._schedule_sweep(q, now)
-        if schema != SCHEMA_VERSION:
-            with self._env.begin(write=True) as wtxn:
-                wtxn.put(SCHEMA_KEY, SCHEMA_VERSION, db=self._meta_db)
+
+    def _upgrade(self) -> None:
+        """Bring an older store to this schema, in one transaction: a crash in it leaves the old store as it was."""
+        with self._env.begin() as txn:
+            schema = txn.get(SCHEMA_KEY, db=self._meta_db)
+        if schema not in READABLE_SCHEMAS:
+            raise RuntimeError(f"store schema {schema!r} is not supported by this version")
+        if schema == SCHEMA_VERSION:
+            return
+        with self._env.begin(write=True) as txn:
+            moved = migrate_history(self._env, txn, self._events_db)
+            txn.put(SCHEMA_KEY, SCHEMA_VERSION, db=self._meta_db)
+        if schema is not None:  # else a new store
+            log.info("store_upgraded", old=schema.decode(), new=SCHEMA_VERSION.decode(), history_events_moved=moved)
 
     def _load_queue(self, txn: lmdb.Transaction, name: str, meta: dict[str, Any]) -> QueueState:
         """A queue's state from its meta record; newer fields (limits, bytes, options, lanes) may be absent."""

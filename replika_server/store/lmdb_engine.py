@@ -13,10 +13,11 @@ refused with that error, reads (stats, peek) are answered from the last commit, 
 restart reopens LMDB at its last durable commit.
 
 What LMDB holds (layouts in :mod:`._records`): ``msgs`` (every message, under its lane's or the side prefix),
-``state`` (a record per delivered, delayed or TTL'd message), ``dedup`` (dedup ids within their window) and
-``meta`` (per queue its counters, options, lane and side prefixes; bindings; the token and prefix sequences; the
-schema version). How the in-memory index is laid out is in :mod:`._queue`; the operations are in
-:mod:`._delivery`, :mod:`._publishing` and here; recovery (the index rebuilt from LMDB) in :mod:`._recovery`.
+``state`` (a record per delivered, delayed or TTL'd message), ``dedup`` (dedup ids within their window),
+``events`` (message history, laid out in :mod:`._history`) and ``meta`` (per queue its counters, options, lane
+and side prefixes; bindings; the token and prefix sequences; the schema version). How the in-memory index is
+laid out is in :mod:`._queue`; the operations are in :mod:`._delivery`, :mod:`._publishing` and here; recovery
+(the index rebuilt from LMDB) in :mod:`._recovery`.
 """
 
 from __future__ import annotations
