@@ -67,9 +67,9 @@ class Query:
     @strawberry.field(description="Every queue the token may see, with counts and rates")
     async def queues(self, info: ResolveInfo[Any, Any]) -> list[Queue]:
         ctx = _ctx(info)
-        await ctx.ops.call(ctx.principal, "queues")  # authorizes; the rows come from the latest sample
+        await ctx.ops.call(ctx.principal, "queues")  # authorizes
         p = ctx.principal
-        return [_queue(r) for r in ctx.sampler.latest.values() if p.admin or p.may_see(r["queue"])]
+        return [_queue(r) for r in await ctx.sampler.current() if p.admin or p.may_see(r["queue"])]
 
     @strawberry.field(description="One queue")
     async def queue(self, info: ResolveInfo[Any, Any], name: str) -> Queue:

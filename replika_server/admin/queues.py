@@ -34,10 +34,8 @@ async def info(p: Who, ops: OpsDep) -> dict[str, Any]:
 
 
 @router.get("/queues", tags=["queues"], summary="Every queue with its counts and rates", responses=_READ)
-async def queues(p: Who, ops: OpsDep, sampler: SamplerDep) -> dict[str, Any]:
-    if not sampler.latest:
-        await ops.call(p, "queues")  # the first sample may not be in yet: make sure the store answers
-    return {"queues": visible(p, list(sampler.latest.values())), "sampled_at": sampler.sampled_at}
+async def queues(p: Who, sampler: SamplerDep) -> dict[str, Any]:
+    return {"queues": visible(p, await sampler.current()), "sampled_at": sampler.sampled_at}
 
 
 @router.get("/queues/{queue}", tags=["queues"], summary="One queue: counts, options, rates, history", responses=_QUEUE)

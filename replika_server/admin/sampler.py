@@ -32,6 +32,7 @@ HISTORY_QUEUES = 256
 #: Samples a slow live-feed subscriber may lag before it is dropped.
 SUBSCRIBER_BACKLOG = 8
 _RATES = (("publish", "published"), ("deliver", "delivered"), ("ack", "acked"), ("nack", "nacked"))
+_RATE_NAMES = tuple(rate for rate, _ in _RATES)
 
 
 class Sampler:
@@ -112,6 +113,21 @@ class Sampler:
         row["consumers"] = self._ops.consumers(s.name)
         row["rates"] = rates
         return row
+
+    async def current(self) -> list[dict[str, Any]]:
+        """Every queue as it is now: counts read from the store for this call, rates from the latest sample.
+
+        A listing must show the queue published to a moment ago (on PostgreSQL, perhaps through another node), so the
+        rows are not the sample's, which may be a second old; a queue created since the sample has zero rates.
+        """
+        stats = await self._ops.all_stats()
+        by_name = {s.name: s for s in stats}
+        rows = []
+        for s in stats:
+            sampled = self.latest.get(s.name)
+            rates = sampled["rates"] if sampled is not None else dict.fromkeys(_RATE_NAMES, 0.0)
+            rows.append(self._row(s, by_name, rates))
+        return rows
 
     async def next_sample(self) -> None:
         """Wait for the next sample (tests and the first API call after start)."""
