@@ -9,6 +9,10 @@ or is retried after a deadlock leaves nothing behind.
 The primitives mirror the LMDB engine's (:mod:`._engine`): read a queue, create it, append a message whatever the
 queue's limits, remove one, dead-letter one, expire one, and end a lease (ready again, after a retry delay, or
 moved out at max_attempts or past its TTL).
+
+Every array parameter is sent in binary (``%b``, never ``%s``): psycopg builds a text array element by element
+in Python, a bytea one hex-escaped, 4.5 µs for one 256 B payload against 0.1 µs in binary, and that was most of
+the broker's CPU when publishing. A binary array must not mix ints and floats, so float columns get floats.
 """
 
 from __future__ import annotations
@@ -286,7 +290,7 @@ class PgCore:
         if not ids:
             return []
         await self._cur.execute(
-            "DELETE FROM replika_messages WHERE queue = %s AND id = ANY(%s::bigint[]) RETURNING id, size",
+            "DELETE FROM replika_messages WHERE queue = %s AND id = ANY(%b::bigint[]) RETURNING id, size",
             (q.name, list(ids)),
         )
         gone = [(int(r[0]), int(r[1])) for r in await self._cur.fetchall()]
@@ -361,7 +365,7 @@ class PgCore:
     async def _rows(self, q: PgQueue, ids: Iterable[int], *, lock: bool = True) -> dict[int, MessageRow]:
         """The rows of messages ``ids`` of ``q`` that exist, locked for this batch (``lock``)."""
         await self._cur.execute(
-            f"SELECT {ROW_COLUMNS} FROM replika_messages WHERE queue = %s AND id = ANY(%s::bigint[])"
+            f"SELECT {ROW_COLUMNS} FROM replika_messages WHERE queue = %s AND id = ANY(%b::bigint[])"
             + (" ORDER BY id FOR UPDATE" if lock else ""),
             (q.name, list(ids)),
         )

@@ -57,7 +57,7 @@ _CLAIM_MANY = (
     "ORDER BY prio DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
     "r AS (SELECT id, token, row_number() OVER (ORDER BY prio DESC, id) AS rank FROM c), "
     "a AS (SELECT r.id, r.token, r.rank, o.owner, o.deadline FROM r JOIN "
-    "unnest(%(lo)s::int[], %(up)s::int[], %(owners)s::bigint[], %(deadlines)s::float8[]) AS o(lo, up, owner, deadline) "
+    "unnest(%(lo)b::int[], %(up)b::int[], %(owners)b::bigint[], %(deadlines)b::float8[]) AS o(lo, up, owner, deadline) "
     "ON r.rank BETWEEN o.lo AND o.up) "
     "UPDATE replika_messages m SET state = 1, attempts = m.attempts + 1, token = nextval('replika_tokens'), "
     "due = 0, deadline = a.deadline, node = %(node)s, owner = a.owner FROM a "
@@ -184,7 +184,7 @@ class PgDelivering(PgPublishing):
         """Put claimed messages back as they were: ready, their attempts and token unchanged."""
         await self._cur.execute(
             "UPDATE replika_messages m SET state = 0, attempts = m.attempts - 1, token = u.token, deadline = 0, "
-            "node = 0, owner = 0 FROM unnest(%s::bigint[], %s::bigint[]) AS u(id, token) "
+            "node = 0, owner = 0 FROM unnest(%b::bigint[], %b::bigint[]) AS u(id, token) "
             "WHERE m.queue = %s AND m.id = u.id",
             ([i for i, _ in back], [t for _, t in back], q.name),
         )
@@ -236,7 +236,7 @@ class PgDelivering(PgPublishing):
         per_op = [cast(list[tuple[int, int]], op.leases) for op in ops]  # lists of pairs: see execute
         leases = [lease for op_leases in per_op for lease in op_leases]
         await self._cur.execute(
-            "DELETE FROM replika_messages m USING unnest(%s::bigint[], %s::bigint[]) AS u(id, token) "
+            "DELETE FROM replika_messages m USING unnest(%b::bigint[], %b::bigint[]) AS u(id, token) "
             "WHERE m.queue = %s AND m.id = u.id AND m.token = u.token AND u.token <> 0 RETURNING m.id, m.token, m.size",
             ([mid for mid, _ in leases], [token for _, token in leases], q.name),
         )
@@ -323,7 +323,7 @@ class PgDelivering(PgPublishing):
             if plain:  # ready again at once, the common case: one statement for all
                 await self._cur.execute(
                     "UPDATE replika_messages SET state = 0, due = 0, node = 0, owner = 0 "
-                    "WHERE queue = %s AND id = ANY(%s::bigint[])",
+                    "WHERE queue = %s AND id = ANY(%b::bigint[])",
                     (q.name, plain),
                 )
                 self._batch.readied.add(q.name)

@@ -68,14 +68,14 @@ class PgHistorian(PgCore):
         if kind is EventKind.PUBLISHED:
             await self._cur.execute(
                 "INSERT INTO replika_history_msgs (queue, id, first_seq, published_at) "
-                "SELECT %s, u.id, u.id, %s FROM unnest(%s::bigint[]) AS u(id) ON CONFLICT DO NOTHING",
+                "SELECT %s, u.id, u.id, %s FROM unnest(%b::bigint[]) AS u(id) ON CONFLICT DO NOTHING",
                 (q.name, now, ids),
             )
             self._batch.history_published.add(q.name)
         await self._cur.execute(
             "INSERT INTO replika_history (queue, id, seq, at, kind, attempt, connection, detail) "
             "SELECT %s, u.id, nextval('replika_history_seq'), %s, %s, u.attempt, u.conn, u.detail "
-            "FROM unnest(%s::bigint[], %s::int[], %s::bigint[], %s::bytea[]) AS u(id, attempt, conn, detail) "
+            "FROM unnest(%b::bigint[], %b::int[], %b::bigint[], %b::bytea[]) AS u(id, attempt, conn, detail) "
             "WHERE EXISTS (SELECT 1 FROM replika_history_msgs m WHERE m.queue = %s AND m.id = u.id)",
             (
                 q.name,
@@ -90,7 +90,7 @@ class PgHistorian(PgCore):
         )
         if kind in TERMINAL:
             await self._cur.execute(
-                "UPDATE replika_history_msgs SET ended_at = %s WHERE queue = %s AND id = ANY(%s::bigint[])",
+                "UPDATE replika_history_msgs SET ended_at = %s WHERE queue = %s AND id = ANY(%b::bigint[])",
                 (now, q.name, ids),
             )
             self._batch.timers.append(now + q.options.history.retention)
@@ -208,7 +208,7 @@ class PgHistorian(PgCore):
         """The recorded lives of messages ``ids`` of ``q`` that have any, in the order of ``ids``."""
         await self._cur.execute(
             "SELECT id, at, kind, attempt, connection, detail FROM replika_history "
-            "WHERE queue = %s AND id = ANY(%s::bigint[]) ORDER BY id, seq",
+            "WHERE queue = %s AND id = ANY(%b::bigint[]) ORDER BY id, seq",
             (q.name, ids),
         )
         events: dict[int, list[HistoryEvent]] = {}

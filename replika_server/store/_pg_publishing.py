@@ -157,8 +157,8 @@ class PgPublishing(PgHistorian):
             "INSERT INTO replika_messages (queue, id, prio, state, due, published_at, own_expiry, expires_at, "
             "size, payload, headers) "
             "SELECT %s, %s + u.n - 1, u.prio, u.state, u.due, %s, u.own, u.expires, u.size, u.payload, u.headers "
-            "FROM unnest(%s::smallint[], %s::smallint[], %s::float8[], %s::float8[], %s::float8[], %s::int[], "
-            "%s::bytea[], %s::bytea[]) WITH ORDINALITY AS u(prio, state, due, own, expires, size, payload, headers, n)",
+            "FROM unnest(%b::smallint[], %b::smallint[], %b::float8[], %b::float8[], %b::float8[], %b::int[], "
+            "%b::bytea[], %b::bytea[]) WITH ORDINALITY AS u(prio, state, due, own, expires, size, payload, headers, n)",
             (
                 q.name,
                 first,
@@ -211,7 +211,7 @@ class PgPublishing(PgHistorian):
         if not wanted:
             return {}
         await self._cur.execute(
-            "SELECT dedup_id, message_id FROM replika_dedup WHERE queue = %s AND dedup_id = ANY(%s::text[]) "
+            "SELECT dedup_id, message_id FROM replika_dedup WHERE queue = %s AND dedup_id = ANY(%b::text[]) "
             "AND seen_at + %s > %s",
             (queue, wanted, window, now),
         )
@@ -240,7 +240,7 @@ class PgPublishing(PgHistorian):
         if window and remembered:
             await self._cur.execute(
                 "INSERT INTO replika_dedup (queue, dedup_id, seen_at, message_id) "
-                "SELECT %s, u.d, %s, u.m FROM unnest(%s::text[], %s::bigint[]) AS u(d, m) "
+                "SELECT %s, u.d, %s, u.m FROM unnest(%b::text[], %b::bigint[]) AS u(d, m) "
                 "ON CONFLICT (queue, dedup_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, "
                 "message_id = EXCLUDED.message_id",
                 (q.name, plan.now, [d for d, _ in remembered], [m for _, m in remembered]),

@@ -89,12 +89,12 @@ class PgQueues(PgDelivering):
             queues = [q for (name,) in await self._cur.fetchall() if (q := await self._find(name)) is not None]
         names = [q.name for q in queues]
         await self._cur.execute(
-            "SELECT queue, state, count(*) FROM replika_messages WHERE queue = ANY(%s::text[]) GROUP BY 1, 2",
+            "SELECT queue, state, count(*) FROM replika_messages WHERE queue = ANY(%b::text[]) GROUP BY 1, 2",
             (names,),
         )
         by_state: dict[tuple[str, int], int] = {(str(r[0]), int(r[1])): int(r[2]) for r in await self._cur.fetchall()}
         await self._cur.execute(
-            "SELECT queue, pattern FROM replika_bindings WHERE queue = ANY(%s::text[]) ORDER BY 1, 2", (names,)
+            "SELECT queue, pattern FROM replika_bindings WHERE queue = ANY(%b::text[]) ORDER BY 1, 2", (names,)
         )
         bindings: dict[str, list[str]] = {}
         for queue, pattern in await self._cur.fetchall():
@@ -214,7 +214,7 @@ class PgQueues(PgDelivering):
         dead = [int(r[0]) for r in await self._cur.fetchall()]
         if dead:
             await self._cur.execute(
-                "UPDATE replika_messages SET deadline = %s WHERE state = 1 AND node = ANY(%s::bigint[]) "
+                "UPDATE replika_messages SET deadline = %s WHERE state = 1 AND node = ANY(%b::bigint[]) "
                 "AND deadline > %s",
                 (now, dead, now),
             )
@@ -235,7 +235,7 @@ class PgQueues(PgDelivering):
         if not self._idle:
             return
         await self._cur.execute(
-            "SELECT q FROM unnest(%s::text[]) AS q WHERE EXISTS "
+            "SELECT q FROM unnest(%b::text[]) AS q WHERE EXISTS "
             "(SELECT 1 FROM replika_messages m WHERE m.queue = q AND m.state = 0)",
             (sorted(self._idle),),
         )

@@ -266,7 +266,7 @@ class PgStore(PgQueues, Store):
             return False
         ids = [mid for op in acks for mid, _ in op.leases]
         await self._cur.execute(
-            "SELECT 1 FROM replika_messages WHERE queue = %s AND id = ANY(%s::bigint[]) AND state <> 1 LIMIT 1",
+            "SELECT 1 FROM replika_messages WHERE queue = %s AND id = ANY(%b::bigint[]) AND state <> 1 LIMIT 1",
             (acks[0].queue, ids),
         )
         return await self._cur.fetchone() is None
@@ -277,7 +277,7 @@ class PgStore(PgQueues, Store):
         if dirty:
             await self._cur.execute(
                 "UPDATE replika_queues q SET count = q.count + d.c, bytes = q.bytes + d.b "
-                "FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS d(name, c, b) WHERE q.name = d.name",
+                "FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) AS d(name, c, b) WHERE q.name = d.name",
                 ([q.name for q in dirty], [q.d_count for q in dirty], [q.d_bytes for q in dirty]),
             )
         for name in sorted(self._batch.history_published):
