@@ -40,6 +40,7 @@ from replika_server.store.base import (
     StoreError,
     StoreOptions,
 )
+from replika_server.store.pg_schema import QUEUES_LOCK_KEY
 
 __all__ = [
     "DELAYED",
@@ -218,6 +219,12 @@ class PgCore:
         if q is not None:
             return q
         if limited:
+            await self._cur.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema())::int)", (QUEUES_LOCK_KEY,)
+            )
+            q = await self._find(name)  # the node that held the lock may have created it
+            if q is not None:
+                return q
             await self._cur.execute("SELECT count(*) FROM replika_queues")
             row = await self._cur.fetchone()
             have = int(row[0]) if row else 0

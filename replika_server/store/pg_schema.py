@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import psycopg
 
-__all__ = ["SCHEMA_VERSION", "SchemaTooNew", "migrate"]
+__all__ = ["QUEUES_LOCK_KEY", "SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
 SCHEMA_VERSION = 1
 
@@ -36,6 +36,10 @@ SCHEMA_VERSION = 1
 #: spells "replika" in ASCII), combined with the schema's name so that two schemas of one database do not wait
 #: for each other.
 LOCK_KEY = 0x7265706C696B61
+#: The advisory lock a node takes, to the end of its batch's transaction, before it counts the queues to create
+#: one: two nodes creating queues at once would otherwise both count ``max_queues - 1`` and both create one.
+#: Paired with the schema's name like :data:`LOCK_KEY`; creating queues is rare, so serialising it costs nothing.
+QUEUES_LOCK_KEY = (LOCK_KEY >> 32) + 1
 
 _V1 = [
     """CREATE TABLE replika_queues (
