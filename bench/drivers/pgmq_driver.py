@@ -2,7 +2,8 @@
 server as Replika's PostgreSQL engine, the way pgmq and most hand-written PostgreSQL queues work. A queue is a
 table; publishing is ``INSERT ... SELECT unnest(...)`` in one transaction; consuming claims a batch with
 ``FOR UPDATE SKIP LOCKED`` (setting a visibility timeout) in one transaction, then deletes it at ack in another.
-Every transaction commits with the server's ``synchronous_commit`` (on), as Replika's do.
+Every transaction commits with the server's ``synchronous_commit`` (on), as Replika's do. Array parameters go
+in binary (``%b``), as the engine's do: psycopg builds a text array in Python, hex-escaping each bytea.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class PgmqDriver(Driver):
 
     async def publish(self, queue: str, payloads: list[bytes]) -> None:
         await self._c.execute(
-            sql.SQL("INSERT INTO {} (message) SELECT unnest(%s::bytea[])").format(self._table(queue)), (payloads,)
+            sql.SQL("INSERT INTO {} (message) SELECT unnest(%b::bytea[])").format(self._table(queue)), (payloads,)
         )
 
     async def publish_one(self, queue: str, payload: bytes) -> None:
@@ -76,7 +77,7 @@ class PgmqDriver(Driver):
         return [(int(r[0]), bytes(r[1])) for r in rows]  # type: ignore[call-overload, arg-type]
 
     async def _delete(self, queue: str, ids: list[int]) -> None:
-        await self._c.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s::bigint[])").format(self._table(queue)), (ids,))
+        await self._c.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%b::bigint[])").format(self._table(queue)), (ids,))
 
     async def consume(self, queue: str, max: int, wait: float) -> list[bytes]:
         deadline = time.perf_counter() + wait
