@@ -85,8 +85,9 @@ class PgQueues(PgDelivering):
         if op.queue is not None:
             queues = [await self._queue(op.queue)]
         else:
-            await self._cur.execute("SELECT name FROM replika_queues ORDER BY name")
-            queues = [q for (name,) in await self._cur.fetchall() if (q := await self._find(name)) is not None]
+            # Every queue's row in one statement, not a read per queue: the admin sampler asks for this each second.
+            await self._cur.execute("SELECT name, options, count, bytes FROM replika_queues ORDER BY name")
+            queues = [self._known(str(r[0]), r[1], r[2], r[3]) for r in await self._cur.fetchall()]
         names = [q.name for q in queues]
         await self._cur.execute(
             "SELECT queue, state, count(*) FROM replika_messages WHERE queue = ANY(%b::text[]) GROUP BY 1, 2",
