@@ -89,9 +89,14 @@ class PgQueues(PgDelivering):
             await self._cur.execute("SELECT name, options, count, bytes FROM replika_queues ORDER BY name")
             queues = [self._known(str(r[0]), r[1], r[2], r[3]) for r in await self._cur.fetchall()]
         names = [q.name for q in queues]
+        # Leased and delayed messages are counted through their partial indexes, and ready ones are the rest of the
+        # queue's count: a grouped count of every message was a scan of the whole backlog (34 ms at 200,000
+        # messages, against 0.05) that every node's admin sampler ran once a second.
         await self._cur.execute(
-            "SELECT queue, state, count(*) FROM replika_messages WHERE queue = ANY(%b::text[]) GROUP BY 1, 2",
-            (names,),
+            "SELECT queue, 1, count(*) FROM replika_messages WHERE state = 1 AND queue = ANY(%b::text[]) GROUP BY 1 "
+            "UNION ALL "
+            "SELECT queue, 2, count(*) FROM replika_messages WHERE state = 2 AND queue = ANY(%b::text[]) GROUP BY 1",
+            (names, names),
         )
         by_state: dict[tuple[str, int], int] = {(str(r[0]), int(r[1])): int(r[2]) for r in await self._cur.fetchall()}
         await self._cur.execute(
@@ -112,7 +117,8 @@ class PgQueues(PgDelivering):
             counters[name] += n
         return QueueStats(
             name=q.name,
-            ready=by_state.get((q.name, 0), 0),
+            # Another node may commit between the two reads: never below zero.
+            ready=max(0, q.count - by_state.get((q.name, 1), 0) - by_state.get((q.name, 2), 0)),
             in_flight=by_state.get((q.name, 1), 0),
             delayed=by_state.get((q.name, 2), 0),
             total=q.count,
