@@ -4,6 +4,7 @@ and SDK end to end, against the PostgreSQL cluster tests/pg.py starts. Each test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -212,20 +213,17 @@ async def test_a_killed_nodes_long_leases_come_back_after_its_heartbeat_stops(no
 async def test_nodes_creating_queues_at_once_hold_to_max_queues_together(store_url: str, tmp_path: Path) -> None:
     nodes = start_nodes(tmp_path, store_url, 3, "--max-queues", "4")
     try:
-        clients = [replika.AsyncClient(node.url) for node in nodes for _ in range(4)]
-        for client in clients:
-            await client.connect()
-        # Twelve creations at once, four through each node: each node's batch would count only what is
-        # committed (and its own), so without one lock across the nodes each could create four.
-        outcomes = await asyncio.gather(
-            *(client.declare(f"q{i}", max_attempts=3) for i, client in enumerate(clients)), return_exceptions=True
-        )
-        refused = [o for o in outcomes if isinstance(o, replika.TooManyQueues)]
-        assert [o for o in outcomes if o is not None and not isinstance(o, replika.TooManyQueues)] == []
-        names = [q["queue"] for q in await clients[0].queues()]
-        assert len(names) == 4 and len(refused) == 8, (names, outcomes)
-        for client in clients:
-            await client.close()
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(replika.AsyncClient(n.url)) for n in nodes for _ in range(4)]
+            # Twelve creations at once, four through each node: each node's batch would count only what is
+            # committed (and its own), so without one lock across the nodes each could create four.
+            outcomes = await asyncio.gather(
+                *(client.declare(f"q{i}", max_attempts=3) for i, client in enumerate(clients)), return_exceptions=True
+            )
+            refused = [o for o in outcomes if isinstance(o, replika.TooManyQueues)]
+            assert [o for o in outcomes if o is not None and not isinstance(o, replika.TooManyQueues)] == []
+            names = [q["queue"] for q in await clients[0].queues()]
+            assert len(names) == 4 and len(refused) == 8, (names, outcomes)
     finally:
         for node in nodes:
             node.stop()

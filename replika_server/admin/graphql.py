@@ -67,8 +67,7 @@ class Query:
     @strawberry.field(description="Every queue the token may see, with counts and rates")
     async def queues(self, info: ResolveInfo[Any, Any]) -> list[Queue]:
         ctx = _ctx(info)
-        await ctx.ops.call(ctx.principal, "queues")  # authorizes
-        p = ctx.principal
+        p = ctx.principal  # a listing is never refused, only filtered (as the REST one)
         return [_queue(r) for r in await ctx.sampler.current() if p.admin or p.may_see(r["queue"])]
 
     @strawberry.field(description="One queue")

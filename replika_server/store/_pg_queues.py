@@ -6,7 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from replika_server.store._engine import DEAD_LETTER_HEADERS, DEAD_LETTER_PREFIX
-from replika_server.store._pg_core import ROW_COLUMNS, MessageRow, PgQueue, encode_options, unpack_headers, wire_size
+from replika_server.store._pg_core import (
+    DELAYED,
+    LEASED,
+    ROW_COLUMNS,
+    MessageRow,
+    PgQueue,
+    encode_options,
+    unpack_headers,
+    wire_size,
+)
 from replika_server.store._pg_delivery import EXPIRE_BATCH, PgDelivering
 from replika_server.store.base import (
     Declare,
@@ -93,10 +102,10 @@ class PgQueues(PgDelivering):
         # queue's count: a grouped count of every message was a scan of the whole backlog (34 ms at 200,000
         # messages, against 0.05) that every node's admin sampler ran once a second.
         await self._cur.execute(
-            "SELECT queue, 1, count(*) FROM replika_messages WHERE state = 1 AND queue = ANY(%b::text[]) GROUP BY 1 "
+            "SELECT queue, 1, count(*) FROM replika_messages WHERE state = 1 AND queue = ANY(%(q)b::text[]) GROUP BY 1 "
             "UNION ALL "
-            "SELECT queue, 2, count(*) FROM replika_messages WHERE state = 2 AND queue = ANY(%b::text[]) GROUP BY 1",
-            (names, names),
+            "SELECT queue, 2, count(*) FROM replika_messages WHERE state = 2 AND queue = ANY(%(q)b::text[]) GROUP BY 1",
+            {"q": names},
         )
         by_state: dict[tuple[str, int], int] = {(str(r[0]), int(r[1])): int(r[2]) for r in await self._cur.fetchall()}
         await self._cur.execute(
@@ -115,12 +124,12 @@ class PgQueues(PgDelivering):
             counters.update(kept.as_dict())
         for name, n in self._batch.counters.get(q.name, {}).items():
             counters[name] += n
+        in_flight, delayed = by_state.get((q.name, LEASED), 0), by_state.get((q.name, DELAYED), 0)
         return QueueStats(
             name=q.name,
-            # Another node may commit between the two reads: never below zero.
-            ready=max(0, q.count - by_state.get((q.name, 1), 0) - by_state.get((q.name, 2), 0)),
-            in_flight=by_state.get((q.name, 1), 0),
-            delayed=by_state.get((q.name, 2), 0),
+            ready=max(0, q.count - in_flight - delayed),  # never below zero: another node may commit between reads
+            in_flight=in_flight,
+            delayed=delayed,
             total=q.count,
             max_attempts=q.options.max_attempts,
             dead_letter=q.dead_letter,
