@@ -12,6 +12,7 @@ import msgpack
 
 from replika_server.store import Declare, DeleteQueue, Expire, Publish, Published, QueueOptions
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK
+from replika_server.store._engine import SCHEMA_VERSION
 from replika_server.store._records import encode_message, pack_key
 from replika_server.store._topics import topic_matches
 from replika_server.store.lmdb_engine import LmdbStore
@@ -108,7 +109,7 @@ async def test_a_store_of_the_previous_schema_opens_and_is_upgraded(open_lmdb: L
     store = await open_lmdb()
     assert await counts(store, "jobs") == (2, 0, 0, 2)
     with store._env.begin() as txn:
-        assert txn.get(b"schema", db=store._meta_db) == b"3"
+        assert txn.get(b"schema", db=store._meta_db) == SCHEMA_VERSION
 
 
 async def test_a_store_written_before_byte_accounting_is_counted_on_load(open_lmdb: LmdbOpener, tmp_path: Path) -> None:

@@ -41,9 +41,10 @@ from replika_server.store import (
     StoreError,
     Touch,
 )
+from replika_server.store._queue import GRANTS_KEPT
 from tests.clock import ManualClock
 from tests.conftest import WAIT
-from tests.engines import Opener
+from tests.engines import LmdbOpener, Opener
 
 # Positions in a Delivery tuple.
 ID: Final = 0
@@ -199,6 +200,13 @@ async def test_fetch_is_fifo_and_honours_max(store: Store) -> None:
     assert await counts(store, "jobs") == (0, 5, 0, 5)
     tokens = [d[TOKEN] for d in first + rest]
     assert len(set(tokens)) == 5
+
+
+async def test_tokens_grow_within_a_fetch_that_skips_messages(store: Store) -> None:
+    await one(store, Publish("jobs", [b"later"], delay=LONG))  # id 1, not ready: the fetch skips it
+    await publish(store, "jobs", b"a", b"b", b"c")
+    tokens = [d[TOKEN] for d in await fetch(store, "jobs")]
+    assert len(tokens) == 3 and tokens == sorted(set(tokens)) and tokens[0] > 0
 
 
 async def test_delivery_fields(store: Store) -> None:
@@ -694,6 +702,65 @@ async def test_a_tokens_validity_does_not_change_across_a_reopen(open_store: Ope
     after = await ack(store, "jobs", [second])
     assert before in ({}, {first[ID]: StaleReason.SETTLED})
     assert after == ({} if before == {} else {second[ID]: StaleReason.SETTLED})
+
+
+async def test_many_fetches_in_flight_keep_attempts_and_tokens_across_a_reopen(open_store: Opener) -> None:
+    # More fetches than the LMDB engine keeps grants for (its first deliveries' records, GRANTS_KEPT), with
+    # gaps: acked, nacked and released messages among them, and a delayed one that the fetches skip.
+    store = await open_store()
+    await publish(store, "jobs", *[b"%d" % i for i in range(39)])
+    await one(store, Publish("jobs", [b"later"], delay=LONG))
+    batches = [await fetch(store, "jobs", max=1 + i % 3, owner=7) for i in range(20)]  # 1, 2, 3, 1, ...: 39
+    delivered = [d for batch in batches for d in batch]
+    assert len(delivered) == 39 and len({d[TOKEN] for d in delivered}) == 39
+    acked, nacked, kept = delivered[:10], delivered[10:15], delivered[15:]
+    assert await ack(store, "jobs", acked, owner=7) == {}
+    await one(store, Nack("jobs", leases(nacked), 7))
+    await run(store, Release(7))
+    assert await counts(store, "jobs") == (29, 0, 1, 30)
+
+    store = await open_store.reopen(store)
+
+    assert await counts(store, "jobs") == (29, 0, 1, 30)
+    assert await ack(store, "jobs", kept[:5]) == {}  # their tokens are still current
+    assert await ack(store, "jobs", nacked[:1]) == {nacked[0][ID]: StaleReason.SETTLED}
+    again = await fetch(store, "jobs")
+    assert [(d[ID], d[ATTEMPTS]) for d in again] == sorted(
+        [(d[ID], 2) for d in nacked] + [(d[ID], 2) for d in kept[5:]]
+    )
+    assert min(d[TOKEN] for d in again) > max(d[TOKEN] for d in delivered)
+    assert await ack(store, "jobs", kept[5:6]) == {kept[5][ID]: StaleReason.REDELIVERED}
+    assert await ack(store, "jobs", again) == {}
+    assert await counts(store, "jobs") == (0, 0, 1, 1)
+
+
+async def test_first_deliveries_of_a_backlog_survive_a_reopen_leased_or_not(open_store: Opener) -> None:
+    store = await open_store()
+    await publish(store, "jobs", *[b"%d" % i for i in range(300)])
+    first = await fetch(store, "jobs", max=200)
+    second = await fetch(store, "jobs", max=50)
+    assert await ack(store, "jobs", first[:150]) == {}
+    store = await open_store.reopen(store)
+    assert await counts(store, "jobs") == (150, 0, 0, 150)
+    rest = await fetch(store, "jobs", max=1000)
+    attempts = {d[ID]: d[ATTEMPTS] for d in rest}
+    assert [attempts[d[ID]] for d in first[150:] + second] == [2] * 100
+    assert sorted(attempts.values()).count(1) == 50  # never delivered before the reopen
+    assert await ack(store, "jobs", rest) == {}
+
+
+async def test_the_lmdb_queue_record_keeps_a_bounded_number_of_grants(open_lmdb: LmdbOpener) -> None:
+    store = await open_lmdb()
+    await publish(store, "jobs", *[b"%d" % i for i in range(3 * GRANTS_KEPT)])
+    for _ in range(3 * GRANTS_KEPT):
+        await fetch(store, "jobs", max=1)
+        assert len(store._queues["jobs"].grants) <= GRANTS_KEPT
+    pushed_out = 2 * GRANTS_KEPT
+    with store._env.begin() as txn:
+        assert sum(1 for _ in txn.cursor(db=store._state_db)) == pushed_out  # records of their own
+    store = await open_lmdb.reopen(store)
+    assert await counts(store, "jobs") == (3 * GRANTS_KEPT, 0, 0, 3 * GRANTS_KEPT)
+    assert {d[ATTEMPTS] for d in await fetch(store, "jobs")} == {2}
 
 
 async def test_reopen_dead_letters_a_requeued_message_at_max_attempts(open_store: Opener) -> None:

@@ -31,6 +31,7 @@ from replika_server.store import (
     Store,
     Touch,
 )
+from replika_server.store._engine import SCHEMA_VERSION
 from tests.engines import LmdbOpener, Opener
 from tests.test_store import (
     ATTEMPTS,
@@ -322,7 +323,7 @@ async def test_lmdb_store_of_schema_2_has_its_history_moved_on_open(tmp_path: Pa
         assert kinds(await history(store, "q", ids[1])) == ["published", "delivered", "acked"]
         assert msgpack.unpackb(head, raw=False)[1] in {"published", "delivered", "acked"}
         with store._env.begin() as txn:
-            assert txn.get(b"schema", db=store._meta_db) == b"3"
+            assert txn.get(b"schema", db=store._meta_db) == SCHEMA_VERSION
             with pytest.raises(lmdb.NotFoundError):
                 store._env.open_db(b"history", txn=txn, create=False)
     finally:

@@ -8,13 +8,12 @@ from collections.abc import Iterable, Sequence
 
 from replika_server.store._engine import DELIVERY_OVERHEAD, state_value
 from replika_server.store._history import Historian
-from replika_server.store._queue import DELAYED, LEASED, READY, QueueState, Tracked
+from replika_server.store._queue import DELAYED, GRANTS_KEPT, LEASED, READY, Grant, QueueState, Tracked
 from replika_server.store._records import (
     VALUE_HEAD_SIZE,
     decode_delivered,
     dedup_key,
     pack_key,
-    pack_state,
     published_at_of,
     unpack_head,
     unpack_key,
@@ -116,7 +115,8 @@ class Delivering(Historian):
     def _fetch_fresh(self, q: QueueState, op: Fetch, deadline: float) -> list[Delivery]:
         """The hot path of consuming a backlog: one lane, no TTL, and only never-delivered messages ready, so they
         are read in key order straight off an LMDB cursor, with :meth:`_lease` and :func:`decode_delivered` (for
-        small messages without headers) inlined, and each stored key reused as its delivery record's key."""
+        small messages without headers) inlined. The deliveries are recorded as one :class:`Grant`, not a state
+        record each (see :mod:`._queue`)."""
         out: list[Delivery] = []
         lane = q.lane0
         cur = self._read_txn().cursor()
@@ -127,9 +127,9 @@ class Delivering(Historian):
         if owned is None:
             owned = self._owners[owner] = set()
         budget = op.max_bytes
-        token = self._token_seq
+        base = self._token_seq + 1
+        offset = first = 0  # token - id within this grant, and the grant's first id: set by its first message
         head = VALUE_HEAD_SIZE
-        records: list[tuple[bytes | memoryview, bytes]] = []
         for key, value in cur:
             kq, mid = unpack_key(key)
             if kq != qnum or mid >= hi:
@@ -140,13 +140,14 @@ class Delivering(Historian):
             budget -= size + DELIVERY_OVERHEAD
             if budget < 0 and out:
                 break  # the reply must fit in one frame; the rest waits for the next fetch
-            token += 1
+            if not first:  # ids start at 1
+                offset, first = base - mid, mid
+            token = offset + mid
             t = Tracked(qnum, mid, 1, token, 0.0, LEASED, size - head)
             t.deadline = deadline
             t.owner = owner
             tracked[mid] = t
             owned.add(t)
-            records.append((key, pack_state(1, token, 0.0)))
             published_at, hlen = unpack_head(value)
             if hlen or size - head >= VIEW_THRESHOLD:
                 published_at, payload, headers = decode_delivered(value)
@@ -159,13 +160,36 @@ class Delivering(Historian):
         if out:
             q.n_leased += len(out)
             q.counters.delivered += len(out)
-            lane.cursor = out[-1][0] + 1
-            self._token_seq = token
-            self._writes.put_many(self._state_db, records)
+            last = out[-1][0]
+            lane.cursor = last + 1
+            self._token_seq = offset + last
+            q.grants.append(Grant(first, last, base))
+            self._touched[qnum] = q  # the grant is in the queue's meta record
+            if len(q.grants) > GRANTS_KEPT:
+                self._granted[qnum] = q
             self._lease_group(deadline, q, (d[0] for d in out))
             if q.options.history is not None:
                 self._record_deliveries(q, out, owner)
         return out
+
+    def _push_out_grants(self) -> None:
+        """At the end of a batch: the messages of each grant beyond a queue's :data:`GRANTS_KEPT` that are still
+        there get a state record, so that the meta record can forget the grant. Any tracked message in its range
+        may get one: a record holds a message's current state, whichever path wrote it."""
+        granted, self._granted = self._granted, {}
+        for q in granted.values():
+            if self._queues.get(q.name) is not q:
+                continue  # deleted by this batch
+            tracked, put, state_db = q.tracked, self._writes.put, self._state_db
+            while len(q.grants) > GRANTS_KEPT:
+                g = q.grants.pop(0)
+                if g.last - g.first < len(tracked):
+                    found = (tracked.get(mid) for mid in range(g.first, g.last + 1))
+                else:
+                    found = (t for mid, t in tracked.items() if g.first <= mid <= g.last)
+                for t in found:
+                    if t is not None:
+                        put(state_db, pack_key(t.qnum, t.mid), state_value(t))
 
     # ----------------------------------------------------------------------------------------------- settle
     def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> Settled:

@@ -67,8 +67,11 @@ SCHEMA_KEY = b"schema"
 # store of schema 2 that uses none of them, so it is read as is (and marked 2 on open).
 # 3: message history in the `events` database, keyed by (queue, sequence), one record per batch of alike events;
 # schema 2 had one record per event keyed by (queue, message, sequence) in `history`, moved on open (_history).
-SCHEMA_VERSION = b"3"
-READABLE_SCHEMAS = (None, b"1", b"2", b"3")
+# 4: first deliveries of a fetch recorded as a grant in the queue's meta record (_queue) rather than a state record
+# each; a schema-3 store has no grants, so it is read as is (and marked 4 on open: older servers would take the
+# messages of a grant for never-delivered ones).
+SCHEMA_VERSION = b"4"
+READABLE_SCHEMAS = (None, b"1", b"2", b"3", b"4")
 
 #: The map LMDB starts with, in bytes: room for a few hundred thousand small messages before the first growth,
 #: which doubles it (address space, not disk: the file grows only by what is written).
@@ -184,6 +187,7 @@ class EngineCore:
         # Per batch:
         self._writes = Writes()
         self._touched: dict[int, QueueState] = {}
+        self._granted: dict[int, QueueState] = {}  # queues with more grants than they keep, by this batch
         self._readied: set[str] = set()
         self._rtxn: lmdb.Transaction | None = None
 

@@ -16,6 +16,13 @@ tracked from their publish (their due time and expiry live in their state record
 therefore only ever hold messages that need nothing but their position. That keeps the invariant the cursors rely
 on: every tracked message of a lane's prefix has an id below the lane's cursor, so removing a tracked message can
 never leave a stale copy for a never-delivered scan (which reads committed data) to find within the same batch.
+
+**Grants.** A fetch that hands out a run of never-delivered messages of lane 0 (the hot path of consuming a
+backlog) writes no state record per message. It reserves one range of tokens, the message with id ``first + k``
+getting token ``base + k`` (ids it skipped leave gaps), and records the range as a *grant* in the queue's meta
+record, which the batch rewrites anyway. A restart rebuilds each delivery of a recorded grant from it: attempts 1,
+that token. A queue keeps its last :data:`GRANTS_KEPT` grants; the batch that pushes one more out gives the
+messages of the oldest that are still there (an ack usually removed them all already) a state record of their own.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ READY, LEASED, DELAYED = Status.READY, Status.LEASED, Status.DELAYED
 
 
 class Tracked:
-    """A message with a state record: its attempts, current lease token and, while leased, who holds it."""
+    """A message with a state record, or delivered by a grant: its attempts, current lease token and, while leased,
+    who holds it."""
 
     __slots__ = ("attempts", "deadline", "due", "expires", "mid", "owner", "prio", "qnum", "size", "status", "token")
 
@@ -68,6 +76,23 @@ class Tracked:
         self.size = size
         self.prio = prio
         self.expires = expires  # unix seconds of its own TTL's end, 0.0 when it has none
+
+
+#: Grants a queue's meta record keeps (see the module docstring): enough for a few fetches in flight on each of a
+#: few consumers before their messages need records of their own.
+GRANTS_KEPT = 8
+
+
+class Grant:
+    """First deliveries of one fetch: the ids ``first`` to ``last`` of lane 0 that were not tracked before it, the
+    message with id ``m`` getting token ``base + m - first``."""
+
+    __slots__ = ("base", "first", "last")
+
+    def __init__(self, first: int, last: int, base: int) -> None:
+        self.first = first
+        self.last = last
+        self.base = base
 
 
 class Lane:
@@ -125,6 +150,7 @@ class QueueState:
         "count",
         "counters",
         "dedup",
+        "grants",
         "lane0",
         "lanes",
         "n_delayed",
@@ -165,6 +191,7 @@ class QueueState:
         self.dedup = DedupIndex()
         self.bindings: set[str] = set()
         self.ttl_sweep = 0.0  # unix s of the next message_ttl sweep of the lanes' fronts; 0: none scheduled
+        self.grants: list[Grant] = []  # oldest first, at most GRANTS_KEPT once the batch that added one ends
 
     def add_lane(self, lane: Lane) -> None:
         self.lanes[lane.prio] = lane
@@ -270,6 +297,8 @@ class QueueState:
         h = self.options.history
         if h is not None:
             meta["history"] = [h.retention, h.max_messages, h.payloads]
+        if self.grants:
+            meta["grants"] = [[g.first, g.last, g.base] for g in self.grants]
         if len(self.lanes) > 1:
             meta["lanes"] = [[lane.prio, lane.qnum] for lane in self.order if lane.prio]  # pairs: str map keys only
         if self.side:

@@ -20,12 +20,13 @@ from replika_server.store._engine import (
 )
 from replika_server.store._history import Historian, migrate_history
 from replika_server.store._publishing import BINDING_PREFIX
-from replika_server.store._queue import DELAYED, LEASED, READY, Lane, QueueState, Tracked, options_from_meta
+from replika_server.store._queue import DELAYED, LEASED, READY, Grant, Lane, QueueState, Tracked, options_from_meta
 from replika_server.store._records import (
     QNUM,
     STATE,
     VALUE_HEAD_SIZE,
     decode_meta,
+    pack_key,
     published_at_of,
     unpack_dedup,
     unpack_key,
@@ -74,6 +75,7 @@ class Recovering(Historian):
                         self._bindings.add(name, pattern)
             self._load_dedup(txn)
             self._load_states(txn, now)
+            self._load_grants(txn)
             self._load_history(txn)
         heapq.heapify(self._delay_heap)
         heapq.heapify(self._ttl_heap)
@@ -103,6 +105,7 @@ class Recovering(Historian):
         for prio, qnum in meta.get("lanes") or ():
             q.add_lane(Lane(prio, qnum, q.next_id))
             self._by_qnum[qnum] = q
+        q.grants = [Grant(first, last, base) for first, last, base in meta.get("grants") or ()]
         if meta.get("side"):
             q.side = meta["side"]
             self._by_qnum[q.side] = q
@@ -165,6 +168,28 @@ class Recovering(Historian):
             if stored is not None and (expires or q.options.message_ttl):
                 self._watch(q, t, published_at_of(stored))
 
+    def _load_grants(self, txn: lmdb.Transaction) -> None:
+        """The deliveries recorded by grants (after the state records, which take precedence): each message of a
+        grant's range that is still there and has no record of its own was delivered once, with the grant's
+        token for it."""
+        cur = txn.cursor(db=self._msgs_db)
+        for q in self._queues.values():
+            lane, tracked = q.lane0, q.tracked
+            for g in q.grants:
+                lane.cursor = max(lane.cursor, g.last + 1)
+                if not cur.set_range(pack_key(q.qnum, g.first)):
+                    continue
+                for key, value in cur:
+                    qnum, mid = unpack_key(key)
+                    if qnum != q.qnum or mid > g.last:
+                        break
+                    if mid in tracked:
+                        continue
+                    t = Tracked(qnum, mid, 1, g.base + mid - g.first, 0.0, READY, len(value) - VALUE_HEAD_SIZE)
+                    q.track(mid, t)
+                    if q.options.message_ttl:
+                        self._watch(q, t, published_at_of(value))
+
     def _recover_after_failure(self) -> None:
         """Reload from LMDB, keeping the leases whose delivery was committed (their token is in LMDB)."""
         leases = [
@@ -179,6 +204,7 @@ class Recovering(Historian):
         self._unleased = []
         self._writes = Writes()
         self._touched = {}
+        self._granted = {}
         self._readied = set()
         # Counters only ever grow (scrapers take a drop for a restart); the failed batch's events stay counted.
         counters = {state.qnum: state.counters for state in self._queues.values()}

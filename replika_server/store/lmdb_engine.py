@@ -226,6 +226,8 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
             if self._rtxn is not None:
                 self._rtxn.abort()
                 self._rtxn = None
+        if self._granted:
+            self._push_out_grants()
         writes, self._writes = self._writes, Writes()
         touched, self._touched = self._touched, {}
         readied, self._readied = self._readied, set()
