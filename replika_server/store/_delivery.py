@@ -143,7 +143,7 @@ class Delivering(Historian):
             if not first:  # ids start at 1
                 offset, first = base - mid, mid
             token = offset + mid
-            t = Tracked(qnum, mid, 1, token, 0.0, LEASED, size - head)
+            t = Tracked(qnum, mid, 1, token, 0.0, LEASED, size - head, 0, 0.0, False)
             t.deadline = deadline
             t.owner = owner
             tracked[mid] = t
@@ -193,13 +193,16 @@ class Delivering(Historian):
 
     # ----------------------------------------------------------------------------------------------- settle
     def _ack(self, q: QueueState, leases: Iterable[Sequence[int]]) -> Settled:
-        """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs."""
+        """The hot path of consuming: :meth:`_remove` inlined for a batch, one key per message for both DBs (the
+        state database only for messages that have a record there: those of a grant mostly do not)."""
         failed: Settled = {}
         tracked = q.tracked
         owners = self._owners
         unleased = self._unleased
         keys: list[bytes] = []
+        recorded: list[bytes] = []
         size = 0
+        last_owner, owned = -1, None  # a batch's acks are mostly of one connection's deliveries
         for mid, token in leases:
             t = tracked.get(mid)
             if t is None or t.token != token or not token:  # 0: a settled (nacked) delivery
@@ -210,17 +213,23 @@ class Delivering(Historian):
             if t.status == LEASED:
                 q.n_leased -= 1
                 unleased.append(t)
-                owned = owners.get(t.owner)
+                if t.owner != last_owner:
+                    last_owner = t.owner
+                    owned = owners.get(last_owner)
                 if owned is not None:
                     owned.discard(t)
             elif t.status == READY:
                 q.n_ready -= 1
             else:
                 q.n_delayed -= 1
-            keys.append(pack_key(t.qnum, mid))
+            key = pack_key(t.qnum, mid)
+            keys.append(key)
+            if t.recorded:
+                recorded.append(key)
         if keys:
             self._writes.delete_many(self._msgs_db, keys)
-            self._writes.delete_many(self._state_db, keys)
+            if recorded:
+                self._writes.delete_many(self._state_db, recorded)
             self._writes.deletes += len(keys)
             q.count -= len(keys)
             q.counters.acked += len(keys)

@@ -125,7 +125,9 @@ class LmdbConfig:
 
 
 def state_value(t: Tracked) -> bytes:
-    """The state record of ``t``: the short form unless it has a priority or an expiry of its own."""
+    """The state record of ``t`` (from now on ``t`` is :attr:`~Tracked.recorded`): the short form unless it has a
+    priority or an expiry of its own."""
+    t.recorded = True
     if t.prio or t.expires:
         return pack_state_ext(t.attempts, t.token, t.due, t.expires, t.prio)
     return pack_state(t.attempts, t.token, t.due)

@@ -48,7 +48,20 @@ class Tracked:
     """A message with a state record, or delivered by a grant: its attempts, current lease token and, while leased,
     who holds it."""
 
-    __slots__ = ("attempts", "deadline", "due", "expires", "mid", "owner", "prio", "qnum", "size", "status", "token")
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "due",
+        "expires",
+        "mid",
+        "owner",
+        "prio",
+        "qnum",
+        "recorded",
+        "size",
+        "status",
+        "token",
+    )
 
     def __init__(
         self,
@@ -61,6 +74,7 @@ class Tracked:
         size: int,
         prio: int = 0,
         expires: float = 0.0,
+        recorded: bool = True,
     ) -> None:
         # qnum (the storage prefix its key is under) and mid let lease groups and owner sets hold the object
         # itself, with no key tuple per lease.
@@ -76,6 +90,9 @@ class Tracked:
         self.size = size
         self.prio = prio
         self.expires = expires  # unix seconds of its own TTL's end, 0.0 when it has none
+        # Whether it may have a state record (False: delivered by a grant and nothing written since): an ack
+        # deletes only those, saving the state database a lookup per message that has none.
+        self.recorded = recorded
 
 
 #: Grants a queue's meta record keeps (see the module docstring): enough for a few fetches in flight on each of a

@@ -185,7 +185,8 @@ class Recovering(Historian):
                         break
                     if mid in tracked:
                         continue
-                    t = Tracked(qnum, mid, 1, g.base + mid - g.first, 0.0, READY, len(value) - VALUE_HEAD_SIZE)
+                    token = g.base + mid - g.first
+                    t = Tracked(qnum, mid, 1, token, 0.0, READY, len(value) - VALUE_HEAD_SIZE, 0, 0.0, False)
                     q.track(mid, t)
                     if q.options.message_ttl:
                         self._watch(q, t, published_at_of(value))
