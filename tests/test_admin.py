@@ -186,6 +186,22 @@ async def test_queue_list_detail_rates_purge_and_delete(admin: RunningServer) ->
         assert (await h.get("/api/queues/orders")).status_code == 404
 
 
+async def test_a_queue_created_since_the_last_sample_has_the_rows_fields_with_zero_rates(admin: RunningServer) -> None:
+    async with http(admin) as h, replika.AsyncClient(admin.url) as client:
+        await client.publish("old", b"1")
+        await next_sample(admin)
+        await client.publish("new", b"1")  # unsampled, or sampled once: no earlier sample to take a rate from
+        listed = {r["queue"]: r for r in (await h.get("/api/queues")).json()["queues"]}
+        detail = (await h.get("/api/queues/new")).json()
+        assert set(listed["new"]["rates"]) == set(listed["old"]["rates"]) and set(listed["new"]["rates"])
+        for row in (listed["new"], detail):
+            assert row["rates"] == dict.fromkeys(listed["old"]["rates"], 0.0)
+            assert (row["ready"], row["dead"], row["consumers"]) == (1, 0, 0)
+        query = '{ queue(name: "new") { ready dead rates { publish ack } } }'
+        got = (await h.post("/graphql", json={"query": query})).json()["data"]["queue"]
+        assert got == {"ready": 1, "dead": 0, "rates": {"publish": 0.0, "ack": 0.0}}
+
+
 async def test_openapi_docs(admin: RunningServer) -> None:
     async with http(admin) as h:
         docs = await h.get("/docs")
@@ -314,7 +330,9 @@ async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions
             assert (await anonymous.get("/api/info", params={"token": READER})).status_code == 200  # for EventSource
         async with http(srv, READER) as reader:
             await next_sample(srv)
-            assert [q["queue"] for q in (await reader.get("/api/queues")).json()["queues"]] == ["orders.eu"]
+            [row] = (await reader.get("/api/queues")).json()["queues"]
+            assert (row["queue"], row["dead"]) == ("orders.eu", None)  # its dead-letter queue is not the reader's
+            assert (await reader.get("/api/queues/orders.eu")).json()["dead"] is None  # nor in the queue's own view
             assert (await reader.post("/api/queues/orders.eu/purge")).json()["code"] == "FORBIDDEN"
             assert (await reader.post("/api/queues/orders.eu/publish", content=b"x")).status_code == 403
             assert (await reader.get("/api/queues/secret")).status_code == 403

@@ -76,9 +76,7 @@ def visible(p: Principal, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def queue_row(ops: Ops, sampler: Sampler, p: Principal, queue: str) -> dict[str, Any]:
-    """One queue's row: its current stats over the latest sample's (rates, dead-letter depth, consumers)."""
+    """One queue's row, as in a listing: its current stats, rates from the latest sample (see Sampler.overlay)."""
     reply = await ops.call(p, "stats", queue=queue)  # authorizes, and says NOT_FOUND for a missing queue
-    row = sampler.latest.get(queue)
-    if row is None:  # created since the last sample
-        return {**reply["stats"], "dead": 0, "consumers": ops.consumers(queue), "rates": {}}
-    return {**row, **reply["stats"]}
+    [row] = visible(p, [sampler.overlay(reply["stats"])])
+    return row

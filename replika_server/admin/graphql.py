@@ -49,7 +49,7 @@ def _ctx(info: ResolveInfo[Any, Any]) -> _Context:
 
 async def _row(ctx: _Context, name: str) -> dict[str, Any]:
     reply = await ctx.ops.call(ctx.principal, "stats", queue=name)
-    return {**ctx.sampler.latest.get(name, {}), **reply["stats"]}
+    return ctx.sampler.overlay(reply["stats"])
 
 
 async def _peek(ctx: _Context, name: str, max: int) -> list[Message]:

@@ -114,6 +114,19 @@ class Sampler:
         row["rates"] = rates
         return row
 
+    def overlay(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """One queue's row from its ``stats`` map read for this call, as :meth:`current` builds each: rates from the
+        latest sample (zero for a queue created since), its dead-letter queue's depth as sampled, its consumers now.
+        """
+        sampled = self.latest.get(stats["queue"])
+        dead = self.latest.get(stats["dead_letter"])
+        return {
+            **stats,
+            "dead": dead["total"] if dead is not None else 0,
+            "consumers": self._ops.consumers(stats["queue"]),
+            "rates": sampled["rates"] if sampled is not None else dict.fromkeys(_RATE_NAMES, 0.0),
+        }
+
     async def current(self) -> list[dict[str, Any]]:
         """Every queue as it is now: counts read from the store for this call, rates from the latest sample.
 
