@@ -333,6 +333,9 @@ async def test_with_auth_every_api_call_needs_a_token_with_the_right_permissions
             [row] = (await reader.get("/api/queues")).json()["queues"]
             assert (row["queue"], row["dead"]) == ("orders.eu", None)  # its dead-letter queue is not the reader's
             assert (await reader.get("/api/queues/orders.eu")).json()["dead"] is None  # nor in the queue's own view
+            query = '{ queues { name dead } queue(name: "orders.eu") { dead } }'
+            data = (await reader.post("/graphql", json={"query": query})).json()["data"]
+            assert data == {"queues": [{"name": "orders.eu", "dead": None}], "queue": {"dead": None}}
             assert (await reader.post("/api/queues/orders.eu/purge")).json()["code"] == "FORBIDDEN"
             assert (await reader.post("/api/queues/orders.eu/publish", content=b"x")).status_code == 403
             assert (await reader.get("/api/queues/secret")).status_code == 403

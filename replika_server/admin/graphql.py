@@ -13,7 +13,7 @@ from strawberry.fastapi import BaseContext, GraphQLRouter
 from strawberry.types import Info as ResolveInfo
 
 from replika_protocol import ErrorCode
-from replika_server.admin.deps import principal
+from replika_server.admin.deps import principal, visible
 from replika_server.admin.errors import ApiError
 from replika_server.admin.graphql_docs import document
 from replika_server.admin.graphql_types import (
@@ -49,7 +49,8 @@ def _ctx(info: ResolveInfo[Any, Any]) -> _Context:
 
 async def _row(ctx: _Context, name: str) -> dict[str, Any]:
     reply = await ctx.ops.call(ctx.principal, "stats", queue=name)
-    return ctx.sampler.overlay(reply["stats"])
+    [row] = visible(ctx.principal, [ctx.sampler.overlay(reply["stats"])])
+    return row
 
 
 async def _peek(ctx: _Context, name: str, max: int) -> list[Message]:
@@ -67,8 +68,8 @@ class Query:
     @strawberry.field(description="Every queue the token may see, with counts and rates")
     async def queues(self, info: ResolveInfo[Any, Any]) -> list[Queue]:
         ctx = _ctx(info)
-        p = ctx.principal  # a listing is never refused, only filtered (as the REST one)
-        return [_queue(r) for r in await ctx.sampler.current() if p.admin or p.may_see(r["queue"])]
+        # A listing is never refused, only filtered, as the REST one.
+        return [_queue(r) for r in visible(ctx.principal, await ctx.sampler.current())]
 
     @strawberry.field(description="One queue")
     async def queue(self, info: ResolveInfo[Any, Any], name: str) -> Queue:

@@ -29,7 +29,9 @@ class Queue:
     delayed: int
     total: int
     bytes: int
-    dead: int = strawberry.field(description="messages in this queue's dead-letter queue")
+    dead: int | None = strawberry.field(
+        description="messages in this queue's dead-letter queue; null for a token that may not see that queue"
+    )
     dead_letter: str
     consumers: int = strawberry.field(description="fetches long-polling this queue now")
     max_attempts: int | None
@@ -121,7 +123,7 @@ def queue(row: dict[str, Any]) -> Queue:
         delayed=row["delayed"],
         total=row["total"],
         bytes=row.get("bytes", 0),
-        dead=row.get("dead", 0),
+        dead=row["dead"],
         dead_letter=row["dead_letter"],
         consumers=row.get("consumers", 0),
         max_attempts=row.get("max_attempts"),
