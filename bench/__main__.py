@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import itertools
 import signal
@@ -27,6 +28,8 @@ from bench.workloads import WORKLOADS, Params
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("redis", "nats", "rabbitmq", "beanstalkd")
+#: The young generation's threshold with --client-gc tuned (the broker's own, replika_server.node).
+CLIENT_GC_YOUNG = 10_000
 _DRIVERS = {
     "redis": ("bench.drivers.redis_driver", "RedisStreamsDriver"),
     "nats": ("bench.drivers.nats_driver", "JetStreamDriver"),
@@ -153,6 +156,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--redis-no-xdel", action="store_true", help="Redis driver: XACK without XDEL in W2's batched consume"
     )
+    p.add_argument(
+        "--client-gc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="this process's garbage collector, where every system's client runs: tuned as README advises a busy "
+        "consumer (gc.freeze, young threshold 10,000), or Python's default",
+    )
     p.add_argument("--durability", choices=("sync", "relaxed"), default="sync", help="Replika's mode")
     p.add_argument(
         "--history",
@@ -235,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                     systems.append(start_peer_system(peer, workdir, fsync))
                 except PeerUnavailable as exc:
                     print(f"bench: skipping {peer}: {exc}", file=sys.stderr)
+        if args.client_gc == "tuned":
+            # Every system's client runs in this process: at these rates Python's default collector walks the
+            # objects a client holds (its deliveries, its drivers) hundreds of times a second, a cost of the
+            # harness's process, not of the system measured. README tells a consumer to do the same.
+            gc.freeze()
+            gc.set_threshold(CLIENT_GC_YOUNG, *gc.get_threshold()[1:])
         progress = Progress(len(systems) * args.runs * len(workloads), enabled=not args.quiet)
         try:
             rows, failures = asyncio.run(run_all(systems, workloads, params, args.runs, progress))
