@@ -10,12 +10,12 @@ from pathlib import Path
 import lmdb
 import msgpack
 
-from replika_server.store import Declare, DeleteQueue, Expire, Publish, Published, QueueOptions
+from replika_server.store import Ack, Declare, DeleteQueue, Expire, Fetch, Publish, Published, QueueOptions, Release
 from replika_server.store._delivery import DEDUP_PRUNE_SLACK
 from replika_server.store._engine import SCHEMA_VERSION
 from replika_server.store._records import encode_message, pack_key
 from replika_server.store._topics import topic_matches
-from replika_server.store.lmdb_engine import LmdbStore
+from replika_server.store.lmdb_engine import LmdbStore, _commits_inline
 from tests.engines import LmdbOpener, LmdbSpace
 from tests.test_store import LONG, MIB, ack, counts, fetch, let_time_pass, one, publish, run
 from tests.test_store_features import TOPIC_CASES
@@ -164,3 +164,12 @@ def test_topic_matches() -> None:
     # The matcher the engine routes topics with, on its own; test_store_features checks the same cases end to end.
     for pattern, topic, expected in TOPIC_CASES:
         assert topic_matches(tuple(pattern.split(".")), topic.split(".")) is expected, (pattern, topic)
+
+
+def test_a_batch_commits_on_the_loop_only_when_nothing_else_could_be_parsed_meanwhile() -> None:
+    fetch, ack = Fetch("q", 500, 30.0, 7), Ack("q", [(1, 1)], 7)
+    assert _commits_inline([fetch])  # a lone request
+    assert _commits_inline([fetch, ack, Expire()])  # one consumer's requests, and a timer's op
+    assert _commits_inline([Publish("q", [b"x"], owner=0), fetch])  # owner 0: the admin API, no connection
+    assert not _commits_inline([fetch, Ack("q", [(1, 1)], 8)])  # two connections: parse one during the other's
+    assert not _commits_inline([Release(8), fetch])

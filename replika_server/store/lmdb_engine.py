@@ -88,7 +88,8 @@ __all__ = ["LmdbConfig", "LmdbStore"]
 
 log = structlog.get_logger("replika.store")
 
-#: Batches of at most this many ops commit on the event loop thread instead of the commit thread.
+#: Batches of at most this many ops commit on the event loop thread instead of the commit thread, and so do
+#: batches whose ops all come from one connection (see _commits_inline).
 INLINE_COMMIT_OPS = 1
 
 #: Ops that write nothing, answered from the last commit after the store failed.
@@ -237,9 +238,7 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
         if writes:
             if self._token_seq != self._token_seq_stored:
                 writes.meta[TOKEN_SEQ] = str(self._token_seq).encode()
-            # A lone request gains nothing from overlapping its commit with parsing (nothing else is arriving),
-            # and the thread hand-off costs it tens of microseconds of latency: commit it on the loop.
-            error = await self._commit(writes, inline=len(ops) <= INLINE_COMMIT_OPS)
+            error = await self._commit(writes, inline=_commits_inline(ops))
             if error is not None:
                 try:
                     self._recover_after_failure()
@@ -495,3 +494,21 @@ class LmdbStore(Recovering, Delivering, Publishing, Store):
             if moved >= op.max:
                 break
         return moved
+
+
+def _commits_inline(ops: Sequence[Op]) -> bool:
+    """Whether a batch commits on the event loop. The commit thread lets the loop parse other connections'
+    requests while a commit and its fsync run; a lone request, or the requests of one connection (a consumer's
+    fetch with its acks), gain nothing from that, since nothing else is arriving, and the thread hand-off costs
+    them about 90 us a batch. Ops of no connection (timers, owner 0) do not count."""
+    if len(ops) <= INLINE_COMMIT_OPS:
+        return True
+    first = 0
+    for op in ops:
+        owner = getattr(op, "owner", 0)
+        if owner:
+            if not first:
+                first = owner
+            elif owner != first:
+                return False
+    return True
