@@ -118,13 +118,12 @@ class Sampler:
         """One queue's row from its ``stats`` map read for this call, as :meth:`current` builds each: rates from the
         latest sample (zero for a queue created since), its dead-letter queue's depth as sampled, its consumers now.
         """
-        sampled = self.latest.get(stats["queue"])
         dead = self.latest.get(stats["dead_letter"])
         return {
             **stats,
             "dead": dead["total"] if dead is not None else 0,
             "consumers": self._ops.consumers(stats["queue"]),
-            "rates": sampled["rates"] if sampled is not None else dict.fromkeys(_RATE_NAMES, 0.0),
+            "rates": self._rates(stats["queue"]),
         }
 
     async def current(self) -> list[dict[str, Any]]:
@@ -135,12 +134,12 @@ class Sampler:
         """
         stats = await self._ops.all_stats()
         by_name = {s.name: s for s in stats}
-        rows = []
-        for s in stats:
-            sampled = self.latest.get(s.name)
-            rates = sampled["rates"] if sampled is not None else dict.fromkeys(_RATE_NAMES, 0.0)
-            rows.append(self._row(s, by_name, rates))
-        return rows
+        return [self._row(s, by_name, self._rates(s.name)) for s in stats]
+
+    def _rates(self, queue: str) -> dict[str, float]:
+        """The latest sample's rates of ``queue``; zero for a queue it has not seen."""
+        sampled = self.latest.get(queue)
+        return sampled["rates"] if sampled is not None else dict.fromkeys(_RATE_NAMES, 0.0)
 
     async def next_sample(self) -> None:
         """Wait for the next sample (tests and the first API call after start)."""

@@ -174,8 +174,9 @@ class Delivering(Historian):
 
     def _push_out_grants(self) -> None:
         """At the end of a batch: the messages of each grant beyond a queue's :data:`GRANTS_KEPT` that are still
-        there get a state record, so that the meta record can forget the grant. Any tracked message in its range
-        may get one: a record holds a message's current state, whichever path wrote it."""
+        there and known by the grant alone (not :attr:`~Tracked.recorded`) get a state record, so that the meta
+        record can forget the grant. A recorded message's record already holds its state: every change of what a
+        record keeps writes it."""
         granted, self._granted = self._granted, {}
         for q in granted.values():
             if self._queues.get(q.name) is not q:
@@ -188,7 +189,7 @@ class Delivering(Historian):
                 else:
                     found = (t for mid, t in tracked.items() if g.first <= mid <= g.last)
                 for t in found:
-                    if t is not None:
+                    if t is not None and not t.recorded:
                         put(state_db, pack_key(t.qnum, t.mid), state_value(t))
 
     # ----------------------------------------------------------------------------------------------- settle
