@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +15,7 @@ import pytest
 
 import replika
 from replika._settle import SETTLE_DELAY
+from replika._sync_connection import _timeval
 from tests.clock import ManualClock
 from tests.conftest import WAIT, RunningServer, ServerProcess
 
@@ -257,3 +261,16 @@ def test_acks_held_when_a_quiet_connection_is_replaced_are_reported_not_dropped(
             assert client.stats("quiet")["total"] in (0, 1)  # written before the drop: it may have been applied
     finally:
         proc.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a timeval is POSIX's")
+@pytest.mark.parametrize("seconds", [4.9999996, 0.25, 1e-9])
+def test_a_receive_timeout_is_one_the_kernel_takes(seconds: float) -> None:
+    # A wait's time left is any float: a fraction that rounds up to a whole second once made setsockopt fail with
+    # EDOM (seen as CONNECTION_LOST mid-consume), and a tiny one that rounds to 0 would mean "no limit".
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("@ll"))
+    whole, micros = struct.unpack("@ll", raw)
+    kept = whole + micros / 1e6  # the kernel keeps it in clock ticks: up to 10 ms more
+    assert kept > 0 and seconds <= kept + 1e-6 < seconds + 0.011

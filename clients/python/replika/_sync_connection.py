@@ -290,10 +290,14 @@ class SyncConnection:
 
 def _timeval(seconds: float | None) -> bytes:
     """``seconds`` as SO_RCVTIMEO/SO_SNDTIMEO want it (None or 0: block without limit)."""
+    if seconds is None or seconds <= 0:
+        return struct.pack("I", 0) if sys.platform == "win32" else struct.pack("@ll", 0, 0)
     if sys.platform == "win32":
-        return struct.pack("I", round((seconds or 0) * 1000))
-    whole = int(seconds or 0)
-    return struct.pack("@ll", whole, round(((seconds or 0) - whole) * 1e6))
+        return struct.pack("I", max(1, round(seconds * 1000)))
+    # Split the rounded whole, not the float: rounding 4.9999996 s's fraction alone gives 1,000,000 us, which the
+    # kernel refuses (EDOM). And a positive time never rounds to 0, which would mean no limit at all.
+    whole, micros = divmod(max(1, round(seconds * 1_000_000)), 1_000_000)
+    return struct.pack("@ll", whole, micros)
 
 
 def _lost(exc: OSError, timeout: float | None) -> ConnectionLost:
